@@ -1,0 +1,58 @@
+"""Every environment variable the package reads, in one place, read at call time.
+
+The README's "Environment variables" section documents the same list.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SITE = "SCT_SITEHEAD_SITE"
+REGISTRY = "SCT_SITEHEAD_REGISTRY"
+OFFLINE = "SCT_SITEHEAD_OFFLINE"
+CACHE = "SCT_SITEHEAD_CACHE"
+ALLOW_HTTP = "SCT_SITEHEAD_ALLOW_HTTP"
+DATA = "SCT_SITEHEAD_DATA"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def default_site() -> str | None:
+    """Site(s) to use when ``-site`` is not given, e.g. ``"montreal"`` or ``"a,b"``."""
+    return os.environ.get(SITE) or None
+
+
+def registry_location() -> str | None:
+    """Registry index path or URL overriding the embedded one."""
+    return os.environ.get(REGISTRY) or None
+
+
+def offline() -> bool:
+    """True when no network call at all may be made."""
+    return _flag(OFFLINE)
+
+
+def allow_plain_http() -> bool:
+    """True when ``http://`` URLs to hosts other than loopback are allowed."""
+    return _flag(ALLOW_HTTP)
+
+
+def cache_dir() -> Path:
+    """Cache folder: ``$SCT_SITEHEAD_CACHE`` or the platform's user cache folder."""
+    configured = os.environ.get(CACHE)
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("sct_sitehead", appauthor=False))
+
+
+def data_dir() -> Path | None:
+    """Folder of the shared real BIDS data used by tests and benchmarks, if set."""
+    configured = os.environ.get(DATA)
+    return Path(configured).expanduser() if configured else None
