@@ -1,0 +1,197 @@
+"""``sct_sitehead``: models, cache and registry administration, and the model-building commands.
+
+Each command imports what it needs inside its body, so ``sct_sitehead -h`` stays fast and the deploy
+commands never import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from . import __version__, env
+from .errors import EXIT_INTERRUPTED, SiteHeadError, UsageError
+
+logger = logging.getLogger("sct_sitehead")
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _verbosity(ctx: click.Context, _param: click.Parameter, value: int) -> int:
+    from .cli import configure_logging
+
+    configure_logging(value)
+    ctx.meta["verbosity"] = value
+    return value
+
+
+verbosity_option = click.option(
+    "-v", "verbosity", type=click.IntRange(0, 2), default=1, show_default=True, expose_value=False,
+    callback=_verbosity, is_eager=True, help="0 quiet, 1 info, 2 debug (and tracebacks)",
+)
+registry_option = click.option("-registry", "registry", metavar="URL_OR_PATH", help="registry index (default: embedded)")
+offline_option = click.option("-offline", is_flag=True, help="no network at all: use the cache only")
+
+
+def open_registry(registry: str | None, offline: bool, allow_http: bool = False):
+    from .cache import Cache
+    from .registry import Registry
+
+    cache = Cache(env.cache_dir())
+    index = Registry.load(
+        registry or env.registry_location(), cache=cache, offline=offline or env.offline(),
+        allow_http=allow_http or env.allow_plain_http(),
+    )
+    return index, cache
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-version", prog_name="sct_sitehead")
+def cli() -> None:
+    """Shared-backbone, per-site-head lesion models: fetch, cache, serve, build and evaluate them."""
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+@cli.group()
+def models() -> None:
+    """List and pre-fetch models."""
+
+
+@models.command("list")
+@registry_option
+@offline_option
+@verbosity_option
+def models_list(registry: str | None, offline: bool) -> None:
+    """List models, their releases and their sites."""
+    index, _ = open_registry(registry, offline)
+    for name in index.models():
+        for version in index.versions(name):
+            release = index.release(name, version)
+            default = " (default)" if name == index.default_model else ""
+            click.echo(f"{name}@{version}{default}: sites {', '.join(sorted(release.heads))}")
+
+
+@models.command("install")
+@click.argument("model", required=False)
+@click.option("-site", "sites", metavar="A,B", help="site heads to fetch (default: all of the release's)")
+@registry_option
+@verbosity_option
+def models_install(model: str | None, sites: str | None, registry: str | None) -> None:
+    """Pre-fetch MODEL[@VERSION] (backbone and site heads) into the cache, for later offline use."""
+    from .cli import parse_sites
+    from .registry import parse_model_spec
+
+    index, cache = open_registry(registry, offline=False)
+    name, version = parse_model_spec(model) if model else (None, None)
+    release = index.release(name, version)
+    wanted = parse_sites(sites) or sorted(release.heads)
+    heads = [release.head(site) for site in wanted]
+    progress = sys.stderr.isatty()
+    path = cache.fetch(release.backbone, offline=False, progress=progress)
+    click.echo(f"backbone {release.backbone.sha256[:12]} {path}")
+    for head in heads:
+        path = cache.fetch(head.asset, offline=False, progress=progress)
+        click.echo(f"{head.site} {head.asset.sha256[:12]} {path}")
+    click.echo(f"{release.model}@{release.version}: {len(heads)} site(s) cached in {cache.root}")
+
+
+# --- cache ----------------------------------------------------------------------------------------------------
+@cli.group()
+def cache() -> None:
+    """Inspect, verify and clean the model cache."""
+
+
+@cache.command("dir")
+def cache_dir() -> None:
+    """Print the cache folder ($SCT_SITEHEAD_CACHE or the platform user cache)."""
+    click.echo(str(env.cache_dir()))
+
+
+@cache.command("list")
+@verbosity_option
+def cache_list() -> None:
+    """List cached assets (sha256, size, path)."""
+    from .cache import Cache
+
+    entries = Cache(env.cache_dir()).list()
+    for entry in entries:
+        click.echo(f"{entry['sha256']}  {entry['size']:>12}  {entry['path']}")
+    click.echo(f"{len(entries)} asset(s), {sum(e['size'] for e in entries)} bytes")
+
+
+@cache.command("verify")
+@verbosity_option
+def cache_verify() -> None:
+    """Re-hash every cached asset; remove the ones that do not match their name."""
+    from .cache import Cache
+
+    bad = Cache(env.cache_dir()).verify()
+    for path in bad:
+        click.echo(f"removed corrupt asset {path}")
+    click.echo("all cached assets verified" if not bad else f"{len(bad)} corrupt asset(s) removed")
+    if bad:
+        sys.exit(7)
+
+
+@cache.command("clean")
+@verbosity_option
+def cache_clean() -> None:
+    """Delete every cached asset and index copy (the next run downloads again)."""
+    from .cache import Cache
+
+    freed = Cache(env.cache_dir()).clean()
+    click.echo(f"freed {freed} bytes")
+
+
+# --- registry -------------------------------------------------------------------------------------------------
+@cli.group()
+def registry() -> None:
+    """Host and check release registries."""
+
+
+@registry.command("serve")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-port", default=8000, show_default=True, help="TCP port")
+@click.option("-host", default="127.0.0.1", show_default=True, help="address to listen on")
+@verbosity_option
+def registry_serve(directory: Path, port: int, host: str) -> None:
+    """Serve DIRECTORY (a registry index and its assets) over HTTP, with Range support, as a site mirror."""
+    from .server import serve
+
+    click.echo(f"serving {directory} on http://{host}:{port}/ (Ctrl-C to stop)")
+    serve(directory, port=port, host=host)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; maps the package's errors to the exit codes documented in the README."""
+    try:
+        cli.main(args=argv, prog_name="sct_sitehead", standalone_mode=False)
+        return 0
+    except click.exceptions.NoArgsIsHelp:
+        return 0
+    except click.UsageError as exc:
+        sys.stderr.write(f"sct_sitehead: error: {exc.format_message()} (see -h)\n")
+        return UsageError.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        sys.stderr.write(f"sct_sitehead: error: {exc.format_message()}\n")
+        return exc.exit_code
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    except SiteHeadError as exc:
+        if logging.getLogger("sct_sitehead").level <= logging.DEBUG:
+            traceback.print_exc()
+        sys.stderr.write(f"sct_sitehead: error: {exc}\n")
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        sys.stderr.write("sct_sitehead: interrupted\n")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

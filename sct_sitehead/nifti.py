@@ -1,0 +1,337 @@
+"""Read and validate input images; write outputs atomically with the input's header.
+
+:func:`load_image` checks the header before any voxel is read (so a corrupt header claiming a billion voxels never
+allocates), then reads the data once to detect truncated or corrupt files. :func:`save_like` writes a mask that a
+viewer overlays voxel for voxel on its input: same shape, affine, qform/sform, pixdim and units.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import InputImageError, OutputError
+
+if TYPE_CHECKING:
+    import nibabel
+
+logger = logging.getLogger(__name__)
+
+#: Largest size accepted along one axis; clinical spinal cord images stay below 1024.
+MAX_AXIS_VOXELS = 4096
+#: Largest image accepted, in bytes once converted to float32 (the pipeline works in float32).
+MAX_FLOAT32_BYTES = 2_000_000_000
+#: Relative size of the smallest singular value of the affine's 3x3 part below which it counts as singular.
+_SINGULAR_RTOL = 1e-6
+
+
+def _fail(path: Path, what: str, fix: str) -> InputImageError:
+    return InputImageError(f"{path}: {what}; {fix}")
+
+
+def load_image(path: str | Path) -> nibabel.Nifti1Image:
+    """Read a NIfTI image (``.nii`` or ``.nii.gz``) and check that it is a 3D volume the model can segment.
+
+    4D and 5D images whose extra dimensions are all 1 are squeezed to 3D (header dims updated). A 3D image with one
+    axis of size 1 (a single slice stored as X x Y x 1) is accepted; a file declaring fewer than 3 dimensions, or
+    with fewer than 2 voxels along 2 or more axes, is rejected as 2D.
+
+    The voxel data are read here, once, so that truncated or corrupt files fail now with a clear message; the
+    returned image keeps the file's raw array in memory with its scaling (``scl_slope``/``scl_inter``), like
+    nibabel's own array proxy, and :func:`image_data` converts it to float32.
+
+    Returns:
+        The image, 3D, with ``img.dataobj`` already in memory.
+
+    Raises:
+        InputImageError: missing file, a folder, not NIfTI, corrupt or truncated, 2D, a time series, absurd size,
+            non-finite or singular affine, zero or negative voxel size.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    if not path.exists():
+        raise _fail(path, "no such file", "check the path and the file name")
+    if path.is_dir():
+        raise _fail(path, "is a folder, not a NIfTI file", "give the .nii or .nii.gz file inside it")
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many unrelated types for bad files
+        raise _fail(
+            path, f"cannot be read as NIfTI ({type(exc).__name__}: {_one_line(exc)})",
+            "check that it is a .nii or .nii.gz image and that the copy is complete",
+        ) from exc
+    if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+        raise _fail(
+            path, f"is a {type(img).__name__}, not a single-file NIfTI image",
+            "convert it to .nii.gz (e.g. with sct_image or dcm2niix)",
+        )
+    _check_header(path, img)
+    _check_raw_pixdim(path, img)
+    return _with_data_in_memory(path, img)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or "no detail"
+
+
+def _check_header(path: Path, img: nibabel.Nifti1Image) -> None:
+    """Shape, size and affine checks that need no voxel data."""
+    shape = tuple(int(n) for n in img.header.get_data_shape())
+    shown = "x".join(str(n) for n in shape) or "empty"
+    if len(shape) < 3:
+        raise _fail(
+            path, f"is a {len(shape)}D image (shape {shown})",
+            "the model needs a 3D volume; store a single slice as X x Y x 1 with its slice thickness in pixdim[3]",
+        )
+    if any(n < 1 for n in shape):
+        raise _fail(path, f"has an empty dimension (shape {shown})", "the header is corrupt; re-export the image")
+    if len(shape) == 4 and shape[3] > 1:
+        raise _fail(
+            path, f"is a time series of {shape[3]} volumes (shape {shown})",
+            "extract one volume first, e.g. sct_image -i IMAGE -split t, or average them",
+        )
+    if len(shape) > 4 and any(n > 1 for n in shape[3:]):
+        raise _fail(
+            path, f"has {len(shape)} dimensions with extra sizes {shape[3:]} (shape {shown})",
+            "only 3D volumes are supported; extract one 3D component first",
+        )
+    spatial = shape[:3]
+    if max(spatial) > MAX_AXIS_VOXELS or 4 * int(np.prod(spatial, dtype=np.int64)) > MAX_FLOAT32_BYTES:
+        size_gb = 4 * float(np.prod(spatial, dtype=np.float64)) / 1e9
+        raise _fail(
+            path, f"header claims shape {shown} ({size_gb:.3g} GB as float32)",
+            f"the limit is {MAX_AXIS_VOXELS} voxels per axis and {MAX_FLOAT32_BYTES / 1e9:g} GB; "
+            "the header is probably corrupt, or crop the image first",
+        )
+    if sum(n < 2 for n in spatial) >= 2:
+        raise _fail(
+            path, f"is 2D or smaller (shape {shown}: fewer than 2 voxels along 2 or more axes)",
+            "the model needs a 3D volume or at least a full 2D slice stored as X x Y x 1",
+        )
+    affine = img.affine
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise _fail(path, "has a non-finite affine (NaN or Inf in qform/sform)", "fix the header, e.g. sct_image -copy-header")
+    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if singular[-1] <= _SINGULAR_RTOL * max(singular[0], np.finfo(float).tiny):
+        raise _fail(
+            path, f"has a singular affine (voxel axes are not independent: {np.array2string(affine[:3, :3], precision=3)})",
+            "fix the qform/sform, e.g. sct_image -copy-header from a good image",
+        )
+
+
+def _check_raw_pixdim(path: Path, img: nibabel.Nifti1Image) -> None:
+    """Reject zero or negative voxel sizes as written in the file.
+
+    nibabel silently replaces them (0 -> 1, negative -> absolute value) when it reads the header, which would hide
+    a corrupt header and give wrong lesion volumes, so the header block is read again without its fixes.
+    """
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as handle:
+            raw = img.header_class.from_fileobj(handle, check=False)
+    except Exception as exc:  # noqa: BLE001 - same header bytes that just loaded; failing here means a race
+        raise _fail(path, f"header cannot be re-read ({_one_line(exc)})", "check the file is not being written") from exc
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise _fail(
+            path, f"has voxel sizes pixdim[1:4] = {pixdim.tolist()} (must be finite and > 0)",
+            "fix the header, e.g. sct_image -copy-header from a good image or re-export from DICOM",
+        )
+
+
+class _LoadedArray:
+    """A file's raw voxel array, already read, presented to nibabel like its ``ArrayProxy``.
+
+    nibabel treats a plain in-memory ndarray as already-scaled data; keeping the raw integer array with its
+    scaling (instead of a float copy) halves memory for int16 images and keeps ``get_fdata`` honouring
+    ``scl_slope``/``scl_inter``.
+    """
+
+    is_proxy = True
+
+    def __init__(self, raw: np.ndarray, slope: float, inter: float) -> None:
+        self._raw = raw
+        self.slope = float(slope)
+        self.inter = float(inter)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._raw.shape
+
+    @property
+    def ndim(self) -> int:
+        return self._raw.ndim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._raw.dtype
+
+    def get_unscaled(self) -> np.ndarray:
+        return self._raw
+
+    def _scaled(self, raw: np.ndarray, dtype: Any = None) -> np.ndarray:
+        if self.slope == 1.0 and self.inter == 0.0:
+            return raw if dtype is None else raw.astype(dtype, copy=False)
+        out_dtype = np.float64 if dtype is None else np.promote_types(dtype, np.float32)
+        out = raw.astype(out_dtype)
+        out *= out.dtype.type(self.slope)
+        out += out.dtype.type(self.inter)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return self._scaled(self._raw, dtype)
+
+    def __getitem__(self, slicer: Any) -> np.ndarray:
+        return self._scaled(self._raw[slicer])
+
+    def reshape(self, shape: Sequence[int]) -> _LoadedArray:
+        return _LoadedArray(self._raw.reshape(shape, order="F"), self.slope, self.inter)
+
+
+def _with_data_in_memory(path: Path, img: nibabel.Nifti1Image) -> nibabel.Nifti1Image:
+    proxy = img.dataobj
+    try:
+        raw = np.asarray(proxy.get_unscaled())
+    except Exception as exc:  # noqa: BLE001 - truncated gzip: EOFError; bad CRC: BadGzipFile; short .nii: OSError
+        raise _fail(
+            path, f"voxel data cannot be read ({type(exc).__name__}: {_one_line(exc)})",
+            "the file is truncated or corrupt; copy or export it again",
+        ) from exc
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
+        slope, inter = 1.0, 0.0
+    # Extra dimensions are all 1 here (checked), so dropping them keeps the voxel order.
+    raw = raw.reshape(img.shape[:3], order="A")
+    loaded = type(img)(_LoadedArray(raw, slope, inter), img.affine, img.header, extra=img.extra)
+    loaded.set_filename(str(path))
+    return loaded
+
+
+def image_data(img: nibabel.Nifti1Image) -> np.ndarray:
+    """Voxel values as a new float32 array, ``scl_slope``/``scl_inter`` applied.
+
+    Returns:
+        (X, Y, Z) float32 array; modifying it does not modify the image.
+
+    Raises:
+        InputImageError: the image is not 3D, holds NaN or Inf, or is constant.
+    """
+    name = img.get_filename() or "image"
+    data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
+    if data.ndim != 3:
+        raise InputImageError(f"{name}: data has shape {data.shape}, expected 3D; load it with load_image() first")
+    source = img.dataobj
+    held = source.get_unscaled() if isinstance(source, _LoadedArray) else source
+    if isinstance(held, np.ndarray) and np.shares_memory(data, held):
+        data = data.copy()
+    # A float64 sum of float32 values cannot overflow, so it is finite exactly when every voxel is.
+    if not np.isfinite(data.sum(dtype=np.float64)):
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise InputImageError(
+            f"{name}: {bad} voxel(s) are NaN or Inf; replace them (e.g. with 0) before segmenting"
+        )
+    low, high = float(data.min()), float(data.max())
+    if low == high:
+        raise InputImageError(f"{name}: every voxel equals {low:g} (constant image); check that the right file was given")
+    return data
+
+
+def save_like(
+    data: np.ndarray, reference: nibabel.Nifti1Image, path: Path, dtype: Any = np.uint8
+) -> None:
+    """Write ``data`` on the reference's grid, atomically.
+
+    The output has the reference's shape, affine, qform and sform (codes and matrices), pixdim and xyzt units;
+    ``scl_slope``/``scl_inter`` are 1/0 and ``cal_min``/``cal_max`` are cleared so viewers window the mask itself.
+    The file is written to a hidden temp file in the same folder and renamed into place, so a crash never leaves a
+    half-written output; the temp file is removed on any error.
+
+    Args:
+        data: (X, Y, Z) array with the reference's shape; values must fit ``dtype`` (no rescaling is done).
+        reference: the input image (3D, as returned by :func:`load_image`).
+        path: ``.nii`` or ``.nii.gz`` output path.
+        dtype: on-disk data type, e.g. ``np.uint8`` for masks, ``np.float32`` for soft maps.
+
+    Raises:
+        OutputError: wrong shape, values that do not fit ``dtype``, or the file cannot be written.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    dtype = np.dtype(dtype)
+    data = np.asanyarray(data)
+    shape = tuple(reference.shape[:3])
+    if data.shape != shape or len(reference.shape) != 3:
+        raise OutputError(
+            f"cannot write {path}: data shape {data.shape} differs from the reference's {tuple(reference.shape)}; "
+            "resample the output to the input grid first (spatial.from_model_grid)"
+        )
+    out = _cast_exactly(data, dtype, path)
+    header = reference.header.copy()
+    header.set_data_dtype(dtype)
+    header["cal_min"] = 0
+    header["cal_max"] = 0
+    image = nib.Nifti1Image(out, reference.affine, header) if type(reference) is nib.Nifti1Image else type(reference)(
+        out, reference.affine, header
+    )
+    # nibabel would otherwise write NaN (meaning "no scaling") or compute its own slope for the data.
+    image.header.set_slope_inter(1.0, 0.0)
+    _write_atomic(path, lambda tmp: nib.save(image, tmp))
+
+
+def _cast_exactly(data: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
+    """``data`` as ``dtype``, refusing values that would be silently changed by the cast."""
+    if data.dtype == dtype:
+        return data
+    if dtype.kind in "iu" and data.dtype.kind not in "b":
+        info = np.iinfo(dtype)
+        low, high = (data.min(), data.max()) if data.size else (0, 0)
+        if low < info.min or high > info.max or (data.dtype.kind == "f" and not np.array_equal(data, np.round(data))):
+            raise OutputError(
+                f"cannot write {path} as {dtype}: values span [{low}, {high}] or are not integers; "
+                "threshold the data first, or write it with dtype=np.float32"
+            )
+    return data.astype(dtype)
+
+
+def _suffix(path: Path) -> str:
+    name = path.name
+    return ".nii.gz" if name.endswith(".nii.gz") else (".nii" if name.endswith(".nii") else path.suffix)
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename the temp file onto ``path``; never leave the temp behind."""
+    suffix = _suffix(path)
+    # The temp keeps the real suffix because nibabel picks gzip or not from the file name.
+    tmp = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.{secrets.token_hex(6)}.tmp{suffix}")
+    try:
+        # O_EXCL reserves the name; the mode (before umask) matches what a plain open() would give.
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write {path}: {exc.strerror or exc}; check that the folder {path.parent} exists and is writable"
+        ) from exc
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot write {path}: {exc.strerror or exc}; check free disk space and write permission on {path.parent}"
+        ) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

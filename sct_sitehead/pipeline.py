@@ -1,0 +1,297 @@
+"""One input image through the deploy path: native grid -> model grid -> sliding window -> native grid -> files.
+
+The command-line tool and the benchmark both call :func:`Segmenter.segment`; the model is loaded once by
+:func:`Segmenter.open` and reused for every input.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .errors import OutputError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .cache import Cache
+    from .registry import HeadSpec, Release
+
+logger = logging.getLogger(__name__)
+
+LESION = "lesion"
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to run: thresholds, extra outputs, device."""
+
+    threshold: float | None = None
+    soft: bool = False
+    device: str = "auto"
+    threads: int | None = None
+    overlap: float = 0.5
+    batch_size: int = 4
+    qc_dir: Path | None = None
+
+
+@dataclass
+class SiteResult:
+    """What was written for one site of one input."""
+
+    site: str
+    mask: Path
+    files: list[Path]
+    sidecar: Path
+    lesion_count: int
+    lesion_volume_mm3: float
+
+
+@dataclass
+class InputResult:
+    """What was written for one input image."""
+
+    image: Path
+    sites: list[SiteResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def split_nifti_name(path: Path) -> tuple[str, str]:
+    """``sub_T2w.nii.gz`` -> (``sub_T2w``, ``.nii.gz``)."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], suffix
+    return path.stem, ".nii.gz"
+
+
+def plan_outputs(
+    inputs: list[Path], sites: list[str], output: Path | None, ofolder: Path | None
+) -> dict[tuple[Path, str], Path]:
+    """Main lesion-mask path for every (input, site) pair, following SCT naming.
+
+    ``-o`` is only valid for one input and one site; ``-ofolder`` puts every output in one folder; by default
+    outputs go next to their input as ``<stem>_lesionseg.nii.gz`` (``_<site>`` added for several sites).
+    """
+    if output is not None and ofolder is not None:
+        raise UsageError("-o and -ofolder cannot be used together; pick one")
+    if output is not None and (len(inputs) > 1 or len(sites) > 1):
+        raise UsageError(
+            f"-o names one file but {len(inputs)} input(s) and {len(sites)} site(s) were given; use -ofolder DIR"
+        )
+    plan: dict[tuple[Path, str], Path] = {}
+    for image in inputs:
+        stem, _ = split_nifti_name(image)
+        for site in sites:
+            if output is not None:
+                path = output if output.name.endswith(NIFTI_SUFFIXES) else output.with_name(output.name + ".nii.gz")
+            else:
+                name = f"{stem}_lesionseg" + (f"_{site}" if len(sites) > 1 else "") + ".nii.gz"
+                path = (ofolder if ofolder is not None else image.parent) / name
+            if path in plan.values():
+                raise UsageError(f"two inputs would both write {path}; use distinct file names or -ofolder per run")
+            plan[(image, site)] = path
+    return plan
+
+
+def label_path(mask_path: Path, label: str) -> Path:
+    """Where a head's non-lesion label goes: ``x_lesionseg.nii.gz`` -> ``x_cordseg.nii.gz``."""
+    stem, suffix = split_nifti_name(mask_path)
+    if "_lesionseg" in stem:
+        return mask_path.with_name(stem.replace("_lesionseg", f"_{label}seg", 1) + suffix)
+    return mask_path.with_name(f"{stem}_{label}{suffix}")
+
+
+def sidecar_path(mask_path: Path) -> Path:
+    stem, _ = split_nifti_name(mask_path)
+    return mask_path.with_name(stem + ".json")
+
+
+def soft_path(mask_path: Path) -> Path:
+    stem, suffix = split_nifti_name(mask_path)
+    return mask_path.with_name(stem + "_soft" + suffix)
+
+
+def write_json_atomic(data: dict, path: Path) -> None:
+    """Write JSON to a temp file in the same folder, then rename: never a half-written sidecar."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}; check the folder exists and is writable") from exc
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {exc.strerror}; check free space and permissions") from exc
+
+
+class Segmenter:
+    """A release's backbone and the requested site heads, loaded once, applied to many images."""
+
+    def __init__(self, release: Release, sites: list[str], paths: dict[str, Path], model, options: Options):
+        self.release = release
+        self.sites = sites
+        self.paths = paths
+        self.model = model
+        self.options = options
+        self.heads: dict[str, HeadSpec] = {site: release.head(site) for site in sites}
+
+    @classmethod
+    def open(
+        cls,
+        release: Release,
+        sites: list[str],
+        cache: Cache,
+        options: Options,
+        *,
+        offline: bool,
+        progress: bool,
+        allow_http: bool = False,
+    ) -> Segmenter:
+        """Fetch (or find in the cache) the backbone and the heads, then start ONNX Runtime once.
+
+        Raises:
+            UnknownModelError: a site is not in the release.
+            DownloadError, IntegrityError, OfflineError: an asset cannot be had.
+        """
+        from .inference import SiteHeadModel
+
+        heads = {site: release.head(site) for site in sites}
+        fetch = dict(offline=offline, progress=progress, allow_http=allow_http)
+        paths = {"backbone": cache.fetch(release.backbone, **fetch)}
+        for site, head in heads.items():
+            paths[site] = cache.fetch(head.asset, **fetch)
+        model = SiteHeadModel(
+            paths["backbone"],
+            {site: paths[site] for site in sites},
+            device=options.device,
+            threads=options.threads,
+            optimized_dir=cache.ort_dir(),
+        )
+        logger.info("%s@%s on %s, sites: %s", release.model, release.version, model.provider, ", ".join(sites))
+        return cls(release, sites, paths, model, options)
+
+    def threshold(self, site: str) -> float:
+        return self.options.threshold if self.options.threshold is not None else self.heads[site].threshold
+
+    def predict(self, image_path: Path) -> tuple[object, dict[str, np.ndarray]]:
+        """Probabilities on the native grid for every site.
+
+        Returns:
+            The input nibabel image and ``{site: (K, X, Y, Z) float32}`` with K the site's label count, in the
+            order of the head's ``labels``.
+        """
+        from .inference import normalize, sliding_window
+        from .nifti import image_data, load_image
+        from .spatial import from_model_grid, to_model_grid
+
+        spec = self.release.input
+        image = load_image(image_path)
+        data = image_data(image)
+        volume, grid = to_model_grid(data, image.affine, spec.orientation, spec.spacing)
+        del data
+        volume = normalize(volume, spec.normalization)
+        probabilities = sliding_window(
+            volume,
+            self.model,
+            spec.patch_size,
+            overlap=self.options.overlap,
+            batch_size=self.options.batch_size,
+            divisor=spec.divisor,
+        )
+        native: dict[str, np.ndarray] = {}
+        for site in self.sites:
+            channels = [label.channel for label in self.heads[site].labels]
+            native[site] = from_model_grid(probabilities[site][channels], grid, order=1)
+        return image, native
+
+    def segment(self, image_path: Path, outputs: dict[str, Path]) -> InputResult:
+        """Segment one image and write every site's masks, sidecar and (optionally) soft map and QC picture.
+
+        Args:
+            image_path: input NIfTI.
+            outputs: ``{site: main lesion mask path}``.
+        """
+        import numpy as np
+
+        from .lesions import lesion_stats
+        from .nifti import image_data, save_like
+
+        started = time.perf_counter()
+        image, native = self.predict(image_path)
+        zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+        result = InputResult(image=image_path)
+        for site in self.sites:
+            head = self.heads[site]
+            threshold = self.threshold(site)
+            mask_path = outputs[site]
+            mask_path.parent.mkdir(parents=True, exist_ok=True)
+            written: list[Path] = []
+            lesion_mask = None
+            for index, label in enumerate(head.labels):
+                mask = native[site][index] >= threshold
+                path = mask_path if label.name == LESION else label_path(mask_path, label.name)
+                save_like(mask.astype(np.uint8), image, path, dtype=np.uint8)
+                written.append(path)
+                if label.name == LESION:
+                    lesion_mask = mask
+                    if self.options.soft:
+                        soft = soft_path(mask_path)
+                        save_like(native[site][index].astype(np.float32), image, soft, dtype=np.float32)
+                        written.append(soft)
+            stats = lesion_stats(lesion_mask, zooms)
+            seconds = time.perf_counter() - started
+            sidecar = sidecar_path(mask_path)
+            write_json_atomic(self.sidecar(site, image_path, written, threshold, stats, seconds), sidecar)
+            if self.options.qc_dir is not None:
+                from .qc import write_qc
+
+                stem, _ = split_nifti_name(mask_path)
+                self.options.qc_dir.mkdir(parents=True, exist_ok=True)
+                png = write_qc(
+                    image_data(image), lesion_mask, image.affine, self.options.qc_dir / f"{stem}.png",
+                    f"{image_path.name} | {self.release.model}@{self.release.version} | site {site}",
+                )
+                written.append(png)
+            result.sites.append(
+                SiteResult(site, mask_path, written, sidecar, int(stats["count"]), float(stats["total_volume_mm3"]))
+            )
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def sidecar(
+        self, site: str, image_path: Path, files: list[Path], threshold: float, stats: dict, seconds: float
+    ) -> dict:
+        """BIDS-derivatives style description of one site's outputs."""
+        head = self.heads[site]
+        return {
+            "GeneratedBy": [{"Name": "sct_sitehead", "Version": __version__, "Description": "sct_deepseg_lesion"}],
+            "Source": str(image_path),
+            "Model": f"{self.release.model}@{self.release.version}",
+            "Site": site,
+            "HeadStrategy": head.strategy,
+            "BackboneSha256": self.release.backbone.sha256,
+            "HeadSha256": head.asset.sha256,
+            "Threshold": threshold,
+            "Device": self.model.provider,
+            "Seconds": round(seconds, 3),
+            "Labels": [{"name": label.name, "value": label.value} for label in head.labels],
+            "Files": [path.name for path in files],
+            "LesionCount": int(stats["count"]),
+            "LesionVolumeTotalMm3": round(float(stats["total_volume_mm3"]), 3),
+            "Lesions": [
+                {"id": int(lesion["id"]), "volume_mm3": round(float(lesion["volume_mm3"]), 3)}
+                for lesion in stats["lesions"]
+            ],
+        }

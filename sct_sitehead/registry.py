@@ -1,0 +1,428 @@
+"""Load a registry index and resolve ``model@version`` and site names to typed, immutable specs.
+
+An index comes from the package (embedded), a local path, ``file://`` or ``http(s)://``. Remote indexes
+are fetched through :mod:`download` with a size cap and their last good copy is kept in the cache, which
+is what an offline run reads: offline, nothing touches the network, not even for the index.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import tempfile
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import env
+from .download import check_url, download, is_remote
+from .errors import DownloadError, OfflineError, RegistryError, UnknownModelError, UsageError
+from .schema import validate_index
+
+if TYPE_CHECKING:
+    from .cache import Cache
+
+logger = logging.getLogger(__name__)
+
+MAX_INDEX_BYTES = 16 * 1024 * 1024
+INDEX_NAME = "registry.json"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model grid: orientation (e.g. ``"RAS"``), spacing (mm), patch size (voxels) and normalisation."""
+
+    orientation: str
+    spacing: tuple[float, float, float]
+    patch_size: tuple[int, int, int]
+    divisor: int
+    normalization: dict
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One output label of a head: its name, the site's label value, and its channel in the shared space."""
+
+    name: str
+    value: int
+    channel: int
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A file to fetch: candidate URLs in order (index location first, then mirrors), size and sha256.
+
+    ``release`` (``"lesion@1.0.0"``) and ``site`` only feed error messages (the command to pre-fetch it).
+    """
+
+    name: str
+    sha256: str
+    size: int
+    urls: tuple[str, ...]
+    release: str = ""
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A site's head: its ONNX file, training strategy, labels and effective threshold."""
+
+    site: str
+    asset: Asset
+    strategy: str
+    labels: tuple[LabelSpec, ...]
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Release:
+    """One version of a model: the input grid, the shared output space, the backbone and the site heads."""
+
+    model: str
+    version: str
+    input: InputSpec
+    channels: int
+    threshold: float
+    backbone: Asset
+    backbone_outputs: tuple[str, ...]
+    heads: dict[str, HeadSpec]
+
+    @property
+    def spec(self) -> str:
+        """``"lesion@1.0.0"``."""
+        return f"{self.model}@{self.version}"
+
+    def head(self, site: str) -> HeadSpec:
+        """The head of ``site``.
+
+        Raises:
+            UnknownModelError: no such site; the message lists the sites and the nearest name.
+        """
+        try:
+            return self.heads[site]
+        except KeyError:
+            raise UnknownModelError(
+                f"unknown site {site!r} for {self.spec}; sites: {', '.join(sorted(self.heads))}."
+                f"{suggest(site, self.heads)}"
+            ) from None
+
+
+class Registry:
+    """A validated registry index and the location its relative URLs resolve against."""
+
+    def __init__(self, index: dict[str, Any], location: str, base_url: str) -> None:
+        self.index = index
+        self.location = location
+        self._base_url = base_url
+
+    def __repr__(self) -> str:
+        return f"Registry({self.location!r})"
+
+    @classmethod
+    def load(cls, location: str | None, *, cache: Cache, offline: bool, allow_http: bool = False) -> Registry:
+        """Read and validate an index.
+
+        Args:
+            location: None for the embedded index; a path (a folder means its ``registry.json``),
+                ``file://`` URL, or ``http(s)://`` URL.
+            cache: where remote indexes are fetched through and their last good copy kept.
+            offline: make no network call; a remote index then comes from the cache.
+            allow_http: allow plain ``http://`` to hosts other than loopback (also ``SCT_SITEHEAD_ALLOW_HTTP``).
+
+        Raises:
+            RegistryError: unreadable, invalid, unsupported, refused (plain http) or rolled-back index.
+            OfflineError: offline and no cached copy of a remote index.
+            DownloadError: the remote index cannot be fetched and no copy is cached.
+        """
+        if location is None:
+            path = embedded_registry_path()
+            return cls.from_bytes(read_local(path), str(path), path.resolve().as_uri())
+        location = str(location)
+        if is_remote(location):
+            data = fetch_remote_index(location, cache, offline=offline, allow_http=allow_http or env.allow_plain_http())
+            return cls.from_bytes(data, location, location)
+        path = local_index_path(location)
+        return cls.from_bytes(read_local(path), str(path), path.resolve().as_uri())
+
+    @classmethod
+    def from_bytes(cls, data: bytes, location: str, base_url: str) -> Registry:
+        """Parse and validate an index's raw bytes (see :func:`parse_index`)."""
+        return cls(parse_index(data, location), location, base_url)
+
+    # --- queries ------------------------------------------------------------------------------------------------
+    @property
+    def default_model(self) -> str | None:
+        """The index's ``default_model``, or its only model; None when neither settles it."""
+        models = self.index["models"]
+        return self.index.get("default_model") or (next(iter(models)) if len(models) == 1 else None)
+
+    @property
+    def mirrors(self) -> tuple[str, ...]:
+        return tuple(self.index.get("mirrors", ()))
+
+    def models(self) -> list[str]:
+        return sorted(self.index["models"])
+
+    def versions(self, model: str) -> list[str]:
+        """Versions of ``model``, oldest first (numeric dotted order: 1.10.0 after 1.9.0)."""
+        return sorted(self._model(model)["releases"], key=version_key)
+
+    def release(self, model: str | None = None, version: str | None = None) -> Release:
+        """Resolve a model (default: the index's default) and version (default: ``latest``, else the highest).
+
+        Raises:
+            UnknownModelError: unknown model or version, or no model given and no default.
+        """
+        if model is None:
+            model = self.default_model
+            if model is None:
+                raise UnknownModelError(
+                    f"registry {self.location} has no default_model; choose one with -model NAME "
+                    f"(models: {', '.join(self.models())})"
+                )
+        entry = self._model(model)
+        if version is None:
+            version = entry.get("latest") or self.versions(model)[-1]
+        releases = entry["releases"]
+        if version not in releases:
+            raise UnknownModelError(
+                f"unknown version {version!r} of {model} in registry {self.location}; versions: "
+                f"{', '.join(self.versions(model))}.{suggest(version, releases)}"
+            )
+        return self.build_release(model, version, releases[version])
+
+    def _model(self, model: str) -> dict[str, Any]:
+        models = self.index["models"]
+        if model not in models:
+            raise UnknownModelError(
+                f"unknown model {model!r} in registry {self.location}; models: {', '.join(self.models())}."
+                f"{suggest(model, models)}"
+            )
+        return models[model]
+
+    # --- building specs -----------------------------------------------------------------------------------------
+    def build_release(self, model: str, version: str, raw: dict[str, Any]) -> Release:
+        spec = f"{model}@{version}"
+        threshold = float(raw["threshold"])
+        raw_input = raw["input"]
+        heads = {
+            site: HeadSpec(
+                site=site,
+                asset=self.build_asset(f"{site} head", head, release=spec, site=site),
+                strategy=head["strategy"],
+                labels=tuple(LabelSpec(lab["name"], int(lab["value"]), int(lab["channel"])) for lab in head["labels"]),
+                threshold=float(head.get("threshold", threshold)),
+            )
+            for site, head in raw["heads"].items()
+        }
+        return Release(
+            model=model,
+            version=version,
+            input=InputSpec(
+                orientation=raw_input["orientation"],
+                spacing=tuple(float(v) for v in raw_input["spacing"]),  # type: ignore[arg-type]
+                patch_size=tuple(int(v) for v in raw_input["patch_size"]),  # type: ignore[arg-type]
+                divisor=int(raw_input["divisor"]),
+                normalization=dict(raw_input["normalization"]),
+            ),
+            channels=int(raw["channels"]),
+            threshold=threshold,
+            backbone=self.build_asset("backbone", raw["backbone"], release=spec),
+            backbone_outputs=tuple(raw["backbone"]["outputs"]),
+            heads=heads,
+        )
+
+    def build_asset(self, name: str, raw: dict[str, Any], *, release: str, site: str | None = None) -> Asset:
+        return Asset(
+            name=name,
+            sha256=raw["sha256"],
+            size=int(raw["size"]),
+            urls=resolve_urls(raw["url"], self._base_url, self.mirrors),
+            release=release,
+            site=site,
+        )
+
+
+def resolve_urls(url: str, base_url: str, mirrors: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Candidate URLs for one asset: resolved against the index's location, then each mirror, no duplicates.
+
+    An absolute ``url`` resolves to itself everywhere, so it is the only candidate.
+
+    Raises:
+        RegistryError: an index fetched over http(s) points to a local file (``file://``); only a local
+            index may, so a remote index cannot make the client read arbitrary local paths.
+    """
+    bases = [base_url] + [mirror if mirror.endswith("/") else mirror + "/" for mirror in mirrors]
+    candidates: list[str] = []
+    for base in bases:
+        candidate = urllib.parse.urljoin(base, url)
+        if is_remote(base_url) and not is_remote(candidate):
+            raise RegistryError(
+                f"registry index {base_url} points to the local file {candidate}; a remote index may only name "
+                "http(s) URLs. Fix the url or mirrors in the index."
+            )
+        if candidate not in candidates:
+            candidates.append(candidate)
+    return tuple(candidates)
+
+
+def parse_model_spec(spec: str | None) -> tuple[str | None, str | None]:
+    """``"lesion@1.0.0"`` -> ``("lesion", "1.0.0")``; ``"lesion"`` -> ``("lesion", None)``; ``"@1.0.0"`` ->
+    ``(None, "1.0.0")``; None or ``""`` -> ``(None, None)``.
+
+    Raises:
+        UsageError: more than one ``@``, or an empty name or version around it.
+    """
+    if spec is None or not spec.strip():
+        return None, None
+    spec = spec.strip()
+    if spec.count("@") > 1:
+        raise UsageError(f"model {spec!r} has more than one '@'; write NAME or NAME@VERSION, e.g. lesion@1.0.0")
+    name, _, version = spec.partition("@")
+    if "@" in spec and not version:
+        raise UsageError(f"model {spec!r} has an empty version after '@'; write NAME or NAME@VERSION")
+    return name or None, version or None
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Numeric sort key of a dotted version (the schema allows digits and dots only)."""
+    return tuple(int(part) for part in version.split("."))
+
+
+def suggest(name: str, choices: Any) -> str:
+    """`` Did you mean 'x'?`` for the nearest choice, or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def embedded_registry_path() -> Path:
+    """The index shipped with the package: ``sct_sitehead.models/registry.json`` in a wheel, else
+    ``<repository>/models/registry.json`` in a source checkout. The path may not exist."""
+    from importlib import resources
+
+    try:
+        candidate = resources.files("sct_sitehead.models").joinpath(INDEX_NAME)
+        if isinstance(candidate, Path) and candidate.is_file():
+            return candidate
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parents[1] / "models" / INDEX_NAME
+
+
+def local_index_path(location: str) -> Path:
+    """A plain path or ``file://`` URL as a path; a folder means its ``registry.json``."""
+    parts = urllib.parse.urlsplit(location)
+    if parts.scheme.lower() == "file":
+        path = Path(urllib.request.url2pathname(parts.path))
+    else:
+        path = Path(location).expanduser()
+    return path / INDEX_NAME if path.is_dir() else path
+
+
+def read_local(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise RegistryError(
+            f"registry index {path} does not exist; check -registry / SCT_SITEHEAD_REGISTRY, or omit both to use "
+            "the embedded index"
+        ) from None
+    except OSError as exc:
+        raise RegistryError(f"cannot read registry index {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_INDEX_BYTES:
+        raise RegistryError(f"registry index {path} is {len(data)} bytes, over the {MAX_INDEX_BYTES}-byte limit")
+    return data
+
+
+def parse_index(data: bytes, source: str) -> dict[str, Any]:
+    """Decode JSON and validate it (schema, then cross-field rules).
+
+    Raises:
+        RegistryError: not UTF-8 JSON, or invalid (see :func:`schema.validate_index`).
+    """
+    try:
+        index = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RegistryError(f"registry index {source} is not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise RegistryError(
+            f"registry index {source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    validate_index(index, source=f"registry index {source}")
+    return index
+
+
+def fetch_remote_index(url: str, cache: Cache, *, offline: bool, allow_http: bool) -> bytes:
+    """The index at ``url``: downloaded (and kept in the cache), or the cached copy when offline.
+
+    A failed download falls back to the cached copy with a warning; a downloaded index whose ``serial`` is
+    lower than the cached copy's is refused, since a registry's serial only grows (stale mirror or rollback).
+    """
+    cached = cache.read_index_copy(url)
+    if offline:
+        if cached is None:
+            raise OfflineError(
+                f"offline mode is on and no copy of the registry index {url} is cached in {cache.root}. Run once "
+                "with network access to cache it, or omit -registry to use the embedded index."
+            )
+        logger.info("offline: using the cached copy of %s", url)
+        return cached
+    try:
+        check_url(url, allow_http=allow_http)
+    except DownloadError as exc:
+        raise RegistryError(
+            f"{exc} The registry index carries the sha256 of every model file, so it must not travel over plain "
+            "http."
+        ) from None
+    try:
+        data = download_index(url, cache, allow_http=allow_http)
+    except DownloadError as exc:
+        if cached is None:
+            raise
+        logger.warning("cannot fetch %s (%s); using the copy cached at %s", url, exc, cache.index_copy_path(url))
+        return cached
+    fresh = parse_index(data, url)
+    check_serial(url, fresh, cached, cache)
+    cache.save_index_copy(url, data)
+    return data
+
+
+def download_index(url: str, cache: Cache, *, allow_http: bool) -> bytes:
+    """Download an index into a private temporary file (never resumed: an index changes between releases)."""
+    with tempfile.TemporaryDirectory(prefix="sct_sitehead-index-") as folder:
+        part = Path(folder) / "index.json.part"
+        download(
+            url,
+            part,
+            expected_size=None,
+            max_size=MAX_INDEX_BYTES,
+            timeout=cache.timeout,
+            retries=cache.retries,
+            backoff=cache.backoff,
+            allow_http=allow_http,
+        )
+        return part.read_bytes()
+
+
+def check_serial(url: str, fresh: dict[str, Any], cached: bytes | None, cache: Cache) -> None:
+    """Refuse a downloaded index older than the copy seen before.
+
+    Raises:
+        RegistryError: ``fresh["serial"]`` is lower than the cached copy's.
+    """
+    if cached is None:
+        return
+    try:
+        seen = json.loads(cached.decode("utf-8")).get("serial", 0)
+    except (ValueError, AttributeError):
+        return  # an unreadable copy is simply replaced
+    serial = fresh.get("serial", 0)
+    if isinstance(seen, int) and serial < seen:
+        raise RegistryError(
+            f"registry index {url} has serial {serial}, lower than serial {seen} seen before; it may be a stale "
+            f"mirror or a rollback. Use another -registry, or delete {cache.index_copy_path(url)} if the older index "
+            "is intended."
+        )
