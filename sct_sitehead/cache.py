@@ -3,8 +3,9 @@
 Layout (docs/DESIGN.md)::
 
     assets/sha256/<hex[:2]>/<hex>   verified assets, read-only
-    indexes/<sha256 of URL>.json    last good copy of each remote registry index
-    locks/<hex>.lock                one lock per asset
+    indexes/<sha256 of URL>.json    last good copy of each remote registry index (.json.sig: its signature)
+    locks/<hex>.lock                one lock per asset (seen.lock: the state file's)
+    state/seen.json                 highest index serial seen per location and key (rollback protection)
     tmp/<hex>.part                  partial downloads, resumed with HTTP Range
     ort/                            ONNX Runtime optimised models
 
@@ -80,6 +81,15 @@ class Cache:
     def index_copy_path(self, url: str) -> Path:
         """Where the last good copy of the remote index at ``url`` is kept."""
         return self.root / "indexes" / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
+
+    def index_signature_copy_path(self, url: str) -> Path:
+        """Where the signature of the kept copy of ``url`` is kept (beside it), so offline use re-verifies it."""
+        copy = self.index_copy_path(url)
+        return copy.with_name(copy.name + ".sig")
+
+    def seen_path(self) -> Path:
+        """The rollback-protection state: highest serial seen per registry location and key (see trust.py)."""
+        return self.root / "state" / "seen.json"
 
     def ort_dir(self) -> Path:
         """Folder for ONNX Runtime's optimised models (created when the cache is writable)."""
@@ -216,29 +226,27 @@ class Cache:
     # --- index copies -------------------------------------------------------------------------------------------
     def read_index_copy(self, url: str) -> bytes | None:
         """The last good copy of the remote index at ``url``, or None."""
-        try:
-            return self.index_copy_path(url).read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            logger.warning("cannot read the cached copy of %s: %s", url, exc)
-            return None
+        return read_optional(self.index_copy_path(url), f"the cached copy of {url}")
 
-    def save_index_copy(self, url: str, data: bytes) -> None:
-        """Keep ``data`` as the last good copy of ``url``; a read-only cache only logs a warning."""
+    def read_index_signature_copy(self, url: str) -> bytes | None:
+        """The signature kept beside the copy of ``url`` (None: the index was unsigned, or no copy)."""
+        return read_optional(self.index_signature_copy_path(url), f"the cached signature of {url}")
+
+    def save_index_copy(self, url: str, data: bytes, signature: bytes | None = None) -> None:
+        """Keep ``data`` (and its raw ``.sig``, if any) as the last good copy of ``url``.
+
+        The copy is re-verified whenever it is used, so a crash between the two renames can at worst leave a
+        pair that is refused (and replaced by the next online run), never one that is trusted wrongly. A
+        read-only cache only logs a warning.
+        """
         target = self.index_copy_path(url)
-        temporary: Path | None = None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # A unique temporary name, then a rename: readers see the old copy or the new one, never half of one.
-            handle, name = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-            temporary = Path(name)
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(temporary, target)
+            if signature is None:
+                remove(self.index_signature_copy_path(url))
+            else:
+                write_atomically(self.index_signature_copy_path(url), signature)
+            write_atomically(target, data)
         except OSError as exc:
-            if temporary is not None:
-                remove(temporary)
             logger.warning("cannot keep a copy of %s in %s (offline use will not see it): %s", url, target, exc)
 
     # --- maintenance --------------------------------------------------------------------------------------------
@@ -335,6 +343,47 @@ def install(part: Path, final: Path) -> None:
         os.replace(part, final)
     except OSError as exc:
         raise OutputError(f"cannot move the verified download into {final}: {exc.strerror or exc}") from None
+
+
+def write_atomically(target: Path, data: bytes, *, mode: int = 0o644, replace: bool = True) -> None:
+    """Write ``data`` to ``target`` through a temporary file in the same folder, flushed, then renamed, so a
+    reader sees the old file or the new one, never half of one.
+
+    Args:
+        mode: permission bits; the temporary file is private (0600) until they are set, so a private key
+            is never readable by others, even for a moment.
+        replace: False keeps an existing ``target`` (FileExistsError), with no window in which it could be
+            clobbered: the file is hard-linked into place rather than renamed.
+
+    Raises:
+        OSError: the folder or file cannot be written; FileExistsError as above.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, mode)
+        if replace:
+            os.replace(temporary, target)
+        else:
+            os.link(temporary, target)
+    finally:
+        remove(temporary)
+
+
+def read_optional(path: Path, what: str) -> bytes | None:
+    """A file's bytes, or None when it is missing or unreadable (logged: the caller then works without it)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.warning("cannot read %s (%s): %s", what, path, exc)
+        return None
 
 
 def remove_tree_contents(folder: Path) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from . import __version__
-from .errors import DownloadError, IntegrityError, OutputError
+from .errors import DownloadError, HTTPStatusError, IntegrityError, OutputError
 
 if TYPE_CHECKING:
     import requests
@@ -252,7 +252,9 @@ def plan_write(job: _Job, response: requests.Response, have: int) -> tuple[int, 
     if status >= 500 or status in _RETRY_STATUSES:
         raise _Retry(f"HTTP {status} {response.reason}")
     if 400 <= status < 500:
-        raise DownloadError(f"HTTP {status} {response.reason} for {response.url or job.url}")
+        error = HTTPStatusError(f"HTTP {status} {response.reason} for {response.url or job.url}")
+        error.status = status  # callers tell "not there" (a missing signature) from other failures
+        raise error
     if status == 206:
         content_range = response.headers.get("Content-Range")
         start = content_range_start(content_range)

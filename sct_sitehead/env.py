@@ -14,6 +14,7 @@ OFFLINE = "SCT_SITEHEAD_OFFLINE"
 CACHE = "SCT_SITEHEAD_CACHE"
 ALLOW_HTTP = "SCT_SITEHEAD_ALLOW_HTTP"
 DATA = "SCT_SITEHEAD_DATA"
+TRUST_DIR = "SCT_SITEHEAD_TRUST_DIR"
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -50,6 +51,17 @@ def cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("sct_sitehead", appauthor=False))
+
+
+def trust_dir() -> Path:
+    """Folder of the site's extra trusted public keys (``*.pub``): ``$SCT_SITEHEAD_TRUST_DIR`` or
+    ``<platform user config folder>/sct_sitehead/trusted_keys``. It may not exist."""
+    configured = os.environ.get(TRUST_DIR)
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("sct_sitehead", appauthor=False)) / "trusted_keys"
 
 
 def data_dir() -> Path | None:

@@ -43,6 +43,12 @@ class DownloadError(SiteHeadError, OSError):
     exit_code = 6
 
 
+class HTTPStatusError(DownloadError):
+    """The server answered with an HTTP status that another attempt would not change (4xx); see ``status``."""
+
+    status: int = 0
+
+
 class IntegrityError(SiteHeadError, ValueError):
     """A file's size or sha256 differs from what the registry declares."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +42,9 @@ def load_image(path: str | Path) -> nibabel.Nifti1Image:
     axis of size 1 (a single slice stored as X x Y x 1) is accepted; a file declaring fewer than 3 dimensions, or
     with fewer than 2 voxels along 2 or more axes, is rejected as 2D.
 
-    The voxel data are read here, once, so that truncated or corrupt files fail now with a clear message; the
-    returned image keeps the file's raw array in memory with its scaling (``scl_slope``/``scl_inter``), like
+    The header is checked as written in the file, before nibabel's silent fixes and before any voxel is read. The
+    voxel data are then read once, to the end of the file, so that truncated files and gzip CRC errors fail now;
+    the returned image keeps the file's raw array in memory with its scaling (``scl_slope``/``scl_inter``), like
     nibabel's own array proxy, and :func:`image_data` converts it to float32.
 
     Returns:
@@ -60,6 +61,7 @@ def load_image(path: str | Path) -> nibabel.Nifti1Image:
         raise _fail(path, "no such file", "check the path and the file name")
     if path.is_dir():
         raise _fail(path, "is a folder, not a NIfTI file", "give the .nii or .nii.gz file inside it")
+    _check_header(path, _read_raw_header(path))
     try:
         img = nib.load(path)
     except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many unrelated types for bad files
@@ -72,8 +74,6 @@ def load_image(path: str | Path) -> nibabel.Nifti1Image:
             path, f"is a {type(img).__name__}, not a single-file NIfTI image",
             "convert it to .nii.gz (e.g. with sct_image or dcm2niix)",
         )
-    _check_header(path, img)
-    _check_raw_pixdim(path, img)
     return _with_data_in_memory(path, img)
 
 
@@ -81,9 +81,43 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or "no detail"
 
 
-def _check_header(path: Path, img: nibabel.Nifti1Image) -> None:
-    """Shape, size and affine checks that need no voxel data."""
-    shape = tuple(int(n) for n in img.header.get_data_shape())
+def _read_raw_header(path: Path) -> nibabel.Nifti1Header:
+    """The NIfTI-1 or NIfTI-2 header exactly as written (nibabel's loader would fix pixdim and codes silently)."""
+    import nibabel as nib
+
+    try:
+        with _open(path) as handle:
+            block = handle.read(nib.Nifti2Header.sizeof_hdr)
+    except Exception as exc:  # noqa: BLE001 - gzip raises BadGzipFile, EOFError, zlib.error...
+        raise _fail(
+            path, f"cannot be read as NIfTI ({type(exc).__name__}: {_one_line(exc)})",
+            "check that it is a .nii or .nii.gz image and that the copy is complete",
+        ) from exc
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.sizeof_hdr
+        if len(block) >= size and klass.may_contain_header(block[:size]):
+            try:
+                return klass(block[:size], check=False)
+            except Exception as exc:  # noqa: BLE001 - malformed header fields
+                raise _fail(path, f"has a malformed NIfTI header ({_one_line(exc)})", "re-export the image") from exc
+    raise _fail(
+        path, "is not a NIfTI-1/2 image (no NIfTI header at the start of the file)",
+        "convert it to .nii.gz (e.g. with dcm2niix or sct_image)",
+    )
+
+
+def _open(path: Path) -> Any:
+    """A binary reader of the file, decompressing ``.gz``; Python's gzip checks the CRC when it reaches the end."""
+    import gzip
+
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _check_header(path: Path, header: nibabel.Nifti1Header) -> None:
+    """Shape, size, voxel size and affine checks that need no voxel data."""
+    shape = tuple(int(n) for n in header.get_data_shape())
     shown = "x".join(str(n) for n in shape) or "empty"
     if len(shape) < 3:
         raise _fail(
@@ -115,35 +149,22 @@ def _check_header(path: Path, img: nibabel.Nifti1Image) -> None:
             path, f"is 2D or smaller (shape {shown}: fewer than 2 voxels along 2 or more axes)",
             "the model needs a 3D volume or at least a full 2D slice stored as X x Y x 1",
         )
-    affine = img.affine
-    if affine is None or not np.all(np.isfinite(affine)):
-        raise _fail(path, "has a non-finite affine (NaN or Inf in qform/sform)", "fix the header, e.g. sct_image -copy-header")
-    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
-    if singular[-1] <= _SINGULAR_RTOL * max(singular[0], np.finfo(float).tiny):
-        raise _fail(
-            path, f"has a singular affine (voxel axes are not independent: {np.array2string(affine[:3, :3], precision=3)})",
-            "fix the qform/sform, e.g. sct_image -copy-header from a good image",
-        )
-
-
-def _check_raw_pixdim(path: Path, img: nibabel.Nifti1Image) -> None:
-    """Reject zero or negative voxel sizes as written in the file.
-
-    nibabel silently replaces them (0 -> 1, negative -> absolute value) when it reads the header, which would hide
-    a corrupt header and give wrong lesion volumes, so the header block is read again without its fixes.
-    """
-    from nibabel.openers import ImageOpener
-
-    try:
-        with ImageOpener(str(path)) as handle:
-            raw = img.header_class.from_fileobj(handle, check=False)
-    except Exception as exc:  # noqa: BLE001 - same header bytes that just loaded; failing here means a race
-        raise _fail(path, f"header cannot be re-read ({_one_line(exc)})", "check the file is not being written") from exc
-    pixdim = np.asarray(raw["pixdim"][1:4], dtype=np.float64)
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
         raise _fail(
             path, f"has voxel sizes pixdim[1:4] = {pixdim.tolist()} (must be finite and > 0)",
             "fix the header, e.g. sct_image -copy-header from a good image or re-export from DICOM",
+        )
+    affine = header.get_best_affine()
+    if not np.all(np.isfinite(affine)):
+        raise _fail(
+            path, "has a non-finite affine (NaN or Inf in qform/sform)", "fix the header, e.g. sct_image -copy-header"
+        )
+    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if singular[-1] <= _SINGULAR_RTOL * max(singular[0], np.finfo(float).tiny):
+        raise _fail(
+            path, f"has a singular affine (voxel axes not independent: {np.round(affine[:3, :3], 4).tolist()})",
+            "fix the qform/sform, e.g. sct_image -copy-header from a good image",
         )
 
 
@@ -197,19 +218,31 @@ class _LoadedArray:
 
 
 def _with_data_in_memory(path: Path, img: nibabel.Nifti1Image) -> nibabel.Nifti1Image:
+    # nibabel's proxy knows where the data start (the image header's vox_offset is reset on load).
     proxy = img.dataobj
+    shape = img.shape[:3]
+    dtype = np.dtype(proxy.dtype)
     try:
-        raw = np.asarray(proxy.get_unscaled())
-    except Exception as exc:  # noqa: BLE001 - truncated gzip: EOFError; bad CRC: BadGzipFile; short .nii: OSError
+        with _open(path) as handle:
+            handle.seek(int(proxy.offset))
+            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            buffer = bytearray(size)
+            got = handle.readinto(buffer)
+            if got != size:
+                raise EOFError(f"expected {size} bytes of voxel data, got {got}")
+            # Reading on to the end makes gzip check its CRC and length trailer.
+            while handle.read(1 << 20):
+                pass
+    except Exception as exc:  # noqa: BLE001 - truncated gzip: EOFError; bad CRC: BadGzipFile; zlib.error...
         raise _fail(
             path, f"voxel data cannot be read ({type(exc).__name__}: {_one_line(exc)})",
             "the file is truncated or corrupt; copy or export it again",
         ) from exc
+    # Extra dimensions are all 1 here (checked), so the 3D shape has the same voxel order.
+    raw = np.frombuffer(buffer, dtype=dtype).reshape(shape, order="F")
     slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
     if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
         slope, inter = 1.0, 0.0
-    # Extra dimensions are all 1 here (checked), so dropping them keeps the voxel order.
-    raw = raw.reshape(img.shape[:3], order="A")
     loaded = type(img)(_LoadedArray(raw, slope, inter), img.affine, img.header, extra=img.extra)
     loaded.set_filename(str(path))
     return loaded
@@ -279,12 +312,11 @@ def save_like(
     header.set_data_dtype(dtype)
     header["cal_min"] = 0
     header["cal_max"] = 0
-    image = nib.Nifti1Image(out, reference.affine, header) if type(reference) is nib.Nifti1Image else type(reference)(
-        out, reference.affine, header
-    )
+    klass = nib.Nifti2Image if isinstance(reference, nib.Nifti2Image) else nib.Nifti1Image
+    image = klass(out, reference.affine, header)
     # nibabel would otherwise write NaN (meaning "no scaling") or compute its own slope for the data.
     image.header.set_slope_inter(1.0, 0.0)
-    _write_atomic(path, lambda tmp: nib.save(image, tmp))
+    write_atomic(path, lambda tmp: nib.save(image, tmp))
 
 
 def _cast_exactly(data: np.ndarray, dtype: np.dtype, path: Path) -> np.ndarray:
@@ -307,10 +339,17 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else (".nii" if name.endswith(".nii") else path.suffix)
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temp file onto ``path``; never leave the temp behind."""
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Have ``write`` fill a hidden temp file beside ``path``, then rename it onto ``path``.
+
+    A crash or an error never leaves a half-written ``path`` nor the temp file behind. The temp file keeps
+    ``path``'s suffix (``.nii.gz``, ``.png``...) because writers such as nibabel pick the format from it.
+
+    Raises:
+        OutputError: the folder is missing or not writable, or the disk is full.
+    """
+    path = Path(path)
     suffix = _suffix(path)
-    # The temp keeps the real suffix because nibabel picks gzip or not from the file name.
     tmp = path.with_name(f".{path.name[: len(path.name) - len(suffix)]}.{secrets.token_hex(6)}.tmp{suffix}")
     try:
         # O_EXCL reserves the name; the mode (before umask) matches what a plain open() would give.

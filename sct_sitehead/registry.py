@@ -3,6 +3,10 @@
 An index comes from the package (embedded), a local path, ``file://`` or ``http(s)://``. Remote indexes
 are fetched through :mod:`download` with a size cap and their last good copy is kept in the cache, which
 is what an offline run reads: offline, nothing touches the network, not even for the index.
+
+Trust (:mod:`trust`): an index with a signature beside it (``registry.json.sig``) is verified before a byte
+of it is parsed, and its serial must not go back; a remote index must be signed unless the caller allows
+unsigned ones.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import env
 from .download import check_url, download, is_remote
-from .errors import DownloadError, OfflineError, RegistryError, UnknownModelError, UsageError
+from .errors import DownloadError, HTTPStatusError, OfflineError, RegistryError, UnknownModelError, UsageError
 from .schema import validate_index
+from .signing import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX
+from .trust import check_signature, remember_index
 
 if TYPE_CHECKING:
     from .cache import Cache
@@ -29,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 MAX_INDEX_BYTES = 16 * 1024 * 1024
 INDEX_NAME = "registry.json"
+# What a server answers for a file it does not have (403: object stores that hide what exists). A missing
+# signature only makes the index unsigned, which is refused unless allowed, so reading these as "absent" is safe.
+_ABSENT = frozenset({403, 404, 410})
 
 
 @dataclass(frozen=True)
@@ -111,45 +120,85 @@ class Release:
 
 
 class Registry:
-    """A validated registry index and the location its relative URLs resolve against."""
+    """A validated registry index, the location its relative URLs resolve against, and the id of the key that
+    signed it (None: unsigned)."""
 
-    def __init__(self, index: dict[str, Any], location: str, base_url: str) -> None:
+    def __init__(self, index: dict[str, Any], location: str, base_url: str, key_id: str | None = None) -> None:
         self.index = index
         self.location = location
+        self.key_id = key_id
         self._base_url = base_url
 
     def __repr__(self) -> str:
         return f"Registry({self.location!r})"
 
     @classmethod
-    def load(cls, location: str | None, *, cache: Cache, offline: bool, allow_http: bool = False) -> Registry:
-        """Read and validate an index.
+    def load(
+        cls,
+        location: str | None,
+        *,
+        cache: Cache,
+        offline: bool,
+        allow_http: bool = False,
+        trust: list[Path] | None = None,
+        allow_unsigned: bool = False,
+    ) -> Registry:
+        """Read, verify and validate an index.
 
         Args:
             location: None for the embedded index; a path (a folder means its ``registry.json``),
                 ``file://`` URL, or ``http(s)://`` URL.
-            cache: where remote indexes are fetched through and their last good copy kept.
-            offline: make no network call; a remote index then comes from the cache.
+            cache: where remote indexes are fetched through and their last good copy kept, and where the
+                highest serial seen per location is remembered.
+            offline: make no network call; a remote index then comes from the cache (and is verified again).
             allow_http: allow plain ``http://`` to hosts other than loopback (also ``SCT_SITEHEAD_ALLOW_HTTP``).
+            trust: public key files trusted for this call, on top of the package's and the trusted keys folder's.
+            allow_unsigned: accept a remote index that has no signature (a bad signature is never accepted).
 
         Raises:
-            RegistryError: unreadable, invalid, unsupported, refused (plain http) or rolled-back index.
+            RegistryError: unreadable, invalid, unsupported, refused (plain http), unsigned remote, badly
+                signed, signed by an untrusted key, or rolled-back index.
+            UsageError: a ``trust`` file is not an ed25519 public key.
             OfflineError: offline and no cached copy of a remote index.
             DownloadError: the remote index cannot be fetched and no copy is cached.
         """
+        trust = list(trust or ())
         if location is None:
-            path = embedded_registry_path()
-            return cls.from_bytes(read_local(path), str(path), path.resolve().as_uri())
+            return cls.load_local(embedded_registry_path(), cache=cache, trust=trust, embedded=True)
         location = str(location)
-        if is_remote(location):
-            data = fetch_remote_index(location, cache, offline=offline, allow_http=allow_http or env.allow_plain_http())
-            return cls.from_bytes(data, location, location)
-        path = local_index_path(location)
-        return cls.from_bytes(read_local(path), str(path), path.resolve().as_uri())
+        if not is_remote(location):
+            return cls.load_local(local_index_path(location), cache=cache, trust=trust)
+        allow_http = allow_http or env.allow_plain_http()
+        data, signature, fresh = fetch_remote_index(location, cache, offline=offline, allow_http=allow_http)
+        key_id = check_signature(
+            data, signature, source=location, signature_source=signature_url(location), unsigned_ok=allow_unsigned,
+            trust=trust,
+        )
+        index = parse_index(data, location)
+        remember_index(cache, location, key_id, index, data)
+        if fresh:
+            cache.save_index_copy(location, data, signature)
+        return cls(index, location, location, key_id)
+
+    @classmethod
+    def load_local(cls, path: Path, *, cache: Cache, trust: list[Path], embedded: bool = False) -> Registry:
+        """A local index: verified when a signature is beside it, else accepted (the user's own files).
+
+        A signed local index is also checked against the serials seen before from it, except the embedded one:
+        it changes only with the package, and downgrading the package is the user's choice.
+        """
+        data = read_local(path)
+        signature = read_local_signature(path)
+        key_id = check_signature(data, signature, source=str(path), unsigned_ok=True, trust=trust)
+        index = parse_index(data, str(path))
+        base_url = path.resolve().as_uri()
+        if key_id is not None and not embedded:
+            remember_index(cache, base_url, key_id, index, data)
+        return cls(index, str(path), base_url, key_id)
 
     @classmethod
     def from_bytes(cls, data: bytes, location: str, base_url: str) -> Registry:
-        """Parse and validate an index's raw bytes (see :func:`parse_index`)."""
+        """Parse and validate an index's raw bytes (see :func:`parse_index`); no signature is checked."""
         return cls(parse_index(data, location), location, base_url)
 
     # --- queries ------------------------------------------------------------------------------------------------
@@ -322,6 +371,31 @@ def local_index_path(location: str) -> Path:
     return path / INDEX_NAME if path.is_dir() else path
 
 
+def read_local_signature(index: Path) -> bytes | None:
+    """The ``.sig`` beside a local index, None when there is none.
+
+    Raises:
+        RegistryError: it exists but cannot be read, or is over the size cap.
+    """
+    path = index.with_name(index.name + SIGNATURE_SUFFIX)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SIGNATURE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RegistryError(f"cannot read the signature {path} of registry index {index}: {exc.strerror or exc}") from None
+    if len(data) > MAX_SIGNATURE_BYTES:
+        raise RegistryError(f"signature file {path} is over the {MAX_SIGNATURE_BYTES}-byte limit; re-create it")
+    return data
+
+
+def signature_url(url: str) -> str:
+    """``https://h/r/registry.json?x`` -> ``https://h/r/registry.json.sig?x`` (the query stays on the URL)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path + SIGNATURE_SUFFIX))
+
+
 def read_local(path: Path) -> bytes:
     try:
         data = path.read_bytes()
@@ -355,11 +429,14 @@ def parse_index(data: bytes, source: str) -> dict[str, Any]:
     return index
 
 
-def fetch_remote_index(url: str, cache: Cache, *, offline: bool, allow_http: bool) -> bytes:
-    """The index at ``url``: downloaded (and kept in the cache), or the cached copy when offline.
+def fetch_remote_index(url: str, cache: Cache, *, offline: bool, allow_http: bool) -> tuple[bytes, bytes | None, bool]:
+    """The index at ``url`` and its signature: downloaded, or the copy kept in the cache when offline.
 
-    A failed download falls back to the cached copy with a warning; a downloaded index whose ``serial`` is
-    lower than the cached copy's is refused, since a registry's serial only grows (stale mirror or rollback).
+    Nothing here is trusted yet; the caller verifies the pair (the kept copy too, every time it is used).
+
+    Returns:
+        ``(index bytes, signature bytes or None, fresh)``; ``fresh`` is false for the kept copy, used offline or
+        with a warning when the download fails.
     """
     cached = cache.read_index_copy(url)
     if offline:
@@ -369,7 +446,7 @@ def fetch_remote_index(url: str, cache: Cache, *, offline: bool, allow_http: boo
                 "with network access to cache it, or omit -registry to use the embedded index."
             )
         logger.info("offline: using the cached copy of %s", url)
-        return cached
+        return cached, cache.read_index_signature_copy(url), False
     try:
         check_url(url, allow_http=allow_http)
     except DownloadError as exc:
@@ -378,51 +455,40 @@ def fetch_remote_index(url: str, cache: Cache, *, offline: bool, allow_http: boo
             "http."
         ) from None
     try:
-        data = download_index(url, cache, allow_http=allow_http)
+        data = download_small(url, cache, max_size=MAX_INDEX_BYTES, allow_http=allow_http)
+        signature = download_signature(url, cache, allow_http=allow_http)
     except DownloadError as exc:
         if cached is None:
             raise
         logger.warning("cannot fetch %s (%s); using the copy cached at %s", url, exc, cache.index_copy_path(url))
-        return cached
-    fresh = parse_index(data, url)
-    check_serial(url, fresh, cached, cache)
-    cache.save_index_copy(url, data)
-    return data
+        return cached, cache.read_index_signature_copy(url), False
+    return data, signature, True
 
 
-def download_index(url: str, cache: Cache, *, allow_http: bool) -> bytes:
-    """Download an index into a private temporary file (never resumed: an index changes between releases)."""
+def download_signature(url: str, cache: Cache, *, allow_http: bool) -> bytes | None:
+    """The index's ``.sig`` (small size cap), or None when the server has none."""
+    try:
+        return download_small(signature_url(url), cache, max_size=MAX_SIGNATURE_BYTES, allow_http=allow_http)
+    except HTTPStatusError as exc:
+        if exc.status in _ABSENT:
+            logger.debug("no signature for %s (HTTP %d)", url, exc.status)
+            return None
+        raise
+
+
+def download_small(url: str, cache: Cache, *, max_size: int, allow_http: bool) -> bytes:
+    """Download a small file (index, signature) into a private temporary folder; never resumed, since it
+    changes between releases."""
     with tempfile.TemporaryDirectory(prefix="sct_sitehead-index-") as folder:
-        part = Path(folder) / "index.json.part"
+        part = Path(folder) / "download.part"
         download(
             url,
             part,
             expected_size=None,
-            max_size=MAX_INDEX_BYTES,
+            max_size=max_size,
             timeout=cache.timeout,
             retries=cache.retries,
             backoff=cache.backoff,
             allow_http=allow_http,
         )
         return part.read_bytes()
-
-
-def check_serial(url: str, fresh: dict[str, Any], cached: bytes | None, cache: Cache) -> None:
-    """Refuse a downloaded index older than the copy seen before.
-
-    Raises:
-        RegistryError: ``fresh["serial"]`` is lower than the cached copy's.
-    """
-    if cached is None:
-        return
-    try:
-        seen = json.loads(cached.decode("utf-8")).get("serial", 0)
-    except (ValueError, AttributeError):
-        return  # an unreadable copy is simply replaced
-    serial = fresh.get("serial", 0)
-    if isinstance(seen, int) and serial < seen:
-        raise RegistryError(
-            f"registry index {url} has serial {serial}, lower than serial {seen} seen before; it may be a stale "
-            f"mirror or a rollback. Use another -registry, or delete {cache.index_copy_path(url)} if the older index "
-            "is intended."
-        )

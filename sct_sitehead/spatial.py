@@ -98,8 +98,8 @@ def to_model_grid(
     affine = np.asarray(affine, dtype=np.float64)
     if data.ndim != 3:
         raise UsageError(f"to_model_grid needs a 3D array, got shape {data.shape}; load images with nifti.load_image")
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise UsageError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise UsageError(f"affine must be a finite, invertible 4x4 matrix, got {affine.tolist()}")
     _check_order(order)
     target = _target_ornt(orientation)
     spacing_mm = _check_spacing(spacing)
@@ -227,7 +227,7 @@ def _target_ornt(orientation: str) -> np.ndarray:
             f"model orientation {orientation!r} is not a valid set of 3 axis codes; use one of R/L, A/P, S/I per "
             "axis, e.g. 'RAS'"
         ) from exc
-    if len(codes) != 3 or np.isnan(ornt).any():
+    if len(codes) != 3 or np.isnan(ornt).any() or len(set(ornt[:, 0])) != 3:
         raise RegistryError(f"model orientation {orientation!r} must name 3 distinct axes, e.g. 'RAS' or 'LPI'")
     return ornt
 

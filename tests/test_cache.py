@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pytest_httpserver import HTTPServer
 from test_download import RecordingServer
-from test_registry import make_index, sha256, write_registry
+from test_registry import make_index, make_keys, serve_index, sha256, write_registry, write_signed_registry
 
 from sct_sitehead.cache import Cache
 from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
@@ -35,25 +35,29 @@ class Site:
     backbone: bytes
     head: bytes
     url: str
+    public_key: Path
 
     def release(self, cache: Cache, offline: bool = False) -> Release:
-        return Registry.load(self.url, cache=cache, offline=offline).release()
+        return Registry.load(self.url, cache=cache, offline=offline, trust=[self.public_key]).release()
 
 
 @pytest.fixture(autouse=True)
-def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost,::1")
+    monkeypatch.setenv("SCT_SITEHEAD_TRUST_DIR", str(tmp_path_factory.mktemp("trusted_keys")))
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
+    """A signed registry served over HTTP; the client trusts its key per call."""
     backbone, head = os.urandom(200_000), os.urandom(3_000)
     www = tmp_path / "www"
-    write_registry(www, make_index(backbone, {"montreal": head}), {BACKBONE: backbone, HEAD: head})
+    private, public = make_keys(tmp_path / "keys")
+    write_signed_registry(www, make_index(backbone, {"montreal": head}), {BACKBONE: backbone, HEAD: head}, private)
     server = RecordingServer(www)
-    yield Site(server, www, backbone, head, server.url("registry.json"))
+    yield Site(server, www, backbone, head, server.url("registry.json"), public)
     server.close()
 
 
@@ -113,7 +117,7 @@ def test_offline_and_missing_names_the_asset_and_the_fix(site: Site, cache: Cach
     assert "montreal head of lesion@1.0.0" in message
     assert "sct_sitehead models install lesion@1.0.0 -site montreal" in message
     assert len(site.server.requests) == before
-    assert not (cache.root / "locks").exists()
+    assert not (cache.root / "locks" / f"{release.head('montreal').asset.sha256}.lock").exists()
 
 
 def test_corrupted_body_is_an_integrity_error_and_nothing_is_cached(site: Site, cache: Cache) -> None:
@@ -188,12 +192,10 @@ def test_404_gives_a_download_error_listing_each_url(httpserver: HTTPServer, cac
 
 def test_mirror_fallback_after_404(httpserver: HTTPServer, tmp_path: Path, cache: Cache) -> None:
     backbone, head = os.urandom(4000), os.urandom(500)
-    httpserver.expect_request("/reg/registry.json").respond_with_data(
-        json.dumps(make_index(backbone, {"x": head}, mirrors=(httpserver.url_for("/mirror/"),)))
-    )
+    url = serve_index(httpserver, make_index(backbone, {"x": head}, mirrors=(httpserver.url_for("/mirror/"),)))
     httpserver.expect_request("/reg/" + BACKBONE).respond_with_data("moved", status=404)
     httpserver.expect_request("/mirror/" + BACKBONE).respond_with_data(backbone)
-    release = Registry.load(httpserver.url_for("/reg/registry.json"), cache=cache, offline=False).release()
+    release = Registry.load(url, cache=cache, offline=False, allow_unsigned=True).release()
     assert release.backbone.urls == (httpserver.url_for("/reg/" + BACKBONE), httpserver.url_for("/mirror/" + BACKBONE))
     assert cache.fetch(release.backbone, offline=False).read_bytes() == backbone
 
@@ -343,6 +345,7 @@ def test_clean_with_keep_and_everything(site: Site, cache: Cache) -> None:
     ort = cache.ort_dir()
     (ort / "model.ort").write_bytes(b"123")
     index_size = cache.index_copy_path(site.url).stat().st_size
+    index_size += cache.index_signature_copy_path(site.url).stat().st_size
     assert cache.clean() == len(site.backbone) + index_size + 3
     assert cache.list() == [] and list((cache.root / "indexes").iterdir()) == [] and list(ort.iterdir()) == []
 

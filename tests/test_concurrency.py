@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_download import RecordingServer
-from test_registry import make_index, write_registry
+from test_registry import make_index, make_keys, write_signed_registry
 
 import sct_sitehead
 
@@ -28,7 +28,7 @@ from pathlib import Path
 from sct_sitehead.cache import Cache
 from sct_sitehead.registry import Registry
 
-url, root, go, number = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+url, root, go, number, key = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 Path(f"{go}.ready.{number}").touch()
 deadline = time.monotonic() + 60
 while not go.exists():
@@ -36,7 +36,7 @@ while not go.exists():
         sys.exit("no start signal")
     time.sleep(0.002)
 cache = Cache(root, retries=2, backoff=0.05)
-release = Registry.load(url, cache=cache, offline=False).release()
+release = Registry.load(url, cache=cache, offline=False, trust=[key]).release()
 assets = [release.backbone, release.head("montreal").asset]
 if number % 2:
     assets.reverse()
@@ -55,7 +55,8 @@ def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_processes_on_a_cold_cache_download_each_asset_once(tmp_path: Path) -> None:
     backbone, head = os.urandom(400_000), os.urandom(20_000)
     www = tmp_path / "www"
-    write_registry(www, make_index(backbone, {"montreal": head}), {BACKBONE: backbone, HEAD: head})
+    private, public = make_keys(tmp_path / "keys")
+    write_signed_registry(www, make_index(backbone, {"montreal": head}), {BACKBONE: backbone, HEAD: head}, private)
     server = RecordingServer(www)
     server.delay = 0.2  # a slow mirror: every worker reaches the lock while the first is still downloading
     go = tmp_path / "go"
@@ -63,7 +64,7 @@ def test_processes_on_a_cold_cache_download_each_asset_once(tmp_path: Path) -> N
     environment = {**os.environ, "PYTHONPATH": str(Path(sct_sitehead.__file__).resolve().parents[1])}
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, server.url("registry.json"), str(cache_root), str(go), str(number)],
+            [sys.executable, "-c", WORKER, server.url("registry.json"), str(cache_root), str(go), str(number), str(public)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

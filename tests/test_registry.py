@@ -30,6 +30,7 @@ from sct_sitehead.registry import (
     resolve_urls,
 )
 from sct_sitehead.schema import load_schema, validate_index
+from sct_sitehead.signing import generate_keypair, sign_index
 
 BACKBONE_URL = "lesion/1.0.0/backbone.onnx"
 
@@ -106,12 +107,32 @@ def write_registry(root: Path, index: dict, files: dict[str, bytes] | None = Non
     return path
 
 
+def make_keys(folder: Path, name: str = "test") -> tuple[Path, Path]:
+    """A fresh ed25519 key pair ``(private, public)`` under ``folder``."""
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub"
+    generate_keypair(private, public)
+    return private, public
+
+
+def write_signed_registry(root: Path, index: dict, files: dict[str, bytes] | None, private_key: Path) -> Path:
+    """:func:`write_registry`, then ``registry.json.sig`` beside it."""
+    path = write_registry(root, index, files)
+    sign_index(path, private_key)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     """A proxy configured on the test machine must not intercept requests to the local test server."""
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost,::1")
+
+
+@pytest.fixture(autouse=True)
+def _no_site_trusted_keys(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keys in the user's trusted keys folder must not make a test pass or fail."""
+    monkeypatch.setenv("SCT_SITEHEAD_TRUST_DIR", str(tmp_path_factory.mktemp("trusted_keys")))
 
 
 @pytest.fixture
@@ -347,8 +368,15 @@ def test_embedded_registry(tmp_path: Path, index: dict, cache: Cache, monkeypatc
 
 
 # --- remote indexes ---------------------------------------------------------------------------------------------
-def serve_index(httpserver: HTTPServer, index: dict, path: str = "/reg/registry.json") -> str:
+def serve_index(
+    httpserver: HTTPServer, index: dict, path: str = "/reg/registry.json", signature: bytes | None = None
+) -> str:
+    """Serve ``index`` at ``path``, and ``signature`` (or a 404, i.e. unsigned) at ``path + ".sig"``."""
     httpserver.expect_request(path).respond_with_data(json.dumps(index), content_type="application/json")
+    if signature is None:
+        httpserver.expect_request(path + ".sig").respond_with_data("no signature", status=404)
+    else:
+        httpserver.expect_request(path + ".sig").respond_with_data(signature, content_type="application/json")
     return httpserver.url_for(path)
 
 
@@ -356,14 +384,14 @@ def test_remote_index_is_cached_and_used_offline_without_any_request(
     httpserver: HTTPServer, index: dict, cache: Cache
 ) -> None:
     url = serve_index(httpserver, index)
-    registry = Registry.load(url, cache=cache, offline=False)
-    assert registry.location == url
+    registry = Registry.load(url, cache=cache, offline=False, allow_unsigned=True)
+    assert registry.location == url and registry.key_id is None
     assert registry.release().backbone.urls == (httpserver.url_for("/reg/" + BACKBONE_URL),)
     copy_path = cache.root / "indexes" / f"{sha256(url.encode())}.json"
     assert json.loads(copy_path.read_text()) == index
     requests_before = len(httpserver.log)
     httpserver.clear_all_handlers()  # any request now would fail the test with a 500
-    offline = Registry.load(url, cache=cache, offline=True)
+    offline = Registry.load(url, cache=cache, offline=True, allow_unsigned=True)
     assert offline.index == index
     assert len(httpserver.log) == requests_before
 
@@ -377,29 +405,29 @@ def test_offline_without_a_cached_index_makes_no_request(httpserver: HTTPServer,
 
 def test_failed_fetch_falls_back_to_the_cached_copy(httpserver: HTTPServer, index: dict, cache: Cache) -> None:
     url = serve_index(httpserver, index)
-    Registry.load(url, cache=cache, offline=False)
+    Registry.load(url, cache=cache, offline=False, allow_unsigned=True)
     httpserver.clear_all_handlers()
     httpserver.expect_request("/reg/registry.json").respond_with_data("down", status=503)
-    assert Registry.load(url, cache=cache, offline=False).index == index
+    assert Registry.load(url, cache=cache, offline=False, allow_unsigned=True).index == index
     with pytest.raises(DownloadError, match="503"):
-        Registry.load(httpserver.url_for("/reg/registry.json?other"), cache=cache, offline=False)
+        Registry.load(httpserver.url_for("/reg/registry.json?other"), cache=cache, offline=False, allow_unsigned=True)
 
 
 def test_serial_rollback_is_refused(httpserver: HTTPServer, cache: Cache) -> None:
     newer = make_index(b"bb", {"x": b"h"}, serial=5)
     url = serve_index(httpserver, newer)
-    Registry.load(url, cache=cache, offline=False)
+    Registry.load(url, cache=cache, offline=False, allow_unsigned=True)
     httpserver.clear_all_handlers()
     serve_index(httpserver, make_index(b"bb", {"x": b"h"}, serial=4))
     with pytest.raises(RegistryError, match="serial 4, lower than serial 5"):
-        Registry.load(url, cache=cache, offline=False)
+        Registry.load(url, cache=cache, offline=False, allow_unsigned=True)
 
 
 def test_invalid_remote_index_is_not_cached(httpserver: HTTPServer, index: dict, cache: Cache) -> None:
     index["schema_version"] = 7
     url = serve_index(httpserver, index)
     with pytest.raises(RegistryError, match="schema_version 7"):
-        Registry.load(url, cache=cache, offline=False)
+        Registry.load(url, cache=cache, offline=False, allow_unsigned=True)
     assert not cache.index_copy_path(url).exists()
 
 
@@ -426,8 +454,8 @@ def test_allow_http_comes_from_the_environment_too(
     monkeypatch.setenv("HTTP_PROXY", httpserver.url_for("/"))
     monkeypatch.setenv("NO_PROXY", "")
     with pytest.raises(RegistryError):
-        Registry.load(remote, cache=cache, offline=False)
+        Registry.load(remote, cache=cache, offline=False, allow_unsigned=True)
     monkeypatch.setenv("SCT_SITEHEAD_ALLOW_HTTP", "1")
-    registry = Registry.load(remote, cache=cache, offline=False)
+    registry = Registry.load(remote, cache=cache, offline=False, allow_unsigned=True)
     assert registry.index == index
-    assert len(httpserver.log) == 1
+    assert [request.path for request, _ in httpserver.log] == ["/registry.json", "/registry.json.sig"]

@@ -1,0 +1,104 @@
+"""Thresholding, connected components, lesion counts and volumes."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+
+def binarize(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """Voxels whose probability is at least ``threshold``.
+
+    Args:
+        prob: array of probabilities in [0, 1], any shape.
+        threshold: in (0, 1].
+
+    Returns:
+        bool array of ``prob``'s shape.
+    """
+    if not (isinstance(threshold, (int, float, np.floating)) and 0.0 < float(threshold) <= 1.0):
+        raise UsageError(f"threshold must be a number in (0, 1], got {threshold!r}")
+    return np.asarray(prob) >= threshold
+
+
+def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Connected components with 26-connectivity (voxels touching by a face, an edge or a corner).
+
+    Args:
+        mask: (X, Y, Z) bool array.
+
+    Returns:
+        (X, Y, Z) int32 label map (0 background, 1..n components in scan order) and n.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask)
+    if mask.ndim != 3:
+        raise UsageError(f"lesion mask must be 3D, got shape {mask.shape}")
+    labels, count = ndimage.label(mask.astype(bool, copy=False), structure=np.ones((3, 3, 3), dtype=bool))
+    return labels.astype(np.int32, copy=False), int(count)
+
+
+def lesion_stats(
+    mask: np.ndarray, zooms: Sequence[float], affine: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Count lesions (26-connected components) and measure their volumes.
+
+    Args:
+        mask: (X, Y, Z) bool lesion mask on the native grid.
+        zooms: (3,) voxel size in mm.
+        affine: optional (4, 4) voxel-to-world affine; adds each lesion's ``centroid_mm``.
+
+    Returns:
+        ``{"count": int, "total_volume_mm3": float, "voxel_volume_mm3": float, "lesions": [...]}`` where each
+        lesion is ``{"id", "volume_mm3", "voxels", "centroid_voxel"(, "centroid_mm")}``, largest first, ids
+        1..count in that order (ties keep scan order).
+    """
+    voxel = _voxel_volume(zooms)
+    labels, count = label_lesions(mask)
+    lesions: list[dict[str, Any]] = []
+    if count:
+        # Per-label sums over lesion voxels only: memory follows the lesion load, not the image size.
+        where = np.flatnonzero(labels)
+        owner = labels.ravel()[where]
+        sizes = np.bincount(owner, minlength=count + 1)[1:]
+        coords = np.unravel_index(where, labels.shape)
+        sums = np.stack([np.bincount(owner, weights=axis, minlength=count + 1)[1:] for axis in coords])
+        centroids = (sums / sizes).T
+        order = sorted(range(count), key=lambda i: (-int(sizes[i]), i))
+        for rank, i in enumerate(order, start=1):
+            lesion: dict[str, Any] = {
+                "id": rank,
+                "volume_mm3": float(sizes[i]) * voxel,
+                "voxels": int(sizes[i]),
+                "centroid_voxel": [float(c) for c in centroids[i]],
+            }
+            if affine is not None:
+                world = np.asarray(affine, dtype=np.float64) @ np.append(centroids[i], 1.0)
+                lesion["centroid_mm"] = [float(c) for c in world[:3]]
+            lesions.append(lesion)
+    total_voxels = int(sum(lesion["voxels"] for lesion in lesions))
+    return {
+        "count": count,
+        "total_volume_mm3": total_voxels * voxel,
+        "voxel_volume_mm3": voxel,
+        "lesions": lesions,
+    }
+
+
+def _voxel_volume(zooms: Sequence[float]) -> float:
+    try:
+        sizes = [float(z) for z in zooms]
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"zooms must be 3 voxel sizes in mm, got {zooms!r}") from exc
+    if len(sizes) != 3 or not all(math.isfinite(z) and z > 0 for z in sizes):
+        raise UsageError(f"zooms must be 3 positive voxel sizes in mm, got {zooms!r}")
+    return sizes[0] * sizes[1] * sizes[2]

@@ -1,0 +1,28 @@
+"""Synthetic data without a scanner: a procedural spinal cord phantom, and a multi-site lesion simulator that
+inserts known lesions into real anatomy and acquires and annotates it the way each site would.
+
+numpy, scipy and nibabel only (no torch). Public entry points:
+
+- :func:`make_phantom`, :func:`write_phantom` (``sct_sitehead phantom``)
+- :func:`simulate` (``sct_sitehead simulate``) with site profiles from :func:`load_sites`
+- :func:`insert_lesions`: known lesions in your own healthy scans, to check a model
+"""
+
+from __future__ import annotations
+
+from .lesions import InsertedLesions, insert_lesions
+from .phantom import Phantom, make_phantom, write_phantom
+from .simulator import simulate
+from .sites import DEFAULT_SITES, Site, load_sites
+
+__all__ = [
+    "DEFAULT_SITES",
+    "InsertedLesions",
+    "Phantom",
+    "Site",
+    "insert_lesions",
+    "load_sites",
+    "make_phantom",
+    "simulate",
+    "write_phantom",
+]

@@ -1,0 +1,182 @@
+"""A site's acquisition: its grid (orientation, voxel size, field of view) and its intensity transfer.
+
+The anatomy arrives on a fine working grid aligned with the world axes (RAS). :func:`plan_grid` places the site's
+grid on the anatomy, :func:`working_grid` gives the fine grid that covers it, and :func:`acquire` blurs along
+each axis to the site's voxel size (the slice profile of thick slices: partial volume), resamples, then applies
+the contrast curve (gamma), a smooth multiplicative bias field and Rician or Gaussian noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .grids import grid_affine, voxel_coordinates
+from .sites import Acquisition
+
+_AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+_FWHM_PER_SIGMA = 2.3548
+#: Largest shift (mm) of the field of view centre away from the cord, in the axial plane.
+CENTER_JITTER_MM = 4.0
+
+
+@dataclass(frozen=True)
+class TargetGrid:
+    """A site's grid placed in the world.
+
+    Attributes:
+        shape: (3,) voxels per axis.
+        affine: (4, 4) voxel-to-world affine.
+        spacing: (3,) voxel size per voxel axis (mm).
+        world_axis: (3,) the world axis (0 x, 1 y, 2 z) each voxel axis runs along.
+    """
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    world_axis: tuple[int, int, int]
+
+    def spacing_along_world(self) -> np.ndarray:
+        """(3,) voxel size along world x, y, z."""
+        out = np.empty(3)
+        for axis, world in enumerate(self.world_axis):
+            out[world] = self.spacing[axis]
+        return out
+
+
+def plan_grid(
+    acquisition: Acquisition,
+    source_low: np.ndarray,
+    source_high: np.ndarray,
+    cord_points: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[TargetGrid, dict[str, Any]]:
+    """Place the site's grid on the source anatomy.
+
+    The field of view is the site's, shrunk to the source's extent where the source is smaller; it is centred on a
+    random point of the cord (jittered in the axial plane) and kept inside the source.
+
+    Args:
+        acquisition: the site's acquisition profile.
+        source_low: (3,) world corner of the source grid's voxel faces (lowest x, y, z).
+        source_high: (3,) opposite corner.
+        cord_points: (N, 3) world positions of cord voxels of the source.
+        rng: random generator.
+    """
+    world_axis = tuple(_AXIS_OF[c] for c in acquisition.orientation)
+    spacing = np.asarray(acquisition.spacing_mm, dtype=np.float64)
+    fov_world = np.empty(3)
+    for axis, world in enumerate(world_axis):
+        fov_world[world] = acquisition.fov_mm[axis]
+    extent = source_high - source_low
+    fov_world = np.minimum(fov_world, extent)
+    center = cord_points[rng.integers(len(cord_points))].astype(np.float64)
+    center[:2] += rng.uniform(-CENTER_JITTER_MM, CENTER_JITTER_MM, size=2)
+    center = np.clip(center, source_low + fov_world / 2, source_high - fov_world / 2)
+    shape = tuple(
+        max(1, int(round(fov_world[world] / spacing[axis]))) for axis, world in enumerate(world_axis)
+    )
+    affine = grid_affine(shape, spacing, acquisition.orientation, center)
+    grid = TargetGrid(shape, affine, tuple(float(s) for s in spacing), world_axis)  # type: ignore[arg-type]
+    return grid, {"shape": list(shape), "center_mm": [round(float(v), 3) for v in center]}
+
+
+def working_grid(target: TargetGrid, spacing: float, margin_mm: float) -> tuple[tuple[int, int, int], np.ndarray]:
+    """A RAS grid at ``spacing`` mm covering the target grid's voxels plus ``margin_mm`` on every side.
+
+    Returns:
+        shape (3,) and (4, 4) affine.
+    """
+    half = target.spacing_along_world() / 2
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in target.shape], indexing="ij")).reshape(3, -1)
+    world = target.affine[:3, :3] @ corners + target.affine[:3, 3:4]
+    low = world.min(axis=1) - half - margin_mm
+    high = world.max(axis=1) + half + margin_mm
+    shape = tuple(int(np.ceil((high - low)[i] / spacing)) + 1 for i in range(3))
+    return shape, grid_affine(shape, (spacing,) * 3, "RAS", (low + high) / 2)  # type: ignore[return-value]
+
+
+def blur_margin_mm(target: TargetGrid, spacing: float) -> float:
+    """Margin the working grid needs so the slice-profile blur sees real anatomy at the target's edges."""
+    return float(3 * _slice_sigma_mm(target, spacing).max() + 2 * spacing)
+
+
+def _slice_sigma_mm(target: TargetGrid, spacing: float) -> np.ndarray:
+    wanted = target.spacing_along_world()
+    return np.sqrt(np.maximum(wanted**2 - spacing**2, 0.0)) / _FWHM_PER_SIGMA
+
+
+def sample_to_target(
+    volumes: Sequence[np.ndarray], work_affine: np.ndarray, target: TargetGrid
+) -> list[np.ndarray]:
+    """Blur working-grid volumes to the target voxel size along each world axis, then resample them.
+
+    Args:
+        volumes: (X, Y, Z) arrays on the RAS working grid (images or partial-volume fractions).
+        work_affine: (4, 4) working grid affine.
+        target: the site's grid.
+
+    Returns:
+        float32 arrays of the target shape; fractions stay in [0, 1] and keep their order (a <= b voxel-wise on
+        the working grid stays a <= b), since blurring and linear interpolation are positive averages.
+    """
+    from scipy import ndimage
+
+    spacing = float(np.linalg.norm(work_affine[:3, 0]))
+    sigma_vox = _slice_sigma_mm(target, spacing) / spacing
+    coords = voxel_coordinates(target.shape, target.affine, work_affine)
+    out = []
+    for volume in volumes:
+        blurred = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), sigma_vox, mode="nearest")
+        out.append(ndimage.map_coordinates(blurred, coords, order=1, mode="nearest", prefilter=False))
+    return out
+
+
+def transfer_intensities(
+    image: np.ndarray, target: TargetGrid, acquisition: Acquisition, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Contrast curve, bias field, noise, then scaling to the site's data type.
+
+    Args:
+        image: (X, Y, Z) float32 image on the target grid, normalised so the bright tissue is about 1.
+        target: the grid (its shape sets the bias field's coordinates).
+        acquisition: the site's profile.
+        rng: random generator.
+
+    Returns:
+        The image in the site's dtype, and the drawn bias coefficients.
+    """
+    signal = np.power(np.maximum(image, 0.0), np.float32(acquisition.gamma), dtype=np.float32)
+    coefficients = rng.normal(size=9)
+    signal *= _bias_field(target.shape, coefficients, acquisition.bias)
+    sigma = np.float32(acquisition.noise_sigma)
+    if sigma > 0:
+        real = signal + rng.standard_normal(signal.shape, dtype=np.float32) * sigma
+        if acquisition.noise == "rician":
+            imaginary = rng.standard_normal(signal.shape, dtype=np.float32) * sigma
+            signal = np.sqrt(real * real + imaginary * imaginary)
+        else:
+            signal = np.maximum(real, 0.0)
+    signal *= np.float32(acquisition.intensity_scale)
+    dtype = np.dtype(acquisition.dtype)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        signal = np.clip(np.rint(signal), info.min, info.max)
+    return signal.astype(dtype), {"bias_coefficients": [round(float(c), 4) for c in coefficients]}
+
+
+def _bias_field(shape: Sequence[int], coefficients: np.ndarray, strength: float) -> np.ndarray:
+    """exp(strength * p) with p a random quadratic polynomial of the grid coordinates scaled to [-1, 1]."""
+    u = [np.linspace(-1.0, 1.0, n, dtype=np.float32).reshape([n if i == a else 1 for i in range(3)])
+         for a, n in enumerate(shape)]
+    terms = [u[0], u[1], u[2], u[0] ** 2 - 0.5, u[1] ** 2 - 0.5, u[2] ** 2 - 0.5, u[0] * u[1], u[1] * u[2], u[0] * u[2]]
+    poly = np.zeros(tuple(shape), dtype=np.float32)
+    for c, term in zip(coefficients, terms):
+        poly += np.float32(c) * term
+    peak = float(np.abs(poly).max())
+    if peak > 0:
+        poly /= peak
+    return np.exp(np.float32(strength) * poly)

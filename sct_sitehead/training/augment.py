@@ -1,0 +1,120 @@
+"""Batch augmentation in torch, on the training device: spatial, intensity and resolution.
+
+Every random number comes from one ``torch.Generator`` on the CPU, so a seed gives the same augmentation on any
+device. Images and targets go through the same spatial transform; targets are resampled linearly and
+re-thresholded at 0.5. Intensity changes act on the image only; the resolution change (downsample then upsample
+along one axis, like a thick-slice acquisition) too, since the annotation describes the true anatomy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _uniform(generator: torch.Generator, low: float, high: float, size: int = 1) -> Tensor:
+    return low + (high - low) * torch.rand(size, generator=generator, dtype=torch.float64)
+
+
+def _happens(generator: torch.Generator, probability: float) -> bool:
+    return float(torch.rand(1, generator=generator)) < probability
+
+
+def _rotation(angles: Tensor) -> Tensor:
+    """(3,) angles (radians) about the three axes -> (3, 3) rotation matrix."""
+    matrix = torch.eye(3, dtype=torch.float64)
+    for axis, angle in enumerate(angles.tolist()):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        rot = torch.eye(3, dtype=torch.float64)
+        rot[i, i], rot[i, j], rot[j, i], rot[j, j] = c, -s, s, c
+        matrix = rot @ matrix
+    return matrix
+
+
+def _affine(stack: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """(C, X, Y, Z) -> the same, rotated by small angles and scaled about the centre."""
+    limit = math.radians(float(options["rotate_degrees"]))
+    matrix = _rotation(_uniform(generator, -limit, limit, 3))
+    low, high = options["scale"]
+    matrix = matrix @ torch.diag(_uniform(generator, float(low), float(high), 3))
+    theta = torch.zeros(1, 3, 4, dtype=stack.dtype, device=stack.device)
+    # affine_grid orders the output coordinates (z, y, x) for a (N, C, X, Y, Z) tensor, i.e. last axis first.
+    flip = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=torch.float64)
+    theta[0, :, :3] = (flip @ matrix @ flip).to(stack)
+    grid = F.affine_grid(theta, [1, *stack.shape], align_corners=False)
+    return F.grid_sample(stack[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+
+
+def _low_resolution(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """(1, X, Y, Z) -> the same, downsampled along one random axis by a random factor then upsampled back."""
+    axis = int(torch.randint(3, (1,), generator=generator))
+    low, high = options["resolution_factor"]
+    factor = float(_uniform(generator, float(low), float(high)))
+    shape = list(image.shape[1:])
+    small = list(shape)
+    small[axis] = max(1, int(round(shape[axis] / factor)))
+    down = F.interpolate(image[None], size=small, mode="trilinear", align_corners=False, antialias=False)
+    return F.interpolate(down, size=shape, mode="trilinear", align_corners=False)[0]
+
+
+def _gamma(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    low_g, high_g = options["gamma_range"]
+    gamma = float(_uniform(generator, float(low_g), float(high_g)))
+    low, high = image.min(), image.max()
+    span = (high - low).clamp_min(1e-6)
+    return ((image - low) / span).pow(gamma) * span + low
+
+
+def _bias_field(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """Multiply the intensities above the minimum by a smooth random field exp(strength * r)."""
+    coarse = torch.randn((1, 1, 4, 4, 4), generator=generator).to(image)
+    field = F.interpolate(coarse, size=list(image.shape[1:]), mode="trilinear", align_corners=True)[0]
+    low = image.min()
+    return (image - low) * torch.exp(float(options["bias_strength"]) * field) + low
+
+
+def _noise(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    std = float(options["noise_std"]) * float(torch.rand(1, generator=generator))
+    return image + std * torch.randn(image.shape, generator=generator).to(image)
+
+
+def augment_batch(
+    images: Tensor, targets: Tensor, generator: torch.Generator, options: Mapping[str, Any]
+) -> tuple[Tensor, Tensor]:
+    """Augment each sample of a batch independently.
+
+    Args:
+        images: (B, 1, X, Y, Z) float images.
+        targets: (B, K, X, Y, Z) binary targets.
+        generator: CPU generator, the only randomness used.
+        options: the config's ``augment`` section (probabilities and ranges).
+
+    Returns:
+        Augmented (B, 1, X, Y, Z) float32 images and (B, K, X, Y, Z) float32 binary targets.
+    """
+    out_images, out_targets = [], []
+    channels = images.shape[1]
+    for image, target in zip(images.float(), targets.float()):
+        flips = [axis + 1 for axis in range(3) if _happens(generator, float(options["flip"]))]
+        if flips:
+            image, target = image.flip(flips), target.flip(flips)
+        if _happens(generator, float(options["affine"])):
+            moved = _affine(torch.cat([image, target]), generator, options)
+            image, target = moved[:channels], (moved[channels:] >= 0.5).float()
+        if _happens(generator, float(options["resolution"])):
+            image = _low_resolution(image, generator, options)
+        if _happens(generator, float(options["gamma"])):
+            image = _gamma(image, generator, options)
+        if _happens(generator, float(options["bias"])):
+            image = _bias_field(image, generator, options)
+        if _happens(generator, float(options["noise"])):
+            image = _noise(image, generator, options)
+        out_images.append(image)
+        out_targets.append(target)
+    return torch.stack(out_images), torch.stack(out_targets)

@@ -1,0 +1,169 @@
+"""Training configuration: JSON files in ``configs/`` merged over :data:`DEFAULTS`, then checked.
+
+A config has five sections. ``input`` is the release's input spec (DESIGN.md, "Registry index") and is copied
+verbatim into the manifest; ``model`` sizes the U-Net; ``labels`` controls label sharing; ``train`` and ``head``
+drive the backbone and head training loops; ``augment`` sets augmentation probabilities and ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+DEFAULTS: dict[str, Any] = {
+    "input": {
+        "orientation": "RAS",
+        "spacing": [1.0, 1.0, 1.0],
+        "patch_size": [64, 64, 64],
+        "divisor": 16,
+        "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]},
+    },
+    "model": {
+        # Features per resolution level, full resolution first; len(features) levels.
+        "features": [8, 16, 32, 64, 128],
+        # Decoder stages, counted from the full-resolution end, that belong to the head.
+        "head_stages": 1,
+        # Channels of the full-resolution decoder stage (null: features[0]); its kernel and conv count.
+        "final_width": None,
+        "final_kernel": 1,
+        "final_convs": 1,
+        "negative_slope": 0.01,
+    },
+    # Label sharing: null ranks each site's labels by mean relative size; a dict groups labels by meaning.
+    "labels": {"grouping": None},
+    "train": {
+        "patch_size": [48, 48, 48],
+        "batch_size": 2,
+        "steps": 1000,
+        "lr": 0.003,
+        "weight_decay": 3e-5,
+        "schedule": "poly",
+        "warmup_steps": 50,
+        "lesion_fraction": 0.33,
+        "seed": 0,
+        "amp": True,
+        "device": "auto",
+        "threads": None,
+        "checkpoint_every": 100,
+        "log_every": 10,
+        "resume": True,
+    },
+    "head": {
+        "steps": 200,
+        "lr": 0.003,
+        "warmup_steps": 10,
+        # Channels added per head layer by the wider and spatial strategies, and the spatial branch's width.
+        "extra": 4,
+        "map_width": 4,
+    },
+    "augment": {
+        "flip": 0.5,
+        "affine": 0.3,
+        "rotate_degrees": 15.0,
+        "scale": [0.85, 1.15],
+        "gamma": 0.3,
+        "gamma_range": [0.7, 1.5],
+        "noise": 0.15,
+        "noise_std": 0.1,
+        "bias": 0.3,
+        "bias_strength": 0.3,
+        "resolution": 0.25,
+        "resolution_factor": [1.5, 4.0],
+    },
+}
+
+_SCHEDULES = ("poly", "cosine")
+
+
+def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a config by name (``"tiny"`` -> ``configs/tiny.json``), by path, or take a dict, then complete it.
+
+    Returns:
+        A new dict with every section and key of :data:`DEFAULTS`, the given values taking precedence.
+
+    Raises:
+        TrainingError: unknown name, unreadable file, unknown key or invalid value.
+    """
+    if isinstance(source, Mapping):
+        given: Any = copy.deepcopy(dict(source))
+        where = "config dict"
+    else:
+        path = Path(source)
+        if not path.suffix and not path.exists():
+            path = CONFIG_DIR / f"{source}.json"
+        if not path.is_file():
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+            raise TrainingError(f"training config {source!r} not found; give a JSON file or one of {names}")
+        try:
+            given = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise TrainingError(f"training config {path} cannot be read as JSON ({exc}); fix the file") from exc
+        where = str(path)
+    if not isinstance(given, dict):
+        raise TrainingError(f"{where}: a training config must be a JSON object, got {type(given).__name__}")
+    config = _merge(DEFAULTS, given, where, "")
+    check_config(config)
+    return config
+
+
+def _merge(base: Mapping[str, Any], given: Mapping[str, Any], where: str, prefix: str) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in given.items():
+        if key not in base:
+            raise TrainingError(
+                f"{where}: unknown key {prefix}{key!r}; known keys here are {sorted(base)}; check the spelling"
+            )
+        # Only sections merge; values that are themselves dicts (normalization, grouping) are replaced whole.
+        if isinstance(base[key], dict) and isinstance(value, dict) and prefix == "" and key != "input":
+            out[key] = _merge(base[key], value, where, f"{key}.")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def check_config(config: Mapping[str, Any]) -> None:
+    """Reject values that would fail later, deep in training or export.
+
+    Raises:
+        TrainingError: naming the key, its value and what is allowed.
+    """
+    model, train, spec = config["model"], config["train"], config["input"]
+    features = model["features"]
+    if not isinstance(features, list) or len(features) < 2 or not all(isinstance(f, int) and f > 0 for f in features):
+        raise TrainingError(f"model.features must list >= 2 positive channel counts, got {features!r}")
+    levels = len(features)
+    if not 1 <= int(model["head_stages"]) <= levels - 1:
+        raise TrainingError(f"model.head_stages must be 1 to {levels - 1} for {levels} levels, got {model['head_stages']!r}")
+    if int(model["final_kernel"]) not in (1, 3) or int(model["final_convs"]) < 1:
+        raise TrainingError(
+            f"model.final_kernel must be 1 or 3 and final_convs >= 1, got {model['final_kernel']!r}, "
+            f"{model['final_convs']!r}"
+        )
+    need = 2 ** (levels - 1)
+    divisor = int(spec["divisor"])
+    if divisor % need:
+        raise TrainingError(f"input.divisor {divisor} must be a multiple of {need} (2^(levels-1) for {levels} levels)")
+    for name, patch in (("input.patch_size", spec["patch_size"]), ("train.patch_size", train["patch_size"])):
+        if len(patch) != 3 or any(int(p) <= 0 or int(p) % divisor for p in patch):
+            raise TrainingError(f"{name} {patch!r} must be 3 positive multiples of input.divisor {divisor}")
+    if spec["normalization"].get("method") != "zscore":
+        raise TrainingError(f"input.normalization.method {spec['normalization'].get('method')!r}: only 'zscore' exists")
+    if train["schedule"] not in _SCHEDULES:
+        raise TrainingError(f"train.schedule {train['schedule']!r} is not one of {list(_SCHEDULES)}")
+    for key in ("steps", "batch_size"):
+        if int(train[key]) < 1:
+            raise TrainingError(f"train.{key} must be >= 1, got {train[key]!r}")
+    if not 0.0 <= float(train["lesion_fraction"]) <= 1.0:
+        raise TrainingError(f"train.lesion_fraction must be in [0, 1], got {train['lesion_fraction']!r}")
+    if int(config["head"]["extra"]) < 1 or int(config["head"]["map_width"]) < 1:
+        raise TrainingError(f"head.extra and head.map_width must be >= 1, got {config['head']!r}")

@@ -1,0 +1,65 @@
+"""Dice + binary cross-entropy over independent sigmoid channels, masked per sample and channel.
+
+A partially labelled site annotates only some shared channels; its samples must neither reward nor punish the
+network on the others, so every term is weighted by the (N, K) channel mask and masked entries get exactly zero
+gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import TrainingError
+
+#: Added to the Dice numerator and denominator; 1 voxel's worth, so a patch with no lesion and no prediction
+#: scores close to 1 instead of a noisy 0/0.
+DICE_SMOOTH = 1.0
+
+
+def masked_dice_bce(
+    logits: Tensor,
+    targets: Tensor,
+    channel_mask: Tensor,
+    *,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+    smooth: float = DICE_SMOOTH,
+) -> Tensor:
+    """Soft Dice (over the batch, per channel) plus voxel-wise BCE, on annotated channels only.
+
+    Args:
+        logits: (N, K, X, Y, Z) raw scores (any float dtype; computed in float32).
+        targets: (N, K, X, Y, Z) binary targets.
+        channel_mask: (N, K) bool, True where sample n annotates channel k.
+        dice_weight: weight of ``1 - mean Dice`` over channels annotated by at least one sample.
+        bce_weight: weight of the BCE averaged over annotated (sample, channel) pairs.
+        smooth: Dice smoothing term.
+
+    Returns:
+        Scalar loss; 0 (still attached to ``logits``) when nothing in the batch is annotated.
+
+    Raises:
+        TrainingError: shapes do not match.
+    """
+    if logits.shape != targets.shape or channel_mask.shape != logits.shape[:2]:
+        raise TrainingError(
+            f"loss inputs do not match: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, channel mask "
+            f"{tuple(channel_mask.shape)} (expected (N, K) of the logits)"
+        )
+    logits = logits.float().flatten(2)
+    targets = targets.float().flatten(2)
+    weight = channel_mask.float()
+    annotated = weight.sum()
+    if annotated == 0:
+        return logits.sum() * 0.0
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=2)
+    bce_loss = (bce * weight).sum() / annotated
+    probs = torch.sigmoid(logits)
+    intersection = ((probs * targets).sum(dim=2) * weight).sum(dim=0)
+    denominator = ((probs + targets).sum(dim=2) * weight).sum(dim=0)
+    dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    used = weight.sum(dim=0) > 0
+    dice_loss = 1.0 - dice[used].mean()
+    return bce_weight * bce_loss + dice_weight * dice_loss

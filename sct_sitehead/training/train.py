@@ -1,0 +1,252 @@
+"""``train_backbone`` and ``train_head``: the two training entry points behind ``sct_sitehead train-*``.
+
+The backbone trains with the ``universal`` head on every site's cases pooled, in the shared label space (each
+sample's loss masked to its own labels). A site head then trains on that site alone with the backbone frozen
+(``requires_grad`` off, eval mode), so adding a site never changes the backbone or another site's head.
+Both run as one process or under ``torchrun`` (see :mod:`.distributed`); rank 0 writes every file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import TrainingError
+from .checkpoint import load_checkpoint, save_checkpoint, weights_digest
+from .config import load_config
+from .data import Case, prepare_cases
+from .distributed import Context, barrier, setup, teardown
+from .heads import STRATEGIES, UNIVERSAL_STRATEGY, Head, build_head
+from .labels import LabelSpace, build_label_space, measure_label_sizes
+from .loop import Job, Result, fit
+from .unet import Arch, Backbone, UNet
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def head_file(site: str) -> str:
+    """File name of a site head's checkpoint."""
+    return f"head-{site}.safetensors"
+
+
+class FrozenBackboneHead(nn.Module):
+    """Image -> logits through a frozen backbone and a trainable head; the backbone stays in eval mode."""
+
+    def __init__(self, backbone: Backbone, head: Head) -> None:
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.head = head
+
+    def train(self, mode: bool = True) -> FrozenBackboneHead:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, image: Tensor) -> Tensor:
+        """(N, 1, X, Y, Z) -> (N, K, X, Y, Z) logits."""
+        with torch.no_grad():
+            features = self.backbone(image)
+        return self.head.logits(features)
+
+
+def _samples(data: Path | str | Sequence[Any]) -> list[Any]:
+    if isinstance(data, (str, Path)):
+        from ..bids import read_bids
+
+        samples, problems = read_bids(Path(data))
+        if problems:
+            logger.warning("%d problem(s) reading %s; the affected files were left out", len(problems), data)
+        return samples
+    return list(data)
+
+
+def _cases(samples: Sequence[Any], spec: Mapping[str, Any], out_dir: Path, ctx: Context) -> list[Case]:
+    """Rank 0 preprocesses into the cache first; the other ranks then read it."""
+    cache = out_dir / "cache"
+    if ctx.is_main:
+        cases = prepare_cases(samples, spec, cache)
+    barrier(ctx)
+    if not ctx.is_main:
+        cases = prepare_cases(samples, spec, cache)
+    return cases
+
+
+def _shard(cases: list[Case], space: LabelSpace, ctx: Context) -> tuple[list[Case], list[Any]]:
+    """This rank's cases (every ``world_size``-th) with their shared-channel targets."""
+    mine = cases[ctx.rank :: ctx.world_size]
+    if not mine:
+        raise TrainingError(
+            f"{len(cases)} case(s) cannot be shared among {ctx.world_size} processes; use fewer processes"
+        )
+    return mine, [space.targets(case.site, case.labels) for case in mine]
+
+
+def _prepare(config: Mapping[str, Any] | str | Path) -> tuple[dict[str, Any], Context]:
+    config = load_config(config)
+    train = config["train"]
+    if train["threads"]:
+        torch.set_num_threads(int(train["threads"]))
+    ctx = setup(train["device"])
+    torch.manual_seed(int(train["seed"]))
+    return config, ctx
+
+
+def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[str, Any] | str | Path) -> Path:
+    """Train the backbone and the ``universal`` head on every site's labelled cases.
+
+    Args:
+        data: a BIDS folder (read with :func:`bids.read_bids`) or a list of :class:`bids.Sample`.
+        out_dir: work folder: preprocessed cache, resumable state, log, and the checkpoint.
+        config: a config dict, a name in ``training/configs`` or a JSON path (see :mod:`.config`).
+
+    Returns:
+        ``out_dir/backbone.safetensors`` (also returned, unwritten, on ranks other than 0).
+
+    Raises:
+        TrainingError: no labelled case, bad config, incompatible state file, diverging training.
+    """
+    config, ctx = _prepare(config)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spec = config["input"]
+        cases = _cases(_samples(data), spec, out_dir, ctx)
+        sizes = measure_label_sizes([(case.site, case.labels) for case in cases])
+        space = build_label_space(sizes, config["labels"]["grouping"])
+        arch = Arch.from_config(config, space.channels)
+        model = UNet(arch)
+        mine, targets = _shard(cases, space, ctx)
+        train = config["train"]
+        job = Job(
+            "backbone", model, model, int(train["steps"]), float(train["lr"]), int(train["warmup_steps"]),
+            signature={"arch": arch.to_dict(), "labels": space.site_maps, "input": spec},
+        )
+        result = fit(job, mine, targets, config, ctx, out_dir)
+        path = out_dir / BACKBONE_FILE
+        if ctx.is_main:
+            meta = {
+                "kind": "backbone",
+                "arch": arch.to_dict(),
+                "label_space": space.to_json(),
+                "input": spec,
+                "config": config,
+                "backbone_sha256": weights_digest(model.backbone),
+                **_provenance(result, len(cases)),
+            }
+            save_checkpoint(path, model.cpu().state_dict(), meta)
+            logger.info("backbone checkpoint %s (%d cases, %d sites)", path, len(cases), len(space.site_maps))
+        barrier(ctx)
+        return path
+    finally:
+        teardown(ctx)
+
+
+def _provenance(result: Result, n_cases: int) -> dict[str, Any]:
+    return {"steps": result.steps, "final_loss": result.loss, "rank_digests": result.digests, "cases": n_cases,
+            "seconds": round(result.seconds, 1), "torch": torch.__version__}
+
+
+def load_backbone(path: Path) -> tuple[UNet, dict[str, Any]]:
+    """The U-Net (backbone + universal head) of a backbone checkpoint and its metadata.
+
+    Raises:
+        TrainingError: not a backbone checkpoint, or weights that do not fit its architecture.
+    """
+    state, meta, _ = load_checkpoint(path, kind="backbone")
+    model = UNet(Arch.from_dict(meta["arch"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise TrainingError(f"{path}: weights do not fit the stored architecture ({exc}); re-train it") from exc
+    return model.eval(), meta
+
+
+def train_head(
+    data: Path | Sequence[Any],
+    backbone_ckpt: Path,
+    site: str,
+    strategy: str,
+    out_dir: Path,
+    config: Mapping[str, Any] | str | Path,
+) -> Path:
+    """Train one site's head on that site's cases, the backbone frozen.
+
+    The site may be one the backbone never saw: its labels are then ranked into the backbone's channels by the
+    same rule (:meth:`LabelSpace.with_site`). Preprocessing follows the backbone's input spec, not ``config``'s.
+
+    Args:
+        data: a BIDS folder or a list of samples; only samples of ``site`` are used.
+        backbone_ckpt: from :func:`train_backbone`.
+        site: the site's name.
+        strategy: ``"finetune"``, ``"wider"`` or ``"spatial"`` (see :mod:`.heads`).
+        out_dir: work folder.
+        config: as for :func:`train_backbone`; the ``head`` section sets steps and learning rate.
+
+    Returns:
+        ``out_dir/head-<site>.safetensors``.
+
+    Raises:
+        TrainingError: unknown strategy, no labelled case of the site, more labels than channels, or the backbone
+            changing during training.
+    """
+    if strategy not in STRATEGIES:
+        raise TrainingError(f"unknown head strategy {strategy!r}; choose one of {list(STRATEGIES)}")
+    config, ctx = _prepare(config)
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        unet, meta = load_backbone(Path(backbone_ckpt))
+        space = LabelSpace.from_json(meta["label_space"])
+        spec = meta["input"]
+        samples = _samples(data)
+        chosen = [s for s in samples if s.site == site]
+        if not chosen:
+            sites = sorted({s.site for s in samples})
+            raise TrainingError(f"no sample of site {site!r} in the data (sites: {sites}); check the site name")
+        cases = _cases(chosen, spec, out_dir, ctx)
+        space = space.with_site(site, measure_label_sizes([(c.site, c.labels) for c in cases])[site])
+        head = build_head(strategy, unet.head, config)
+        model = FrozenBackboneHead(unet.backbone, head)
+        mine, targets = _shard(cases, space, ctx)
+        options = config["head"]
+        job = Job(
+            f"head-{site}", model, head, int(options["steps"]), float(options["lr"]), int(options["warmup_steps"]),
+            signature={"backbone": meta["backbone_sha256"], "site": site, "strategy": strategy,
+                       "head": head.describe(), "labels": space.label_map(site)},
+        )
+        result = fit(job, mine, targets, config, ctx, out_dir)
+        if weights_digest(unet.backbone) != meta["backbone_sha256"]:
+            raise TrainingError(f"the backbone changed while training head {site!r}; report this as a bug")
+        path = out_dir / head_file(site)
+        if ctx.is_main:
+            save_checkpoint(path, head.cpu().state_dict(), {
+                "kind": "head",
+                "site": site,
+                "strategy": strategy,
+                "head": head.describe(),
+                "labels": space.label_map(site),
+                "label_sizes": space.sizes.get(site, {}),
+                "backbone_sha256": meta["backbone_sha256"],
+                "input": spec,
+                "config": config,
+                **_provenance(result, len(cases)),
+            })
+            logger.info("head %s (%s) checkpoint %s", site, strategy, path)
+        barrier(ctx)
+        return path
+    finally:
+        teardown(ctx)
+
+
+def universal_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Head-checkpoint-like metadata of the universal head inside a backbone checkpoint."""
+    space = LabelSpace.from_json(meta["label_space"])
+    return {"site": "universal", "strategy": UNIVERSAL_STRATEGY, "labels": space.label_map("universal"),
+            "backbone_sha256": meta["backbone_sha256"]}

@@ -1,0 +1,350 @@
+"""inference.py: Gaussian sliding window, normalisation, providers, and the ONNX backbone + heads model."""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_factory import HEADS, backbone_model, expected, head_model, write_tiny_release
+from sct_sitehead import inference
+from sct_sitehead.errors import InferenceError, InputImageError, RegistryError, UsageError
+from sct_sitehead.inference import (
+    MIN_WEIGHT,
+    SiteHeadModel,
+    gaussian_weights,
+    normalize,
+    patch_starts,
+    select_providers,
+    sliding_window,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+shapes = st.tuples(*[st.integers(1, 40)] * 3)
+patches = st.tuples(*[st.integers(1, 16)] * 3)
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> dict:
+    return write_tiny_release(tmp_path_factory.mktemp("release"))
+
+
+@pytest.fixture(scope="module")
+def model(release) -> SiteHeadModel:
+    return SiteHeadModel(release["backbone"], release["heads"], device="cpu", threads=1)
+
+
+# --- weights and patch grid ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(16, 16, 16), (8, 12, 5), (1, 4, 7)])
+def test_gaussian_weights(size):
+    weights = gaussian_weights(size)
+    assert weights.shape == size and weights.dtype == np.float32
+    assert weights.max() == pytest.approx(1.0) and weights.min() >= MIN_WEIGHT > 0
+    for axis in range(3):
+        np.testing.assert_allclose(weights, np.flip(weights, axis=axis), rtol=1e-6)
+    centre = tuple((n - 1) // 2 for n in size)
+    assert weights[centre] >= weights.max() * 0.9
+    assert gaussian_weights(size, sigma_scale=0.5).min() > weights.min() or min(size) == 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(extra=shapes, patch=patches, overlap=st.floats(0.0, 0.9))
+def test_patch_starts_cover_the_volume_with_the_last_patch_flush(extra, patch, overlap):
+    shape = tuple(p + e - 1 for p, e in zip(patch, extra))
+    starts = patch_starts(shape, patch, overlap)
+    assert len(set(starts)) == len(starts)
+    covered = np.zeros(shape, bool)
+    for start in starts:
+        covered[tuple(slice(s, s + p) for s, p in zip(start, patch))] = True
+    assert covered.all()
+    for axis, (n, p) in enumerate(zip(shape, patch)):
+        along = sorted({start[axis] for start in starts})
+        assert along[0] == 0 and along[-1] == n - p
+        # Steps never exceed the requested stride (rounded up), so the overlap asked for is kept.
+        assert all(b - a <= math.ceil(max(p * (1 - overlap), 1)) for a, b in zip(along, along[1:]))
+
+
+def test_patch_starts_rejects_bad_arguments():
+    with pytest.raises(UsageError, match="overlap"):
+        patch_starts((10, 10, 10), (4, 4, 4), 1.0)
+    with pytest.raises(UsageError, match="smaller than the patch"):
+        patch_starts((3, 10, 10), (4, 4, 4), 0.5)
+
+
+# --- sliding window with numpy networks ----------------------------------------------------------------------------
+
+
+def voxelwise(batch: np.ndarray) -> dict[str, np.ndarray]:
+    """A known voxelwise 'network' with two outputs of different channel counts."""
+    x = batch.astype(np.float64)
+    return {
+        "a": np.concatenate([1 / (1 + np.exp(-3 * (x - 0.5))), np.tanh(x) ** 2], axis=1).astype(np.float32),
+        "b": np.cos(x).astype(np.float32),
+    }
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, patch=patches, overlap=st.floats(0.0, 0.8), batch_size=st.integers(1, 5),
+       divisor=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_sliding_window_equals_whole_volume_for_a_voxelwise_network(shape, patch, overlap, batch_size, divisor, seed):
+    volume = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    calls = []
+
+    def predict(batch):
+        calls.append(batch.shape)
+        assert batch.dtype == np.float32 and batch.shape[1] == 1
+        assert all(n % divisor == 0 for n in batch.shape[2:])
+        return voxelwise(batch)
+
+    result = sliding_window(volume, predict, patch, overlap=overlap, batch_size=batch_size, divisor=divisor)
+    direct = voxelwise(volume[None, None])
+    assert set(result) == {"a", "b"}
+    for key in result:
+        assert result[key].shape == (direct[key].shape[1], *shape) and result[key].dtype == np.float32
+        np.testing.assert_allclose(result[key], direct[key][0], atol=1e-5)
+    assert all(n <= batch_size for n, *_ in calls)
+    padded = [max(n, -(-p // divisor) * divisor) for n, p in zip(shape, patch)]
+    patch_up = [-(-p // divisor) * divisor for p in patch]
+    assert sum(n for n, *_ in calls) == len(patch_starts(padded, patch_up, overlap))
+
+
+def test_small_volume_is_padded_with_its_minimum_and_cropped_back():
+    volume = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
+    seen = []
+
+    def identity(batch):
+        seen.append(batch.copy())
+        return {"x": batch}
+
+    # The patch (6, 6, 6) is rounded up to the divisor: one (8, 8, 8) patch, the volume centred in it.
+    result = sliding_window(volume, identity, (6, 6, 6), divisor=4)
+    np.testing.assert_allclose(result["x"][0], volume, atol=1e-6)
+    (batch,) = seen
+    assert batch.shape == (1, 1, 8, 8, 8)
+    np.testing.assert_array_equal(batch[0, 0, 1:6, 0:7, 2:5], volume)
+    assert np.count_nonzero(batch == volume.min()) == batch.size - volume.size + 1
+    padded = sliding_window(volume, identity, (8, 8, 8), pad_value=0.0)
+    np.testing.assert_allclose(padded["x"][0], volume, atol=1e-6)
+    assert np.count_nonzero(seen[-1] == 0.0) == seen[-1].size - volume.size
+
+
+def test_wrong_output_shapes_are_inference_errors():
+    volume = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(InferenceError, match="expected"):
+        sliding_window(volume, lambda b: {"x": b[:, :, :-1]}, (8, 8, 8))
+    with pytest.raises(InferenceError, match="no output"):
+        sliding_window(volume, lambda b: {}, (8, 8, 8))
+    with pytest.raises(UsageError):
+        sliding_window(volume[0], lambda b: {"x": b}, (8, 8, 8))
+
+
+# --- sliding window with the tiny ONNX release ---------------------------------------------------------------------
+
+
+def test_onnx_model_computes_the_known_functions(model):
+    batch = np.random.default_rng(0).normal(scale=2.0, size=(3, 1, 8, 6, 4)).astype(np.float32)
+    out = model(batch)
+    reference = expected(batch)
+    assert set(out) == set(HEADS) and model.provider == "CPUExecutionProvider"
+    for site in out:
+        assert out[site].shape == (3, 2, 8, 6, 4) and out[site].dtype == np.float32
+        np.testing.assert_allclose(out[site], reference[site], atol=1e-5)
+    assert model.head_inputs == {"universal": ["skip0", "dec1"], "montreal": ["skip0"], "toronto": ["dec1"]}
+
+
+def test_sliding_window_with_the_onnx_bright_voxel_detector_equals_whole_volume(model):
+    rng = np.random.default_rng(1)
+    volume = rng.normal(scale=0.3, size=(36, 28, 22)).astype(np.float32)
+    volume[10:14, 5:9, 3:6] += 4.0  # a bright blob
+    result = sliding_window(volume, model, (16, 16, 16), overlap=0.5, batch_size=3, divisor=2)
+    direct = model(volume[None, None])
+    np.testing.assert_allclose(result["montreal"][0], direct["montreal"][0, 0], atol=1e-5)
+    np.testing.assert_allclose(result["universal"][1], direct["universal"][0, 1], atol=1e-5)
+    lesion = result["universal"][1] >= 0.5
+    assert lesion[10:14, 5:9, 3:6].all() and lesion.sum() == 4 * 4 * 3
+
+
+def test_sliding_window_with_a_receptive_field_matches_away_from_patch_borders(tmp_path):
+    paths = write_tiny_release(tmp_path, receptive_field=True)
+    net = SiteHeadModel(paths["backbone"], {"montreal": paths["heads"]["montreal"]}, device="cpu")
+    volume = np.random.default_rng(2).normal(size=(30, 24, 18)).astype(np.float32)
+    patch = (12, 12, 12)
+    result = sliding_window(volume, net, patch, overlap=0.5, divisor=2)["montreal"][0]
+    direct = net(volume[None, None])["montreal"][0, 0]
+    # A voxel is exact when every patch covering it sees its whole 3x3x3 neighbourhood (or the volume's edge,
+    # where the whole-volume network zero-pads just like the patch).
+    exact = np.ones(volume.shape, bool)
+    for start in patch_starts(volume.shape, patch, 0.5):
+        window = tuple(slice(s, s + p) for s, p in zip(start, patch))
+        border = np.zeros(volume.shape, bool)
+        border[window] = True
+        for axis, (s, p, n) in enumerate(zip(start, patch, volume.shape)):
+            face = [slice(None)] * 3
+            if s > 0:
+                face[axis] = slice(s, s + 1)
+                exact[tuple(face)] &= ~border[tuple(face)]
+            if s + p < n:
+                face[axis] = slice(s + p - 1, s + p)
+                exact[tuple(face)] &= ~border[tuple(face)]
+    assert 0.2 < exact.mean() < 1.0
+    np.testing.assert_allclose(result[exact], direct[exact], atol=1e-5)
+    # Elsewhere the Gaussian weights keep the patch-border error small.
+    assert np.abs(result - direct).max() < 0.2
+    assert np.abs(result - direct)[~exact].mean() < 0.05
+
+
+# --- normalisation -------------------------------------------------------------------------------------------------
+
+
+def test_zscore_with_clipping():
+    rng = np.random.default_rng(3)
+    volume = rng.gamma(2.0, 100.0, size=(30, 20, 10)).astype(np.float32)
+    before = volume.copy()
+    out = normalize(volume, {"method": "zscore", "clip_percentiles": [0.5, 99.5]})
+    np.testing.assert_array_equal(volume, before)
+    low, high = np.percentile(volume.astype(np.float64), [0.5, 99.5])
+    clipped = np.clip(volume.astype(np.float64), low, high)
+    reference = (clipped - clipped.mean()) / clipped.std()
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, reference, atol=1e-4)
+    assert abs(float(out.mean())) < 1e-4 and abs(float(out.std()) - 1) < 1e-4
+
+    class Spec:
+        method = "zscore"
+        clip_percentiles = (0.5, 99.5)
+
+    np.testing.assert_array_equal(normalize(volume, Spec()), out)
+    unclipped = normalize(volume, {"method": "zscore"})
+    np.testing.assert_allclose(unclipped, (volume - volume.mean()) / volume.astype(np.float64).std(), atol=1e-4)
+
+
+def test_normalize_errors():
+    volume = np.random.default_rng(4).random((5, 5, 5)).astype(np.float32)
+    with pytest.raises(RegistryError, match="not supported.*zscore"):
+        normalize(volume, {"method": "minmax"})
+    with pytest.raises(RegistryError, match="clip_percentiles"):
+        normalize(volume, {"method": "zscore", "clip_percentiles": [99, 1]})
+    with pytest.raises(RegistryError, match="clip_percentiles"):
+        normalize(volume, {"method": "zscore", "clip_percentiles": "low"})
+    almost_flat = np.zeros((10, 10, 10), np.float32)
+    almost_flat[0, 0, 0] = 5.0
+    with pytest.raises(InputImageError, match="nothing to segment"):
+        normalize(almost_flat, {"method": "zscore", "clip_percentiles": [0.5, 99.5]})
+
+
+# --- providers -----------------------------------------------------------------------------------------------------
+
+
+def test_select_providers(monkeypatch):
+    import onnxruntime
+
+    assert select_providers("cpu") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert select_providers("auto") == ["CPUExecutionProvider"]
+    with pytest.raises(InferenceError, match=r"sct_sitehead\[gpu\]"):
+        select_providers("cuda")
+    with pytest.raises(UsageError, match="cuda:N"):
+        select_providers("gpu0")
+    with pytest.raises(UsageError, match="cuda:N"):
+        select_providers("cuda:x")
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    assert select_providers("auto") == [("CUDAExecutionProvider", {"device_id": "0"}), "CPUExecutionProvider"]
+    assert select_providers("CUDA:1") == [("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+
+
+# --- the ONNX model's contract checks ------------------------------------------------------------------------------
+
+
+def test_head_reading_an_unknown_feature_is_a_registry_error(release, tmp_path):
+    bad = tmp_path / "bad.onnx"
+    onnx.save(head_model(["skip7"], [[1.0, 0.0]], [0.0], channels={"skip7": 2}), bad)
+    with pytest.raises(RegistryError, match=r"reads \['skip7'\].*only outputs \['skip0', 'dec1'\]"):
+        SiteHeadModel(release["backbone"], {"bad": bad}, device="cpu")
+
+
+def test_backbone_with_wrong_input_name_or_head_without_probabilities(release, tmp_path):
+    model_proto = backbone_model()
+    model_proto.graph.input[0].name = "img"
+    for node in model_proto.graph.node:
+        node.input[:] = ["img" if name == "image" else name for name in node.input]
+    renamed = tmp_path / "renamed.onnx"
+    onnx.save(model_proto, renamed)
+    with pytest.raises(RegistryError, match="one input named 'image'"):
+        SiteHeadModel(renamed, release["heads"], device="cpu")
+    head = head_model(["skip0"], [[1.0, 0.0]], [0.0])
+    head.graph.output[0].name = "probs"
+    head.graph.node[-1].output[0] = "probs"
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(head, wrong)
+    with pytest.raises(RegistryError, match="'probabilities'"):
+        SiteHeadModel(release["backbone"], {"x": wrong}, device="cpu")
+
+
+def test_missing_or_corrupt_model_files(release, tmp_path):
+    with pytest.raises(RegistryError, match="does not exist"):
+        SiteHeadModel(tmp_path / "nope.onnx", release["heads"], device="cpu")
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x00not a model" * 10)
+    with pytest.raises(InferenceError, match="cannot load .*garbage.onnx"):
+        SiteHeadModel(garbage, release["heads"], device="cpu")
+
+
+def test_odd_patch_sizes_are_inference_errors(model):
+    with pytest.raises(InferenceError, match="multiple of the release's divisor"):
+        model(np.zeros((1, 1, 7, 8, 8), np.float32))
+    with pytest.raises(InferenceError, match=r"\(N, 1, X, Y, Z\)"):
+        model(np.zeros((1, 2, 8, 8, 8), np.float32))
+
+
+def test_optimised_graphs_are_saved_once_and_reused(release, tmp_path, monkeypatch, caplog):
+    batch = np.random.default_rng(5).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
+    first = SiteHeadModel(release["backbone"], release["heads"], device="cpu", optimized_dir=tmp_path / "ort")
+    saved = sorted((tmp_path / "ort").iterdir())
+    assert len(saved) == 4 and all(p.suffix == ".onnx" and "CPUExecutionProvider" in p.name for p in saved)
+    reference = first(batch)
+
+    def no_save(self, path, target):
+        raise AssertionError("optimised graph rebuilt although it was saved")
+
+    monkeypatch.setattr(SiteHeadModel, "_save_optimized", no_save)
+    again = SiteHeadModel(release["backbone"], release["heads"], device="cpu", optimized_dir=tmp_path / "ort")
+    for site, value in again(batch).items():
+        np.testing.assert_allclose(value, reference[site], atol=1e-6)
+    monkeypatch.undo()
+    saved[0].write_bytes(b"damaged")
+    with caplog.at_level(logging.WARNING, logger="sct_sitehead.inference"):
+        repaired = SiteHeadModel(release["backbone"], release["heads"], device="cpu", optimized_dir=tmp_path / "ort")
+    assert "ignoring optimised graph" in caplog.text
+    for site, value in repaired(batch).items():
+        np.testing.assert_allclose(value, reference[site], atol=1e-6)
+
+
+def test_unwritable_optimized_dir_is_not_fatal(release, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    model = SiteHeadModel(release["backbone"], release["heads"], device="cpu", optimized_dir=blocker / "ort")
+    assert model(np.zeros((1, 1, 4, 4, 4), np.float32))["universal"].shape == (1, 2, 4, 4, 4)
+
+
+def test_deploy_modules_import_no_heavy_library():
+    code = (
+        "import sys\n"
+        "import sct_sitehead.inference, sct_sitehead.nifti, sct_sitehead.spatial, sct_sitehead.lesions, "
+        "sct_sitehead.qc\n"
+        "print(sorted(m for m in ('onnxruntime', 'scipy', 'PIL', 'torch') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+    assert "onnxruntime" not in vars(inference)

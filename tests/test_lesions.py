@@ -1,0 +1,77 @@
+"""lesions.py: thresholds, 26-connected lesions, volumes and centroids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from sct_sitehead.errors import UsageError
+from sct_sitehead.lesions import binarize, label_lesions, lesion_stats
+
+
+def test_binarize_includes_the_threshold():
+    prob = np.array([0.0, 0.39, 0.4, 0.41, 1.0], np.float32)
+    np.testing.assert_array_equal(binarize(prob, 0.4), [False, False, True, True, True])
+    for bad in (0.0, 1.5, float("nan"), "0.5"):
+        with pytest.raises(UsageError, match="threshold"):
+            binarize(prob, bad)
+
+
+def test_corner_touching_voxels_are_one_lesion():
+    mask = np.zeros((6, 6, 6), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = True  # corner contact: one lesion with 26-connectivity
+    mask[4, 4, 4] = True  # apart
+    stats = lesion_stats(mask, (1.0, 1.0, 1.0))
+    assert stats["count"] == 2
+    assert [lesion["voxels"] for lesion in stats["lesions"]] == [2, 1]
+
+
+def test_volumes_centroids_and_order_with_anisotropic_voxels():
+    mask = np.zeros((10, 10, 10), bool)
+    mask[1:3, 1:3, 1:2] = True  # 4 voxels
+    mask[5:8, 5:8, 5:8] = True  # 27 voxels
+    mask[0, 9, 9] = True  # 1 voxel
+    affine = np.diag([0.5, 0.5, 3.0, 1.0])
+    affine[:3, 3] = [10, 20, 30]
+    stats = lesion_stats(mask, (0.5, 0.5, 3.0), affine=affine)
+    assert stats["count"] == 3
+    assert stats["voxel_volume_mm3"] == pytest.approx(0.75)
+    assert stats["total_volume_mm3"] == pytest.approx(32 * 0.75)
+    assert [lesion["id"] for lesion in stats["lesions"]] == [1, 2, 3]
+    assert [lesion["voxels"] for lesion in stats["lesions"]] == [27, 4, 1]
+    assert stats["lesions"][0]["volume_mm3"] == pytest.approx(27 * 0.75)
+    assert stats["lesions"][0]["centroid_voxel"] == pytest.approx([6.0, 6.0, 6.0])
+    assert stats["lesions"][1]["centroid_voxel"] == pytest.approx([1.5, 1.5, 1.0])
+    assert stats["lesions"][0]["centroid_mm"] == pytest.approx([13.0, 23.0, 48.0])
+
+
+def test_empty_mask_and_bad_zooms():
+    stats = lesion_stats(np.zeros((4, 4, 4), bool), (1.0, 1.0, 1.0))
+    assert stats == {"count": 0, "total_volume_mm3": 0.0, "voxel_volume_mm3": 1.0, "lesions": []}
+    for zooms in ((1.0, 0.0, 1.0), (1.0, 1.0), (1.0, float("inf"), 1.0)):
+        with pytest.raises(UsageError, match="zooms"):
+            lesion_stats(np.zeros((4, 4, 4), bool), zooms)
+    with pytest.raises(UsageError, match="3D"):
+        label_lesions(np.zeros((4, 4), bool))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.tuples(*[st.integers(1, 12)] * 3), density=st.floats(0.0, 0.4), seed=st.integers(0, 2**16),
+       zooms=st.tuples(*[st.floats(0.2, 5.0)] * 3))
+def test_stats_agree_with_a_direct_count(shape, density, seed, zooms):
+    mask = np.random.default_rng(seed).random(shape) < density
+    stats = lesion_stats(mask, zooms)
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+    assert stats["count"] == count
+    voxel = zooms[0] * zooms[1] * zooms[2]
+    assert stats["total_volume_mm3"] == pytest.approx(mask.sum() * voxel)
+    sizes = [lesion["voxels"] for lesion in stats["lesions"]]
+    assert sizes == sorted(sizes, reverse=True)
+    expected = sorted(
+        (tuple(np.round(np.argwhere(labels == i).mean(axis=0), 6)), int((labels == i).sum())) for i in range(1, count + 1)
+    )
+    got = sorted((tuple(np.round(lesion["centroid_voxel"], 6)), lesion["voxels"]) for lesion in stats["lesions"])
+    assert got == expected

@@ -1,0 +1,148 @@
+"""Metrics on hand-made masks whose answers are worked out in the comments."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sct_sitehead.errors import InputImageError, UsageError
+from sct_sitehead.metrics import (
+    absolute_volume_difference,
+    bootstrap_ci,
+    dice,
+    evaluate_case,
+    label_lesions,
+    lesion_detection,
+    summarize,
+)
+
+
+def empty(shape=(20, 20, 20)) -> np.ndarray:
+    return np.zeros(shape, dtype=np.uint8)
+
+
+def test_dice_worked_example():
+    pred, ref = empty(), empty()
+    pred[0:4, 0, 0] = 1  # 4 voxels
+    ref[2:8, 0, 0] = 1  # 6 voxels, 2 shared
+    assert dice(pred, ref) == pytest.approx(2 * 2 / (4 + 6))
+
+
+def test_dice_edge_cases():
+    a = empty()
+    assert dice(a, a) == 1.0
+    b = empty()
+    b[1, 1, 1] = 1
+    assert dice(a, b) == 0.0
+    assert dice(b, b) == 1.0
+    assert dice(b * 7, b.astype(bool)) == 1.0  # any non-zero value is foreground
+
+
+def test_shape_mismatch_is_an_input_error():
+    with pytest.raises(InputImageError, match=r"\(2, 2, 2\).*\(3, 3, 3\).*resample"):
+        dice(np.zeros((2, 2, 2)), np.zeros((3, 3, 3)))
+
+
+def two_reference_lesions() -> np.ndarray:
+    ref = empty()
+    ref[1:3, 1:6, 1:3] = 1  # lesion A: 2*5*2 = 20 voxels
+    ref[10:15, 10:15, 10:15] = 1  # lesion B: 125 voxels
+    return ref
+
+
+def test_detection_any_rule():
+    ref = two_reference_lesions()
+    pred = empty()
+    pred[2, 5, 2] = 1  # touches A by one voxel -> A detected, this blob is a true prediction
+    pred[18:20, 18:20, 18:20] = 1  # overlaps nothing -> false positive
+    out = lesion_detection(pred, ref, rule="any")
+    assert (out["n_ref"], out["n_pred"], out["tp"], out["fn"], out["fp"]) == (2, 2, 1, 1, 1)
+    assert out["sensitivity"] == pytest.approx(0.5)
+    assert out["precision"] == pytest.approx(0.5)
+    assert out["f1"] == pytest.approx(0.5)
+
+
+def test_detection_10pct_rule_both_sides():
+    ref = two_reference_lesions()
+    pred = empty()
+    pred[1:3, 1:2, 1:3] = 1  # 4 voxels, all inside A: 4/20 = 20% of A -> detected; 100% of itself -> true
+    pred[10:15, 10:15, 10] = 1  # 25 voxels of B: 25/125 = 20% -> detected
+    out = lesion_detection(pred, ref, rule="10pct")
+    assert (out["tp"], out["fn"], out["fp"]) == (2, 0, 0)
+
+    small = empty()
+    small[10, 10, 10:12] = 1  # 2 voxels of B = 1.6% of B -> B missed, but the blob is 100% inside -> not FP
+    out = lesion_detection(small, ref, rule="10pct")
+    assert (out["tp"], out["fn"], out["fp"]) == (0, 2, 0)
+    assert out["sensitivity"] == 0.0 and out["precision"] == 1.0 and out["f1"] == 0.0
+
+    big = empty()
+    big[0:10, 0:10, 0:10] = 1  # 1000 voxels, 20 of them are A: A 100% covered -> detected; blob 2% in ref -> FP
+    out = lesion_detection(big, ref, rule="10pct")
+    assert (out["tp"], out["fn"], out["fp"], out["n_pred"]) == (1, 1, 1, 1)
+    assert out["precision"] == 0.0 and out["f1"] == 0.0
+    out_any = lesion_detection(big, ref, rule="any")
+    assert (out_any["tp"], out_any["fp"]) == (1, 0)
+
+
+def test_detection_empty_cases():
+    ref, pred = empty(), empty()
+    out = lesion_detection(pred, ref)
+    assert out["f1"] == out["sensitivity"] == out["precision"] == 1.0
+    pred[3, 3, 3] = 1
+    out = lesion_detection(pred, ref)  # one false positive and nothing to find
+    assert out["fp"] == 1 and out["precision"] == 0.0 and out["f1"] == 0.0 and math.isnan(out["sensitivity"])
+    out = lesion_detection(ref, pred)  # one missed lesion, nothing predicted
+    assert out["fn"] == 1 and out["sensitivity"] == 0.0 and out["f1"] == 0.0 and math.isnan(out["precision"])
+
+
+def test_connectivity_splits_diagonal_voxels():
+    mask = empty()
+    mask[1, 1, 1] = mask[2, 2, 2] = 1  # corner neighbours
+    mask[5, 5, 5] = mask[6, 6, 5] = 1  # edge neighbours
+    assert label_lesions(mask, 26)[1] == 2
+    assert label_lesions(mask, 18)[1] == 3
+    assert label_lesions(mask, 6)[1] == 4
+    with pytest.raises(UsageError, match="6, 18 or 26"):
+        label_lesions(mask, 8)
+    with pytest.raises(UsageError, match="'any' or '10pct'"):
+        lesion_detection(mask, mask, rule="half")  # type: ignore[arg-type]
+
+
+def test_absolute_volume_difference_and_evaluate_case():
+    ref = two_reference_lesions()  # 145 voxels
+    pred = empty()
+    pred[10:15, 10:15, 10:15] = 1  # 125 voxels, exactly B
+    zooms = (0.5, 0.5, 2.0)  # 0.5 mm³ per voxel
+    assert absolute_volume_difference(pred, ref, 0.5) == pytest.approx(20 * 0.5)
+    row = evaluate_case(pred, ref, zooms)
+    assert row["dice"] == pytest.approx(2 * 125 / (125 + 145))
+    assert row["volume_ref_mm3"] == pytest.approx(72.5)
+    assert row["volume_pred_mm3"] == pytest.approx(62.5)
+    assert row["avd_mm3"] == pytest.approx(10.0)
+    assert (row["tp"], row["fn"], row["fp"]) == (1, 1, 0)
+    with pytest.raises(InputImageError, match="voxel size"):
+        evaluate_case(pred, ref, (1.0, 0.0, 1.0))
+
+
+def test_bootstrap_ci():
+    assert bootstrap_ci([0.7] * 10) == (pytest.approx(0.7), pytest.approx(0.7))
+    values = np.random.default_rng(1).normal(0.6, 0.1, 200)
+    low, high = bootstrap_ci(values, n=2000, seed=3)
+    assert low < values.mean() < high
+    # the standard error of the mean is 0.1/sqrt(200) = 0.007, so a 95% interval is about +-0.014 wide
+    assert 0.015 < high - low < 0.04
+    assert bootstrap_ci(values, seed=3) == bootstrap_ci(values, seed=3)
+    assert bootstrap_ci([1.0, math.nan, 1.0]) == (1.0, 1.0)
+    assert all(math.isnan(v) for v in bootstrap_ci([math.nan]))
+    with pytest.raises(UsageError, match="alpha"):
+        bootstrap_ci([1.0], alpha=1.5)
+
+
+def test_summarize_skips_undefined_values():
+    rows = [{"dice": 1.0, "precision": math.nan}, {"dice": 0.5, "precision": 0.5}]
+    out = summarize(rows, n=200)
+    assert out["dice"]["mean"] == pytest.approx(0.75) and out["dice"]["n"] == 2
+    assert out["precision"] == {"mean": 0.5, "low": 0.5, "high": 0.5, "n": 1}
