@@ -273,7 +273,9 @@ def image_data(img: nibabel.Nifti1Image) -> np.ndarray:
         )
     low, high = float(data.min()), float(data.max())
     if low == high:
-        raise InputImageError(f"{name}: every voxel equals {low:g} (constant image); check that the right file was given")
+        raise InputImageError(
+            f"{name}: every voxel equals {low:g} (constant image); check that the right file was given"
+        )
     return data
 
 

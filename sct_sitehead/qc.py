@@ -28,8 +28,10 @@ logger = logging.getLogger(__name__)
 AXIAL_TILES = 12
 AXIAL_COLUMNS = 6
 SAGITTAL_TILES = 5
-#: Longest side of a tile in pixels.
+#: Largest tile sizes (width, height) in pixels; sagittal tiles are taller because the cord runs along S-I.
 TILE_PX = 180
+AXIAL_BOX = (TILE_PX, TILE_PX)
+SAGITTAL_BOX = (220, 400)
 #: Intensity window, in percentiles of the whole image.
 WINDOW_PERCENTILES = (1.0, 99.5)
 #: Spacing of the sagittal slices around the centre when there is no lesion to show.
@@ -72,11 +74,13 @@ def write_qc(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, out_png: P
     window = (low, high if high > low else low + 1.0)
 
     axial = [
-        _tile(volume[:, :, z].T[::-1, ::-1], lesions[:, :, z].T[::-1, ::-1], (zooms[1], zooms[0]), window, f"z={z}")
+        _tile(volume[:, :, z].T[::-1, ::-1], lesions[:, :, z].T[::-1, ::-1], (zooms[1], zooms[0]), window, f"z={z}",
+              AXIAL_BOX)
         for z in _pick_slices(lesions, 2, AXIAL_TILES, spread=0.8, zoom=zooms[2])
     ]
     sagittal = [
-        _tile(volume[x].T[::-1, ::-1], lesions[x].T[::-1, ::-1], (zooms[2], zooms[1]), window, f"x={x}")
+        _tile(volume[x].T[::-1, ::-1], lesions[x].T[::-1, ::-1], (zooms[2], zooms[1]), window, f"x={x}",
+              SAGITTAL_BOX)
         for x in _pick_slices(lesions, 0, SAGITTAL_TILES, spread=None, zoom=zooms[0])
     ]
     _letters(axial[0], left="R", top="A")
@@ -134,15 +138,20 @@ def _pick_slices(mask: np.ndarray, axis: int, count: int, *, spread: float | Non
 
 
 def _tile(
-    grey: np.ndarray, lesion: np.ndarray, pixel_mm: Sequence[float], window: tuple[float, float], label: str
+    grey: np.ndarray,
+    lesion: np.ndarray,
+    pixel_mm: Sequence[float],
+    window: tuple[float, float],
+    label: str,
+    box: tuple[int, int],
 ) -> PILImage.Image:
-    """One slice as RGB, lesions blended in red, resized so that one pixel covers the same mm both ways."""
+    """One slice as RGB, lesions blended in red, resized to fit ``box`` (width, height) with square pixels in mm."""
     from PIL import Image
 
     low, high = window
     scaled = np.clip((np.asarray(grey, dtype=np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
     rows_mm, cols_mm = grey.shape[0] * pixel_mm[0], grey.shape[1] * pixel_mm[1]
-    mm_per_px = max(rows_mm, cols_mm) / TILE_PX
+    mm_per_px = max(cols_mm / box[0], rows_mm / box[1])
     size = (max(1, round(cols_mm / mm_per_px)), max(1, round(rows_mm / mm_per_px)))
     grey_px = np.asarray(Image.fromarray(scaled, mode="L").resize(size, Image.BILINEAR), dtype=np.float32)
     lesion_px = np.asarray(

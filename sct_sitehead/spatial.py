@@ -122,8 +122,9 @@ def to_model_grid(
         if abs(factor - 1.0) < _SAME_SPACING_RTOL and n_model == n_native:
             factor, start = 1.0, 0.0
         else:
-            # Voxel centres: model voxel i covers [i, i+1) model voxels, i.e. centre (i + 0.5) * factor - 0.5 in
-            # native voxels, shifted so both fields of view share their centre.
+            # Model voxel i spans [i * factor, (i + 1) * factor) native voxels from the native field of view's
+            # edge (at native coordinate -0.5), so its centre is at (i + 0.5) * factor - 0.5; the last term
+            # centres the model field of view on the native one when n_model * factor != n_native.
             start = 0.5 * factor - 0.5 + (n_native - n_model * factor) / 2.0
         scale.append(float(factor))
         offset.append(float(start))

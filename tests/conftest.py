@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import onnx_factory
 
 
 def find_bids() -> Path | None:
@@ -31,3 +34,62 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     for name in ("SCT_SITEHEAD_SITE", "SCT_SITEHEAD_REGISTRY", "SCT_SITEHEAD_OFFLINE", "SCT_SITEHEAD_ALLOW_HTTP"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SCT_SITEHEAD_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+                   patch_size: tuple[int, int, int] = (32, 32, 32), receptive_field: bool = False) -> Path:
+    """A registry folder with the tiny ONNX release of ``onnx_factory`` (model ``tiny``, version 1.0.0)."""
+    from onnx_factory import write_tiny_release
+
+    release_dir = directory / "tiny" / "1.0.0"
+    tiny = write_tiny_release(release_dir, receptive_field=receptive_field)
+
+    def asset(path: Path) -> dict:
+        return {"url": path.relative_to(directory).as_posix(), "sha256": sha256_of(path), "size": path.stat().st_size}
+
+    heads = {
+        site: {**asset(path), "strategy": "finetune", "labels": tiny["labels"][site],
+               "threshold": tiny["thresholds"][site]}
+        for site, path in tiny["heads"].items()
+    }
+    index = {
+        "schema_version": 1,
+        "serial": 1,
+        "updated": "2026-11-22T00:00:00Z",
+        "default_model": "tiny",
+        "models": {
+            "tiny": {
+                "description": "test model: bright-voxel detector",
+                "releases": {
+                    "1.0.0": {
+                        "date": "2026-11-22",
+                        "input": {
+                            "orientation": "RAS",
+                            "spacing": list(spacing),
+                            "patch_size": list(patch_size),
+                            "divisor": tiny["divisor"],
+                            "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]},
+                        },
+                        "channels": tiny["channels"],
+                        "threshold": 0.5,
+                        "backbone": {**asset(tiny["backbone"]), "outputs": tiny["backbone_outputs"]},
+                        "heads": heads,
+                    }
+                },
+            }
+        },
+    }
+    path = directory / "registry.json"
+    path.write_text(json.dumps(index, indent=2))
+    return path
+
+
+@pytest.fixture
+def tiny_registry(tmp_path: Path) -> Path:
+    return write_registry(tmp_path / "registry")

@@ -71,7 +71,8 @@ def test_stats_agree_with_a_direct_count(shape, density, seed, zooms):
     sizes = [lesion["voxels"] for lesion in stats["lesions"]]
     assert sizes == sorted(sizes, reverse=True)
     expected = sorted(
-        (tuple(np.round(np.argwhere(labels == i).mean(axis=0), 6)), int((labels == i).sum())) for i in range(1, count + 1)
+        (tuple(np.round(np.argwhere(labels == i).mean(axis=0), 6)), int((labels == i).sum()))
+        for i in range(1, count + 1)
     )
     got = sorted((tuple(np.round(lesion["centroid_voxel"], 6)), lesion["voxels"]) for lesion in stats["lesions"])
     assert got == expected

@@ -49,20 +49,21 @@ class TargetGrid:
 
 def plan_grid(
     acquisition: Acquisition,
-    source_low: np.ndarray,
-    source_high: np.ndarray,
+    source_shape: Sequence[int],
+    source_affine: np.ndarray,
     cord_points: np.ndarray,
     rng: np.random.Generator,
 ) -> tuple[TargetGrid, dict[str, Any]]:
     """Place the site's grid on the source anatomy.
 
-    The field of view is the site's, shrunk to the source's extent where the source is smaller; it is centred on a
-    random point of the cord (jittered in the axial plane) and kept inside the source.
+    The centre is a random cord point, jittered in the axial plane. Along each world axis the field of view is the
+    site's, shortened to the length of source image that the axis line through the cord point crosses (a thin or
+    tilted source slab limits it), and the centre moves so the field of view stays on that stretch.
 
     Args:
         acquisition: the site's acquisition profile.
-        source_low: (3,) world corner of the source grid's voxel faces (lowest x, y, z).
-        source_high: (3,) opposite corner.
+        source_shape: (3,) source image shape.
+        source_affine: (4, 4) source affine.
         cord_points: (N, 3) world positions of cord voxels of the source.
         rng: random generator.
     """
@@ -71,17 +72,35 @@ def plan_grid(
     fov_world = np.empty(3)
     for axis, world in enumerate(world_axis):
         fov_world[world] = acquisition.fov_mm[axis]
-    extent = source_high - source_low
-    fov_world = np.minimum(fov_world, extent)
-    center = cord_points[rng.integers(len(cord_points))].astype(np.float64)
+    anchor = cord_points[rng.integers(len(cord_points))].astype(np.float64)
+    center = anchor.copy()
     center[:2] += rng.uniform(-CENTER_JITTER_MM, CENTER_JITTER_MM, size=2)
-    center = np.clip(center, source_low + fov_world / 2, source_high - fov_world / 2)
+    for world in range(3):
+        low, high = _line_inside(source_shape, source_affine, anchor, world)
+        fov_world[world] = min(fov_world[world], high - low)
+        center[world] = np.clip(center[world], anchor[world] + low + fov_world[world] / 2,
+                                anchor[world] + high - fov_world[world] / 2)
     shape = tuple(
         max(1, int(round(fov_world[world] / spacing[axis]))) for axis, world in enumerate(world_axis)
     )
     affine = grid_affine(shape, spacing, acquisition.orientation, center)
     grid = TargetGrid(shape, affine, tuple(float(s) for s in spacing), world_axis)  # type: ignore[arg-type]
     return grid, {"shape": list(shape), "center_mm": [round(float(v), 3) for v in center]}
+
+
+def _line_inside(shape: Sequence[int], affine: np.ndarray, point: np.ndarray, world: int) -> tuple[float, float]:
+    """Range of t (mm) for which ``point + t * e_world`` lies inside the image's voxel faces (point is inside)."""
+    inverse = np.linalg.inv(affine)
+    start = inverse[:3, :3] @ point + inverse[:3, 3]
+    step = inverse[:3, world]
+    low, high = -np.inf, np.inf
+    for axis in range(3):
+        edges = np.array([-0.5, shape[axis] - 0.5]) - start[axis]
+        if abs(step[axis]) < 1e-12:
+            continue
+        t = np.sort(edges / step[axis])
+        low, high = max(low, t[0]), min(high, t[1])
+    return float(min(low, 0.0)), float(max(high, 0.0))
 
 
 def working_grid(target: TargetGrid, spacing: float, margin_mm: float) -> tuple[tuple[int, int, int], np.ndarray]:

@@ -55,8 +55,6 @@ class Anatomy:
     data: np.ndarray
     cord: np.ndarray
     affine: np.ndarray
-    low: np.ndarray
-    high: np.ndarray
     cord_points: np.ndarray
 
 
@@ -82,9 +80,8 @@ def load_anatomy(sample: Sample) -> Anatomy:
         raise InputImageError(f"{sample.labels['cord']} is empty; give a cord mask with the cord in it")
     scale = float(np.percentile(data, 99.5)) or float(data.max()) or 1.0
     affine = np.asarray(image.affine, dtype=np.float64)
-    low, high = world_extent(data.shape, affine, edges=True)
     points = np.argwhere(cord) @ affine[:3, :3].T + affine[:3, 3]
-    return Anatomy(sample, data / np.float32(scale), cord.astype(np.float32), affine, low, high, points)
+    return Anatomy(sample, data / np.float32(scale), cord.astype(np.float32), affine, points)
 
 
 def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> SimulatedSubject:
@@ -99,7 +96,7 @@ def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> 
         The subject's image (site dtype), affine, labels (the site's label set), truth and parameters.
     """
     acquisition = site.acquisition
-    grid, grid_params = plan_grid(acquisition, anatomy.low, anatomy.high, anatomy.cord_points, rng)
+    grid, grid_params = plan_grid(acquisition, anatomy.data.shape, anatomy.affine, anatomy.cord_points, rng)
     spacing = float(np.clip(min(acquisition.spacing_mm), *WORK_SPACING_MM))
     work_shape, work_affine = working_grid(grid, spacing, blur_margin_mm(grid, spacing))
     deformation = draw_deformation(rng, work_shape, work_affine, **asdict(site.deformation))
@@ -131,10 +128,18 @@ def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> 
         "deformation": deformation.params,
         "lesions": records,
         "truth_volume_mm3": round(float(truth["lesion"].sum()) * voxel_mm3, 2),
+        # lesions much smaller than a thick slice can vanish on the site's grid; this counts what is left
+        "truth_lesions": _count_components(truth["lesion"]),
         "annotation": annotation_info,
         "intensity": intensity_params,
     }
     return SimulatedSubject(written, grid.affine, labels, truth, params)
+
+
+def _count_components(mask: np.ndarray) -> int:
+    from scipy import ndimage
+
+    return int(ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))[1])
 
 
 def _target_region(grid: TargetGrid, work_shape: Sequence[int], work_affine: np.ndarray) -> tuple[slice, ...]:

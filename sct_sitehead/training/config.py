@@ -63,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "lr": 0.003,
         "warmup_steps": 10,
         # Channels added per head layer by the wider and spatial strategies, and the spatial branch's width.
-        "extra": 4,
+        "extra": 2,
         "map_width": 4,
     },
     "augment": {

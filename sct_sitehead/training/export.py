@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import TrainingError
 from .checkpoint import file_sha256, load_checkpoint, weights_digest
+from .fuse import FusedHead, fuse_head
 from .heads import Head
 from .labels import UNIVERSAL, LabelSpace
 from .layers import count_parameters
@@ -55,7 +56,7 @@ class BackboneGraph(nn.Module):
 class HeadGraph(nn.Module):
     """A head taking its named inputs positionally, in ``input_names`` order."""
 
-    def __init__(self, head: Head) -> None:
+    def __init__(self, head: Head | FusedHead) -> None:
         super().__init__()
         self.head = head
 
@@ -261,7 +262,7 @@ def export_release(
 
             path = out_dir / "heads" / f"{site}.onnx"
             diffs[site] = _write_checked(
-                path, HeadGraph(head).eval(), trace_features, (arch.outputs, [HEAD_OUTPUT]), scales,
+                path, HeadGraph(fuse_head(head)), trace_features, (arch.outputs, [HEAD_OUTPUT]), scales,
                 f"head|{backbone_sha}|{weights_digest(head)}|{json.dumps(head.describe(), sort_keys=True)}|{tag}",
                 (head_reference, features), options,
             )

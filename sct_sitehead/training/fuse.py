@@ -1,0 +1,126 @@
+"""Export-time fusion of a head into plain convolutions, so a widened head costs what its width costs.
+
+During training a widened layer runs separate convolutions for its old and new channels (that is what keeps it
+bit-identical to the universal head at initialisation). For deployment those blocks are assembled into one
+weight per layer, the per-group scales folded into the instance-norm affine, and the ``[upsampled old, skip,
+upsampled new]`` concatenation replaced by ``[upsampled, skip]`` with the next weight's input channels permuted.
+The result computes the same function up to float rounding (checked at export against the unfused head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .heads import Head
+from .layers import ConvBlock, DecoderStage, WideConv
+
+
+def full_weight(conv: WideConv) -> tuple[Tensor, Tensor]:
+    """The one weight and bias equivalent to a :class:`WideConv`, channels laid out ``[old..., new...]``."""
+    # Output channels are dim 0 of a convolution weight but dim 1 of a transposed one; inputs the other.
+    out_dim, in_dim = (1, 0) if conv.transpose else (0, 1)
+    weight = conv.weight
+    if conv.in_new:
+        weight = torch.cat([weight, conv.weight_from_new], dim=in_dim)
+    bias = conv.bias
+    if conv.out_new:
+        weight = torch.cat([weight, conv.weight_new], dim=out_dim)
+        bias = torch.cat([bias, conv.bias_new])
+    return weight.detach().clone(), bias.detach().clone()
+
+
+class FusedBlock(nn.Module):
+    """A :class:`ConvBlock` as one convolution, one instance norm and the activation."""
+
+    def __init__(self, block: ConvBlock, input_order: list[int] | None = None) -> None:
+        super().__init__()
+        wide = block.conv
+        weight, bias = full_weight(wide)
+        if input_order is not None:
+            weight = weight[:, input_order]
+        self.conv = nn.Conv3d(weight.shape[1], weight.shape[0], weight.shape[2], stride=wide.stride,
+                              padding=wide.padding)
+        self.conv.weight.data.copy_(weight)
+        self.conv.bias.data.copy_(bias)
+        gamma, beta = block.norm.weight.detach(), block.norm.bias.detach()
+        if wide.out_new:
+            # (norm(x) * g + b) * s == norm(x) * (g * s) + b * s: the group scales fold into the affine.
+            s_old, s_new = block.scale.detach(), block.scale_new.detach()
+            gamma = torch.cat([gamma * s_old, block.norm_new.weight.detach() * s_new])
+            beta = torch.cat([beta * s_old, block.norm_new.bias.detach() * s_new])
+        self.norm = nn.InstanceNorm3d(len(gamma), affine=True)
+        self.norm.weight.data.copy_(gamma)
+        self.norm.bias.data.copy_(beta)
+        self.slope = block.slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(self.norm(self.conv(x)), self.slope)
+
+
+class FusedStage(nn.Module):
+    """A :class:`DecoderStage` whose skip is concatenated after all upsampled channels."""
+
+    def __init__(self, stage: DecoderStage) -> None:
+        super().__init__()
+        up = stage.up
+        weight, bias = full_weight(up)
+        self.up = nn.ConvTranspose3d(weight.shape[0], weight.shape[1], 2, stride=2)
+        self.up.weight.data.copy_(weight)
+        self.up.bias.data.copy_(bias)
+        old, new = up.out_old, up.out_new
+        skip = stage.blocks[0].conv.in_old - old
+        # Fused input [up old, up new, skip] read from the trained layout [up old, skip, up new].
+        order = [*range(old), *range(old + skip, old + skip + new), *range(old, old + skip)]
+        blocks = [FusedBlock(stage.blocks[0], order if new else None)]
+        blocks += [FusedBlock(block) for block in stage.blocks[1:]]
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, coarse: Tensor, skip: Tensor) -> Tensor:
+        x = torch.cat([self.up(coarse), skip], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class FusedHead(nn.Module):
+    """Same inputs, output and function as the :class:`Head` it was made from, in plain layers."""
+
+    def __init__(self, head: Head) -> None:
+        super().__init__()
+        self.input_names = head.input_names
+        self.levels = head.levels
+        self.head_stages = head.arch.head_stages
+        self.channels = head.arch.channels
+        self.spatial = head.spatial
+        self.stages = nn.ModuleList(FusedStage(stage) for stage in head.stages)
+        out = head.out
+        weight, bias = full_weight(out)
+        if self.spatial:
+            # One convolution gives [old logits, added-channel logits]; the gate weighs the second half.
+            old = torch.cat([out.weight.detach(), torch.zeros_like(out.weight_from_new)], dim=1)
+            new = torch.cat([torch.zeros_like(out.weight), out.weight_from_new.detach()], dim=1)
+            weight, bias = torch.cat([old, new]), torch.cat([bias, torch.zeros_like(bias)])
+            self.gate = head.gate
+        self.out = nn.Conv3d(weight.shape[1], weight.shape[0], 1)
+        self.out.weight.data.copy_(weight)
+        self.out.bias.data.copy_(bias)
+
+    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+        """Named backbone outputs -> (N, K, X, Y, Z) probabilities."""
+        x = features[f"dec{self.head_stages}"]
+        for stage, level in zip(self.stages, self.levels):
+            x = stage(x, features[f"skip{level}"])
+        logits = self.out(x)
+        if self.spatial:
+            k = self.channels
+            logits = logits[:, :k] + torch.sigmoid(self.gate(x)) * logits[:, k:]
+        return torch.sigmoid(logits)
+
+
+def fuse_head(head: Head) -> FusedHead:
+    """A deployment copy of ``head`` in plain layers (eval mode); ``head`` itself is untouched."""
+    return FusedHead(head).eval()
