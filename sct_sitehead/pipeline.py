@@ -230,7 +230,10 @@ class Segmenter:
 
         started = time.perf_counter()
         image, native = self.predict(image_path)
-        zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
+        from nibabel.affines import voxel_sizes
+
+        # Volumes follow the affine actually used for the geometry, even where pixdim disagrees with it.
+        zooms = tuple(float(z) for z in voxel_sizes(image.affine))
         result = InputResult(image=image_path)
         for site in self.sites:
             head = self.heads[site]

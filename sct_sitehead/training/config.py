@@ -121,7 +121,7 @@ def _merge(base: Mapping[str, Any], given: Mapping[str, Any], where: str, prefix
     for key, value in given.items():
         if key not in base:
             raise TrainingError(
-                f"{where}: unknown key {prefix}{key!r}; known keys here are {sorted(base)}; check the spelling"
+                f"{where}: unknown key '{prefix}{key}'; known keys here are {sorted(base)}; check the spelling"
             )
         # Only sections merge; values that are themselves dicts (normalization, grouping) are replaced whole.
         if isinstance(base[key], dict) and isinstance(value, dict) and prefix == "" and key != "input":

@@ -97,10 +97,12 @@ def _export_graph(
     shapes: tuple[Any, ...] = tuple({0: batch, **{axis + 2: s * base[axis] for axis in range(3)}} for s in scales)
     if isinstance(module, HeadGraph):
         shapes = (shapes,)  # torch.export sees ``*features`` as one argument
-    program = torch.onnx.export(
-        module, args, input_names=input_names, output_names=output_names, dynamic_shapes=shapes,
-        opset_version=opset, dynamo=True, verbose=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # opset conversion and pytree deprecation notices from the exporter
+        program = torch.onnx.export(
+            module, args, input_names=input_names, output_names=output_names, dynamic_shapes=shapes,
+            opset_version=opset, dynamo=True, verbose=False,
+        )
     program.save(str(path))
 
 

@@ -1,0 +1,314 @@
+"""Multi-site simulator: layout, determinism, lesions in the deformed cord, site label sets and annotation
+protocols, holdout split; its parts (deformation, lesion insertion, annotation, sites file) on small inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from sct_sitehead.bids import read_bids
+from sct_sitehead.errors import InputImageError, OutputError, UsageError
+from sct_sitehead.simulate import insert_lesions, load_sites, make_phantom, simulate
+from sct_sitehead.simulate.annotation import annotate
+from sct_sitehead.simulate.deform import displacement_field, draw_deformation, source_coordinates
+from sct_sitehead.simulate.grids import grid_affine
+from sct_sitehead.simulate.sites import Annotation
+
+SITES = load_sites()
+ALL_SUFFIXES = {"lesion": "lesion-manual", "cord": "seg-manual", "csf": "csf-manual"}
+N_PER_SITE = 3
+
+
+def arr(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def participants(root: Path) -> list[dict[str, str]]:
+    with (root / "participants.tsv").open() as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+@pytest.fixture(scope="module")
+def dataset(bids_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sim") / "ds"
+    return simulate(bids_dir, out, n_per_site=N_PER_SITE, seed=5, holdout=["sub-unf01"])
+
+
+def subject_files(root: Path, participant: str) -> dict[str, Path]:
+    image = next((root / participant / "anat").glob("*.nii.gz"))
+    stem = image.name[: -len(".nii.gz")]
+    files = {"image": image}
+    for kind in ("labels", "truth"):
+        for path in (root / "derivatives" / kind / participant / "anat").glob(f"{stem}_*.nii.gz"):
+            files[path.name[len(stem) + 1: -len(".nii.gz")]] = path
+    return files
+
+
+def test_default_sites_file():
+    assert "montreal" in SITES and len(SITES) >= 5
+    label_sets = {frozenset(site.annotation.labels) for site in SITES.values()}
+    assert len(label_sets) >= 3
+    assert len({(s.acquisition.orientation, s.acquisition.spacing_mm) for s in SITES.values()}) == len(SITES)
+
+
+def test_layout_and_every_site_label_set(dataset: Path):
+    rows = participants(dataset)
+    assert list(rows[0]) == ["participant_id", "site", "source", "split"]
+    assert len(rows) == N_PER_SITE * len(SITES)
+    assert {r["site"] for r in rows} == set(SITES)
+    samples, problems = read_bids(dataset, label_suffixes=ALL_SUFFIXES)
+    # sites label different sets, but within a site every subject has the same set: nothing is reported
+    assert problems == []
+    for sample in samples:
+        site = SITES[sample.site]
+        assert sample.subject.startswith(f"sub-{sample.site}")
+        assert set(sample.labels) == set(site.annotation.labels)
+        assert sample.contrast in site.contrasts
+        image = nib.load(sample.image)
+        assert "".join(nib.aff2axcodes(image.affine)) == site.acquisition.orientation
+        assert np.allclose(image.header.get_zooms(), site.acquisition.spacing_mm, atol=1e-4)
+        assert image.get_data_dtype() == np.dtype(site.acquisition.dtype)
+    simulation = json.loads((dataset / "simulation.json").read_text())
+    assert set(simulation["subjects"]) == {r["participant_id"] for r in rows}
+    assert simulation["seed"] == 5 and simulation["holdout"] == ["sub-unf01"]
+    lesion_counts = [len(s["lesions"]) for s in simulation["subjects"].values()]
+    assert 0 in lesion_counts and max(lesion_counts) >= 2  # some subjects are lesion-free, some have several
+    assert (dataset / "dataset_description.json").is_file()
+
+
+def test_same_seed_gives_identical_subject_files(bids_dir: Path, dataset: Path, tmp_path: Path):
+    """A subject depends only on (seed, site, number): rerunning two of the sites gives the same bytes."""
+    again = simulate(bids_dir, tmp_path / "again", n_per_site=N_PER_SITE, seed=5, sites=["montreal", "bordeaux"])
+    files = sorted(p.relative_to(again) for p in again.rglob("sub-*.nii.gz"))
+    assert len(files) == N_PER_SITE * (4 + 5)  # image + 2 truths + the sites' 2 and 3 labels
+    assert all((dataset / p).read_bytes() == (again / p).read_bytes() for p in files)
+    other = simulate(bids_dir, tmp_path / "other", n_per_site=1, seed=6, sites=["montreal"])
+    image = next((other / "sub-montreal001" / "anat").glob("*.nii.gz"))
+    assert image.read_bytes() != next((dataset / "sub-montreal001" / "anat").glob("*.nii.gz")).read_bytes()
+
+
+def test_lesions_lie_inside_the_deformed_cord_with_the_sequence_contrast(dataset: Path):
+    brighter, darker = 0, 0
+    for row in participants(dataset):
+        files = subject_files(dataset, row["participant_id"])
+        truth = arr(files["lesion-truth"]) > 0
+        cord = arr(files["cord-truth"]) > 0
+        assert not (truth & ~cord).any(), row
+        if "seg-manual" in files:
+            assert np.array_equal(arr(files["seg-manual"]) > 0, cord)
+        if truth.sum() < 10:
+            continue
+        image = arr(files["image"]).astype(float)
+        normal = cord & ~ndimage.binary_dilation(truth, iterations=2)
+        if normal.sum() < 10:
+            continue
+        contrast = files["image"].name.rsplit("_", 1)[1].split(".")[0]
+        difference = image[truth].mean() - image[normal].mean()
+        if contrast == "T1w":
+            darker += difference < 0
+            assert difference < 0, row
+        else:
+            brighter += difference > 0
+            assert difference > 0, row
+    assert brighter >= 3 and darker >= 1  # the checks above really ran
+
+
+def _protocol_expectation(protocol: Annotation) -> str:
+    grows = protocol.dilate_mm > 0 or protocol.lesion_threshold < 0.5
+    shrinks = protocol.erode_mm > 0 or protocol.lesion_threshold > 0.5 or protocol.min_lesion_mm3 > 0
+    return "grows" if grows and not shrinks else "shrinks" if shrinks and not grows else "same" if not grows else "?"
+
+
+def test_annotation_protocols_do_what_they_say(dataset: Path):
+    seen = set()
+    for row in participants(dataset):
+        protocol = SITES[row["site"]].annotation
+        files = subject_files(dataset, row["participant_id"])
+        truth = arr(files["lesion-truth"]) > 0
+        drawn = arr(files["lesion-manual"])
+        expectation = _protocol_expectation(protocol)
+        seen.add(expectation)
+        if expectation == "grows":
+            assert not (truth & (drawn == 0)).any() and (drawn > 0).sum() >= truth.sum()
+        elif expectation == "shrinks":
+            assert not ((drawn > 0) & ~truth).any()
+        elif expectation == "same":
+            assert np.array_equal(drawn > 0, truth)
+        zooms = nib.load(files["image"]).header.get_zooms()
+        if protocol.min_lesion_mm3 > 0:
+            components, count = ndimage.label(drawn > 0, structure=np.ones((3, 3, 3)))
+            sizes = np.bincount(components.ravel())[1:] * float(np.prod(zooms))
+            assert (sizes >= protocol.min_lesion_mm3).all()
+        if protocol.lesion_values == "instances":
+            count = ndimage.label(drawn > 0, structure=np.ones((3, 3, 3)))[1]
+            assert set(np.unique(drawn)) == set(range(count + 1))
+        else:
+            assert set(np.unique(drawn)) <= {0, 1}
+        if "csf" in protocol.labels:
+            csf, cord = arr(files["csf-manual"]) > 0, arr(files["seg-manual"]) > 0
+            assert not (csf & cord).any() and csf.any()
+            far = ndimage.distance_transform_edt(~cord, sampling=zooms) > protocol.csf_shell_mm
+            assert not (csf & far).any()
+    assert {"grows", "shrinks", "same"} <= seen
+
+
+def test_holdout_anatomy_only_in_test(dataset: Path):
+    rows = participants(dataset)
+    held = [r for r in rows if r["source"].startswith("sub-unf01_")]
+    assert held and all(r["split"] == "test" for r in held)
+    assert all(r["source"].startswith("sub-unf01_") for r in rows if r["split"] == "test")
+    assert {r["split"] for r in rows if not r["source"].startswith("sub-unf01_")} <= {"train", "val"}
+
+
+# --- without the real data: a phantom dataset as the source ---------------------------------------------------
+@pytest.fixture(scope="module")
+def phantom_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantom_bids")
+    (root / "participants.tsv").write_text("participant_id\tsite\nsub-ph1\tlab\nsub-ph2\tlab\n")
+    for number, (subject, contrast) in enumerate([("ph1", "T2w"), ("ph1", "T1w"), ("ph2", "T2w")]):
+        ph = make_phantom((40, 40, 50), (1.0, 1.2, 1.5), contrast=contrast, n_lesions=0, seed=number,
+                          center=(0, 8, -40 * number))
+        nib.save(ph.image, (root / f"sub-{subject}/anat").mkdir(parents=True, exist_ok=True)
+                 or root / f"sub-{subject}/anat/sub-{subject}_{contrast}.nii.gz")
+        labels = root / f"derivatives/labels/sub-{subject}/anat"
+        labels.mkdir(parents=True, exist_ok=True)
+        nib.save(ph.cord, labels / f"sub-{subject}_{contrast}_seg-manual.nii.gz")
+    return root
+
+
+def test_phantom_source_whole_dataset_is_byte_identical(phantom_source: Path, tmp_path: Path):
+    runs = [simulate(phantom_source, tmp_path / name, n_per_site=2, seed=0, sites=["montreal", "toronto"])
+            for name in ("a", "b")]
+    files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(runs[1]) for p in runs[1].rglob("*") if p.is_file())
+    assert len(files) == 3 + 1 + 3 + 2 * (4 + 3)  # descriptions, participants, simulation.json, 4 subjects
+    assert all((runs[0] / p).read_bytes() == (runs[1] / p).read_bytes() for p in files)
+
+
+def test_phantom_source_and_argument_errors(phantom_source: Path, tmp_path: Path):
+    out = simulate(phantom_source, tmp_path / "ds", n_per_site=2, seed=0, sites=["montreal", "zurich"],
+                   holdout=["sub-ph2"])
+    rows = participants(out)
+    assert [r["site"] for r in rows] == ["montreal"] * 2 + ["zurich"] * 2
+    assert all(r["split"] == "test" for r in rows if r["source"].startswith("sub-ph2"))
+    assert all(r["source"] == "sub-ph1_T1w" for r in rows if r["site"] == "zurich")
+    with pytest.raises(OutputError, match="not empty"):
+        simulate(phantom_source, out, n_per_site=1, seed=0, sites=["montreal"])
+    with pytest.raises(UsageError, match=r"holdout subjects \['sub-zz'\].*sub-ph1"):
+        simulate(phantom_source, tmp_path / "x", n_per_site=1, seed=0, holdout=["sub-zz"])
+    with pytest.raises(UsageError, match=r"site 'paris' scans \['T2star'\].*\['T1w', 'T2w'\]"):
+        simulate(phantom_source, tmp_path / "y", n_per_site=1, seed=0, sites=["paris"])
+    with pytest.raises(UsageError, match="nowhere.*montreal"):
+        simulate(phantom_source, tmp_path / "z", n_per_site=1, seed=0, sites=["nowhere"])
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_sites_file_is_checked(tmp_path: Path):
+    document = json.loads((Path(__file__).resolve().parents[1] / "sct_sitehead/simulate/sites.json").read_text())
+    document["sites"]["montreal"]["annotation"]["labels"] = {"cord": "seg-manual"}
+    bad = tmp_path / "sites.json"
+    bad.write_text(json.dumps(document))
+    with pytest.raises(UsageError, match="site 'montreal': labels are \\['cord'\\]; every site labels 'lesion'"):
+        load_sites(bad)
+    document["sites"]["montreal"]["annotation"]["labels"] = {"lesion": "lesion-manual"}
+    document["sites"]["montreal"]["acquisition"]["orientation"] = "XYZ"
+    bad.write_text(json.dumps(document))
+    with pytest.raises(UsageError, match="orientation 'XYZ'"):
+        load_sites(bad)
+    with pytest.raises(UsageError, match="cannot be read"):
+        load_sites(tmp_path / "missing.json")
+
+
+# --- parts ----------------------------------------------------------------------------------------------------
+def test_deformation_is_identity_when_drawn_with_zero_sizes():
+    rng = np.random.default_rng(0)
+    affine = grid_affine((10, 12, 14), (1.0, 0.8, 2.0), "LAS")
+    zero = draw_deformation(rng, (10, 12, 14), affine, rotation_deg=0, scale=0, translation_mm=0, elastic_mm=0,
+                            elastic_spacing_mm=10)
+    coords = source_coordinates(zero, (10, 12, 14), affine, affine)
+    assert np.allclose(coords, np.indices((10, 12, 14)), atol=1e-4)
+
+
+def test_elastic_field_is_smooth_and_bounded():
+    affine = grid_affine((40, 40, 40), (1.0, 1.0, 1.0))
+    deformation = draw_deformation(np.random.default_rng(1), (40, 40, 40), affine, rotation_deg=0, scale=0,
+                                   translation_mm=0, elastic_mm=2.0, elastic_spacing_mm=20)
+    field = displacement_field(deformation, (40, 40, 40))
+    assert field.shape == (3, 40, 40, 40)
+    assert 0.3 < field.std() < 3.0
+    assert np.abs(np.diff(field, axis=1)).max() < 0.5  # under 0.5 mm change per mm: smooth, no folding
+    constant = deformation.control * 0 + 1.5
+    object.__setattr__(deformation, "control", constant)
+    assert np.allclose(displacement_field(deformation, (40, 40, 40)), 1.5, atol=1e-4)  # B-splines sum to one
+
+
+@pytest.mark.parametrize(("contrast", "sign"), [("T2w", 1), ("T1w", -1)])
+def test_insert_lesions_into_a_healthy_image(contrast: str, sign: int):
+    healthy = make_phantom((40, 40, 40), (0.8, 0.8, 3.0), contrast=contrast, n_lesions=0, noise=0, seed=2)
+    out = insert_lesions(healthy.image, healthy.cord, contrast=contrast, n_lesions=3, seed=4,
+                         volume_mm3=(60, 120), elongation=(3, 3))
+    lesion = np.asarray(out.lesion.dataobj) > 0
+    cord = np.asarray(healthy.cord.dataobj) > 0
+    assert lesion.any() and not (lesion & ~cord).any()
+    assert len(out.lesions) == 3 and all(r["axis"][2] > 0.9 for r in out.lesions)
+    for record in out.lesions:  # elongation 3: the length is 3 times the (geometric mean) width
+        along, *across = record["semi_axes_mm"]
+        assert along == pytest.approx(3 * (across[0] * across[1]) ** 0.5, rel=1e-2)
+    # 3 mm slices: edges are partial volumes, not a binary step
+    assert ((out.fraction > 0.05) & (out.fraction < 0.95)).any()
+    before = np.asarray(healthy.image.dataobj, dtype=float)
+    after = np.asarray(out.image.dataobj, dtype=float)
+    assert np.array_equal(before[out.fraction == 0], after[out.fraction == 0])
+    assert sign * (after[lesion] - before[lesion]).min() > 0
+    assert out.image.header.get_data_dtype() == np.float32 and np.allclose(out.image.affine, healthy.image.affine)
+
+
+def test_insert_lesions_errors():
+    healthy = make_phantom((16, 16, 16), (1, 1, 1), n_lesions=0)
+    empty = nib.Nifti1Image(np.zeros((16, 16, 16), np.uint8), healthy.image.affine)
+    with pytest.raises(InputImageError, match="cord mask is empty"):
+        insert_lesions(healthy.image, empty, contrast="T2w")
+    with pytest.raises(InputImageError, match="differs from image shape"):
+        insert_lesions(healthy.image, nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)), contrast="T2w")
+    with pytest.raises(UsageError, match="no lesion contrast known for 'FLAIR'"):
+        insert_lesions(healthy.image, healthy.cord, contrast="FLAIR")
+    out = insert_lesions(healthy.image, healthy.cord, contrast="FLAIR", lesion_contrast=(0.5, 0.5), n_lesions=1)
+    assert len(out.lesions) == 1 and out.lesions[0]["contrast"] == 0.5
+
+
+def _protocol(**changes) -> Annotation:
+    base = dict(labels={"lesion": "lesion-manual"}, lesion_threshold=0.5, dilate_mm=0.0, erode_mm=0.0,
+                min_lesion_mm3=0.0, lesion_values="binary", csf_shell_mm=2.0)
+    return Annotation(**{**base, **changes})
+
+
+def test_annotate_on_hand_made_fractions():
+    fraction = np.zeros((20, 20, 20), np.float32)
+    fraction[5:10, 5:10, 5:10] = 1.0  # a 125-voxel lesion
+    fraction[4, 5:10, 5:10] = 0.6  # a partial-volume face
+    fraction[15, 15, 15] = 0.9  # a one-voxel lesion
+    cord = np.zeros_like(fraction)
+    cord[3:12, 3:12, :] = 1.0
+    zooms = (1.0, 1.0, 1.0)
+    plain, _ = annotate(fraction, cord, zooms, _protocol())
+    assert plain["lesion"].sum() == 125 + 25 + 1
+    core, _ = annotate(fraction, cord, zooms, _protocol(lesion_threshold=0.75))
+    assert core["lesion"].sum() == 125 + 1
+    generous, _ = annotate(fraction, cord, zooms, _protocol(dilate_mm=1.0))
+    # the 6 x 5 x 5 lesion (with its 0.6 face) gains one voxel layer on each face; the single voxel gains 6
+    assert generous["lesion"].sum() == 8 * 5 * 5 + 6 * 2 * 5 + 6 * 5 * 2 + 7
+    eroded, _ = annotate(fraction, cord, zooms, _protocol(erode_mm=1.0, lesion_threshold=0.75))
+    assert eroded["lesion"].sum() == 3 * 3 * 3  # the boundary layer goes; the one-voxel lesion disappears
+    big_only, info = annotate(fraction, cord, zooms, _protocol(min_lesion_mm3=2.0))
+    assert big_only["lesion"].sum() == 150 and info["left_out_small"] == 1
+    instances, info = annotate(fraction, cord, zooms, _protocol(lesion_values="instances"))
+    assert set(np.unique(instances["lesion"])) == {0, 1, 2} and info["annotated_lesions"] == 2
+    everything, _ = annotate(fraction, cord, zooms, _protocol(labels=ALL_SUFFIXES, csf_shell_mm=1.0))
+    assert set(everything) == {"lesion", "cord", "csf"}
+    assert everything["csf"].sum() == 4 * 9 * 20  # within 1 mm of the 9 x 9 cord: its 4 faces, not the corners
