@@ -33,7 +33,9 @@ DEFAULT_LABEL_SUFFIXES: dict[str, tuple[str, ...]] = {
 #: Site given to samples whose participant has no site, following the BIDS ``n/a`` convention.
 UNKNOWN_SITE = "n/a"
 
-_NIFTI = re.compile(r"^(?P<stem>sub-[A-Za-z0-9]+(?:_[A-Za-z0-9]+-[A-Za-z0-9]+)*_(?P<suffix>[A-Za-z0-9]+))\.nii(?:\.gz)?$")
+_NIFTI = re.compile(
+    r"^(?P<stem>sub-[A-Za-z0-9]+(?:_[A-Za-z0-9]+-[A-Za-z0-9]+)*_(?P<suffix>[A-Za-z0-9]+))\.nii(?:\.gz)?$"
+)
 #: Affine entries may differ by this fraction of the smallest voxel size (rounding in headers written by tools).
 _AFFINE_RTOL = 1e-2
 
@@ -103,7 +105,7 @@ def read_bids(
             f"BIDS folder {root} has no sub-* folder; give the dataset root (the folder with participants.tsv)"
         )
     problems: list[str] = []
-    sites = _read_sites(root, site_column, problems)
+    sites = _SiteTable(_read_sites(root, site_column, problems), site_column)
     labels_root = root / "derivatives" / "labels"
     samples: list[Sample] = []
     used_labels: set[Path] = set()
@@ -146,33 +148,50 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _read_sites(root: Path, column: str, problems: list[str]) -> dict[str, str]:
-    """participant_id -> site; problems for a missing file or column."""
+class _SiteTable:
+    """Sites by participant; reports each subject without one once."""
+
+    def __init__(self, sites: dict[str, str] | None, column: str) -> None:
+        self.sites = sites
+        self.column = column
+        self.reported: set[str] = set()
+
+    def site_of(self, subject: str, problems: list[str]) -> str:
+        if self.sites is None:  # no usable table: reported once already
+            return UNKNOWN_SITE
+        site = self.sites.get(subject)
+        if site is not None and site not in ("", UNKNOWN_SITE):
+            return site
+        if subject not in self.reported:
+            self.reported.add(subject)
+            what = "no row in participants.tsv" if site is None else f"no value in participants.tsv column {self.column!r}"
+            problems.append(f"{subject} has images but {what}; its site is {UNKNOWN_SITE!r}; add it")
+        return UNKNOWN_SITE
+
+
+def _read_sites(root: Path, column: str, problems: list[str]) -> dict[str, str] | None:
+    """participant_id -> site (possibly empty); None with a problem for a missing or unusable table."""
     table = root / "participants.tsv"
     if not table.is_file():
         problems.append(
             f"{table} is missing, so no subject has a site (all set to {UNKNOWN_SITE!r}); "
             f"add it with columns participant_id and {column}"
         )
-        return {}
+        return None
     try:
         with table.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
             header = rows[0].keys() if rows else []
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         problems.append(f"{table} cannot be read ({exc}); no subject has a site; fix or re-save it as UTF-8 TSV")
-        return {}
+        return None
     if "participant_id" not in header or column not in header:
         problems.append(
             f"{table} has columns {sorted(header)}, without 'participant_id' and {column!r}; no subject has a site; "
             f"add the column or pass the right site column name"
         )
-        return {}
-    sites: dict[str, str] = {}
-    for row in rows:
-        site = (row.get(column) or "").strip()
-        sites[(row.get("participant_id") or "").strip()] = site or UNKNOWN_SITE
-    return sites
+        return None
+    return {(row.get("participant_id") or "").strip(): (row.get(column) or "").strip() for row in rows}
 
 
 def _anat_images(subject_dirs: list[Path]) -> list[Path]:
@@ -199,7 +218,7 @@ def _read_sample(
     image: Path,
     labels_root: Path,
     suffixes: dict[str, tuple[str, ...]],
-    sites: dict[str, str],
+    sites: _SiteTable,
     check_data: bool,
     problems: list[str],
     used_labels: set[Path],
@@ -218,12 +237,7 @@ def _read_sample(
     geometry = _read_geometry(image, root, check_data, problems)
     if geometry is None:
         return None
-    if sites and subject not in sites:
-        problems.append(
-            f"{subject} has images but no row in participants.tsv; its site is {UNKNOWN_SITE!r}; add the participant"
-        )
-        sites[subject] = UNKNOWN_SITE  # report once per subject
-    site = sites.get(subject, UNKNOWN_SITE)
+    site = sites.site_of(subject, problems)
     stem = _strip_nifti(image.name)
     label_dir = labels_root / anat.relative_to(root)
     labels: dict[str, Path] = {}
@@ -236,10 +250,13 @@ def _read_sample(
             logger.debug("%s: several %s labels %s; using %s", stem, name, [p.name for p in found], found[0].name)
         if _label_matches(found[0], geometry, root, check_data, problems, name):
             labels[name] = found[0]
-    return Sample(subject, session, site, contrast, image, labels, {k: v for k, v in entities.items() if k not in ("sub", "ses")})
+    others = {k: v for k, v in entities.items() if k not in ("sub", "ses")}
+    return Sample(subject, session, site, contrast, image, labels, others)
 
 
-def _read_geometry(path: Path, root: Path, check_data: bool, problems: list[str]) -> tuple[tuple[int, ...], np.ndarray] | None:
+def _read_geometry(
+    path: Path, root: Path, check_data: bool, problems: list[str]
+) -> tuple[tuple[int, ...], np.ndarray] | None:
     """(shape, affine) of a readable 3D NIfTI file, else None with a problem."""
     import nibabel as nib
 

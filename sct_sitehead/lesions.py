@@ -29,11 +29,15 @@ def binarize(prob: np.ndarray, threshold: float) -> np.ndarray:
     return np.asarray(prob) >= threshold
 
 
-def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """Connected components with 26-connectivity (voxels touching by a face, an edge or a corner).
+_CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+
+
+def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Connected components; by default 26-connectivity (voxels touching by a face, an edge or a corner).
 
     Args:
-        mask: (X, Y, Z) bool array.
+        mask: (X, Y, Z) array; non-zero voxels are lesion.
+        connectivity: 6 (faces), 18 (faces and edges) or 26 (faces, edges and corners).
 
     Returns:
         (X, Y, Z) int32 label map (0 background, 1..n components in scan order) and n.
@@ -43,7 +47,10 @@ def label_lesions(mask: np.ndarray) -> tuple[np.ndarray, int]:
     mask = np.asarray(mask)
     if mask.ndim != 3:
         raise UsageError(f"lesion mask must be 3D, got shape {mask.shape}")
-    labels, count = ndimage.label(mask.astype(bool, copy=False), structure=np.ones((3, 3, 3), dtype=bool))
+    if connectivity not in _CONNECTIVITY_RANK:
+        raise UsageError(f"connectivity is {connectivity!r}; use 6, 18 or 26")
+    structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+    labels, count = ndimage.label(mask.astype(bool, copy=False), structure=structure)
     return labels.astype(np.int32, copy=False), int(count)
 
 

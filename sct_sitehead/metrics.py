@@ -20,9 +20,9 @@ from typing import Literal
 import numpy as np
 
 from .errors import InputImageError, UsageError
+from .lesions import label_lesions
 
 Rule = Literal["any", "10pct"]
-_STRUCTURES = {6: 1, 18: 2, 26: 3}
 #: The fraction of a lesion's volume that must overlap under ``rule="10pct"``.
 MIN_OVERLAP_FRACTION = 0.10
 
@@ -53,25 +53,6 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     if total == 0:
         return 1.0
     return 2.0 * int(np.logical_and(p, r).sum()) / total
-
-
-def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
-    """Connected components of a mask.
-
-    Args:
-        mask: (X, Y, Z) mask.
-        connectivity: 6 (faces), 18 (faces and edges) or 26 (faces, edges and corners).
-
-    Returns:
-        (X, Y, Z) int32 array of lesion numbers 1..n (0 outside), and n.
-    """
-    from scipy import ndimage
-
-    if connectivity not in _STRUCTURES:
-        raise UsageError(f"connectivity is {connectivity!r}; use 6, 18 or 26")
-    structure = ndimage.generate_binary_structure(3, _STRUCTURES[connectivity])
-    labels, count = ndimage.label(np.asarray(mask) > 0, structure=structure)
-    return labels.astype(np.int32, copy=False), int(count)
 
 
 def _overlap_table(ref_labels: np.ndarray, n_ref: int, pred_labels: np.ndarray, n_pred: int) -> np.ndarray:

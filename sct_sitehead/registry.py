@@ -174,6 +174,8 @@ class Registry:
             data, signature, source=location, signature_source=signature_url(location), unsigned_ok=allow_unsigned,
             trust=trust,
         )
+        if key_id is None:
+            logger.warning("using the UNSIGNED registry index %s (allowed by -allow-unsigned)", location)
         index = parse_index(data, location)
         remember_index(cache, location, key_id, index, data)
         if fresh:

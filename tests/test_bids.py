@@ -98,11 +98,15 @@ def test_unreadable_unknown_and_orphan_files_are_reported(tree: Path):
     _save(tree / "sub-c1" / "anat" / "sub-c1_T2w.nii.gz", np.zeros((4, 4, 4), np.int16))
     _save(tree / "derivatives" / "labels" / "sub-c1" / "anat" / "sub-c9_T2w_seg-manual.nii.gz", np.zeros((4, 4, 4)))
     (tree / "sub-c1" / "anat" / "notes_T2w.nii.gz").write_bytes(b"")
+    with (tree / "participants.tsv").open("a") as table:
+        table.write("sub-c2\t\t70\n")
+    _save(tree / "sub-c2" / "anat" / "sub-c2_T2w.nii.gz", np.zeros((4, 4, 4), np.int16))
     samples, problems = read_bids(tree)
     assert "sub-a2" not in {s.subject for s in samples}
     text = "\n".join(problems)
     assert "sub-a2/anat/sub-a2_T2w.nii.gz cannot be read" in text
     assert "sub-c1 has images but no row in participants.tsv; its site is 'n/a'" in text
+    assert "sub-c2 has images but no value in participants.tsv column 'site'" in text
     assert "sub-c9_T2w_seg-manual.nii.gz belongs to no image" in text
     assert "notes_T2w.nii.gz: file name is not BIDS" in text
     assert next(s for s in samples if s.subject == "sub-c1").site == "n/a"

@@ -69,6 +69,7 @@ class RecordingServer:
                 pass
 
         self.server = make_server(directory, 0, "127.0.0.1", handler=Handler)
+        self.server.handle_error = lambda request, address: None  # cut connections are on purpose
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
 

@@ -36,6 +36,7 @@ from sct_sitehead.cache import Cache
 from sct_sitehead.errors import DownloadError, IntegrityError, OutputError, RegistryError, SiteHeadError
 from sct_sitehead.registry import Asset, Registry, Release
 from sct_sitehead.server import RangeRequestHandler, make_server
+from sct_sitehead.signing import load_private_key, sign_bytes
 
 BACKBONE = "lesion/1.0.0/backbone.onnx"
 HEAD = "lesion/1.0.0/heads/montreal.onnx"
@@ -264,14 +265,14 @@ def cache(tmp_path: Path) -> Cache:
 
 
 def assert_cache_sound(root: Path, truth: dict[str, bytes]) -> None:
-    """Only verified files in ``assets/``; only resumable true prefixes in ``tmp/``."""
+    """Only verified files in ``assets/``; in ``tmp/`` only ``<sha256>.part`` files holding a prefix of their
+    asset (resumable; a complete one is hashed again before it is moved into ``assets/``)."""
     for path in (root / "assets").rglob("*"):
         if path.is_file():
             assert path.parent.name == path.name[:2] and sha(path.read_bytes()) == path.name, f"unverified {path}"
     for path in (root / "tmp").rglob("*"):
         assert path.is_file() and path.suffix == ".part" and path.stem in truth, f"unexpected {path}"
-        data = path.read_bytes()
-        assert len(data) < len(truth[path.stem]) and truth[path.stem].startswith(data), f"{path} is not a prefix"
+        assert truth[path.stem].startswith(path.read_bytes()), f"{path} is not a prefix of its asset"
 
 
 def outcome(action: Callable[[], object]) -> SiteHeadError | None:
@@ -318,7 +319,7 @@ def test_fetch_under_fault(case: str, site: Site, cache: Cache) -> None:
         assert error is None, error
         assert cache.asset_path(sha(site.backbone)).read_bytes() == site.backbone
     else:
-        assert type(error) is expected or (expected is DownloadError and isinstance(error, DownloadError)), error
+        assert isinstance(error, expected), error
         assert error.exit_code == expected.exit_code
         assert not cache.asset_path(sha(site.backbone)).exists()
     assert_cache_sound(cache.root, site.truth)
@@ -332,6 +333,34 @@ def test_fetch_under_fault(case: str, site: Site, cache: Cache) -> None:
     assert cache.fetch(release.backbone, offline=False).read_bytes() == site.backbone
     assert_cache_sound(cache.root, site.truth)
     assert not (cache.root / "tmp").exists() or list((cache.root / "tmp").iterdir()) == []
+
+
+INDEX_FETCH_CASES: dict[str, tuple[str, list[Fault], type[SiteHeadError] | None, str]] = {
+    "index-cut-at-50%": ("registry.json", [cut(0.5)], None, ""),
+    "index-500-502-503-then-ok": ("registry.json", [status(500), status(502), status(503)], None, ""),
+    "index-stall": ("registry.json", [stall(STALL)], None, ""),
+    "index-corrupted": ("registry.json", [corrupt()], RegistryError, "does not match its content"),
+    "index-404": ("registry.json", [status(404)], DownloadError, "HTTP 404"),
+    "signature-404": ("registry.json.sig", [status(404)], RegistryError, "is not signed"),
+    "signature-corrupted": ("registry.json.sig", [corrupt()], RegistryError, "signature"),
+    "signature-503-every-attempt": ("registry.json.sig", [status(503)] * 4, DownloadError, "HTTP 503"),
+}
+
+
+@pytest.mark.parametrize("case", list(INDEX_FETCH_CASES))
+def test_index_fetch_under_fault(case: str, site: Site, cache: Cache) -> None:
+    """A cold client (no kept copy) fetching the signed index while the server misbehaves."""
+    path, faults, expected, message = INDEX_FETCH_CASES[case]
+    site.server.inject(path, *faults)
+    error = outcome(lambda: site.release(cache))
+    if expected is None:
+        assert error is None, error
+        assert cache.read_index_copy(site.url) == (site.www / "registry.json").read_bytes()
+    else:
+        assert isinstance(error, expected) and message in str(error), error
+        assert cache.read_index_copy(site.url) is None  # nothing unverified is kept for offline use
+    site.server.clear()
+    assert site.release(cache).spec == "lesion@1.0.0"
 
 
 def test_redirect_to_another_loopback_host_is_followed(site: Site, cache: Cache) -> None:
@@ -401,13 +430,8 @@ INDEX_CASES: dict[str, tuple[Callable[[dict], None], type[SiteHeadError] | None,
 @pytest.mark.parametrize("case", list(INDEX_CASES))
 def test_hostile_index(case: str, site: Site, cache: Cache, tmp_path: Path) -> None:
     change, expected, message = INDEX_CASES[case]
-    index = index_with(site, change)
-    (site.www / "registry.json").write_text(json.dumps(index))
-    from sct_sitehead.signing import sign_index
-
-    sign_index_unchecked(site.www / "registry.json", site.private_key) if expected is RegistryError else sign_index(
-        site.www / "registry.json", site.private_key
-    )
+    (site.www / "registry.json").write_text(json.dumps(index_with(site, change)))
+    sign_unchecked(site.www / "registry.json", site.private_key)
     outside_before = sorted(p for p in tmp_path.rglob("*") if not p.is_relative_to(cache.root))
 
     def run() -> None:
@@ -424,11 +448,9 @@ def test_hostile_index(case: str, site: Site, cache: Cache, tmp_path: Path) -> N
     assert_cache_sound(cache.root, site.truth)
 
 
-def sign_index_unchecked(path: Path, private_key: Path) -> None:
-    """Sign an index that :func:`sign_index` would refuse to sign: a publisher's mistake or a hostile index made
-    with a stolen key. The client must still refuse it after the signature checks out."""
-    from sct_sitehead.signing import load_private_key, sign_bytes
-
+def sign_unchecked(path: Path, private_key: Path) -> None:
+    """Sign even what ``sign_index`` refuses to (a publisher's bug, or a stolen key): the client must still refuse
+    a hostile index after its signature checks out."""
     path.with_name(path.name + ".sig").write_bytes(sign_bytes(path.read_bytes(), load_private_key(private_key)))
 
 
@@ -587,7 +609,7 @@ class FullDisk:
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A tiny real filesystem (tmpfs, 384 KiB), when this machine lets the tests mount one."""
+    """A tiny real filesystem (tmpfs, 384 KiB; see :func:`remount`), when this machine lets the tests mount one."""
     mount = tmp_path / "tmpfs"
     mount.mkdir()
     result = subprocess.run(
@@ -599,6 +621,10 @@ def tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def remount(mount: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
 
 
 @pytest.mark.parametrize("where", ["injected-while-writing", "injected-at-fsync", "real-tmpfs"])
@@ -625,7 +651,7 @@ def test_full_disk(where: str, site: Site, tmp_path: Path, monkeypatch: pytest.M
     requests_before = len(site.server.ranges(BACKBONE))
     monkeypatch.undo()
     if where == "real-tmpfs":
-        subprocess.run(["mount", "-o", "remount,size=4m", str(root.parent)], check=True)
+        remount(root.parent, "size=4m")  # space freed
     assert cache.fetch(release.backbone, offline=False).read_bytes() == site.backbone
     assert_cache_sound(root, site.truth)
     retried = site.server.ranges(BACKBONE)[requests_before:]
@@ -687,7 +713,11 @@ def inject_read_only(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
 @pytest.mark.parametrize("how", ["injected-erofs", "setpriv-no-capabilities", "tmpfs-remounted-read-only"])
 def test_read_only_cache(how: str, site: Site, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request) -> None:
     """With the asset present it works and writes nothing; with an asset missing it is one clear OutputError."""
+    if how == "setpriv-no-capabilities" and shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
     base = request.getfixturevalue("tmpfs") if how == "tmpfs-remounted-read-only" else tmp_path
+    if how == "tmpfs-remounted-read-only":
+        remount(base, "size=4m")
     root = base / "cache"
     filler = new_cache(root)
     backbone = filler.fetch(site.release(filler).backbone, offline=False)
@@ -696,43 +726,39 @@ def test_read_only_cache(how: str, site: Site, tmp_path: Path, monkeypatch: pyte
     def snapshot() -> dict[str, tuple[int, int, float]]:
         return {str(p): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime) for p in [root, *root.rglob("*")]}
 
+    if how == "setpriv-no-capabilities":
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+    elif how == "tmpfs-remounted-read-only":
+        remount(base, "ro")
+    before = snapshot()
     if how == "injected-erofs":
-        before = snapshot()
         inject_read_only(monkeypatch, root)
         cache = new_cache(root)
         release = site.release(cache)
         assert cache.fetch(release.backbone, offline=False) == backbone
         with pytest.raises(OutputError) as caught:
             cache.fetch(release.head("montreal").asset, offline=False)
-        head_error = [type(caught.value).__name__, caught.value.exit_code, str(caught.value)]
         monkeypatch.undo()
+        head_error = [type(caught.value).__name__, caught.value.exit_code, str(caught.value)]
     else:
-        if how == "setpriv-no-capabilities":
-            if shutil.which("setpriv") is None:
-                pytest.skip("setpriv is not installed")
-            for path in [root, *root.rglob("*")]:
-                path.chmod(0o555 if path.is_dir() else 0o444)
-            command = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"]
-        else:
-            subprocess.run(["mount", "-o", "remount,ro", str(base)], check=True)
-            command = []
-        before = snapshot()
+        # A real process without root's power to ignore permission bits (setpriv), or on a read-only mount.
+        command = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if how.startswith("setpriv") else []
         result = subprocess.run(
             [*command, sys.executable, "-c", READ_ONLY_CHECK, site.url, str(root), str(site.public_key)],
             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PYTHONPATH}, check=False,
         )
-        for path in [root, *root.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644) if how == "setpriv-no-capabilities" else None
         assert result.returncode == 0, result.stderr
         output = json.loads(result.stdout)
         assert output["backbone"] == str(backbone)
         head_error = output["head"]
-        if how == "setpriv-no-capabilities":
-            before = {path: (stat_mode, size, mtime) for path, (stat_mode, size, mtime) in before.items()}
+    after = snapshot()
+    if how == "setpriv-no-capabilities":
+        for path in [root, *root.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
     assert head_error[:2] == ["OutputError", OutputError.exit_code]
     assert "is not in the cache" in head_error[2] and "cannot be written" in head_error[2]
     assert "SCT_SITEHEAD_CACHE" in head_error[2]
-    if how != "setpriv-no-capabilities":  # the chmod round trip changes modes; contents are checked below
-        assert snapshot() == before
+    assert after == before
     assert backbone.read_bytes() == site.backbone
     assert_cache_sound(root, site.truth)

@@ -51,7 +51,8 @@ def test_cord_size_is_realistic(t2):
 
 
 @pytest.mark.parametrize(
-    ("contrast", "csf_brighter", "lesion_brighter"), [("T2w", True, True), ("T2star", True, True), ("T1w", False, False)]
+    ("contrast", "csf_brighter", "lesion_brighter"),
+    [("T2w", True, True), ("T2star", True, True), ("T1w", False, False)],
 )
 def test_contrasts(contrast, csf_brighter, lesion_brighter):
     ph = make_phantom((40, 40, 40), (1.0, 1.0, 1.0), contrast=contrast, n_lesions=3, seed=1)
@@ -93,6 +94,8 @@ def test_same_world_at_other_resolutions_and_orientations(t2, shape, spacing, or
     assert dice(moved & seen, reference & seen) > 0.8
     if not oblique:  # same z field of view -> the same lesions in world space
         assert other.lesions == t2.lesions
+        lesion = resample(arr(other.lesion), other.lesion.affine, t2.lesion.shape, t2.lesion.affine) >= 0.5
+        assert dice(lesion & seen, (arr(t2.lesion) > 0) & seen) > 0.7
 
 
 def test_seed_determinism_and_dtypes(t2):
@@ -108,8 +111,8 @@ def test_seed_determinism_and_dtypes(t2):
 def test_write_phantom(tmp_path: Path, t2):
     out = tmp_path / "sub" / "example_T2w.nii.gz"
     paths = write_phantom(t2, out)
-    assert paths["lesion"] == truth_paths(out)["lesion"] == tmp_path / "sub" / "example_T2w_lesionseg.nii.gz"
-    assert paths["cord"].name == "example_T2w_cordseg.nii.gz"
+    assert paths["lesion"] == truth_paths(out)["lesion"] == tmp_path / "sub" / "example_T2w_lesion-truth.nii.gz"
+    assert paths["cord"].name == "example_T2w_cord-truth.nii.gz"
     for key, path in paths.items():
         img = nib.load(path)
         assert np.allclose(img.affine, t2.image.affine) and img.shape == t2.image.shape

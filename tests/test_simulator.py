@@ -22,7 +22,7 @@ from sct_sitehead.simulate.sites import Annotation
 
 SITES = load_sites()
 ALL_SUFFIXES = {"lesion": "lesion-manual", "cord": "seg-manual", "csf": "csf-manual"}
-N_PER_SITE = 3
+N_PER_SITE = 2
 
 
 def arr(path: Path) -> np.ndarray:
@@ -86,7 +86,7 @@ def test_same_seed_gives_identical_subject_files(bids_dir: Path, dataset: Path, 
     """A subject depends only on (seed, site, number): rerunning two of the sites gives the same bytes."""
     again = simulate(bids_dir, tmp_path / "again", n_per_site=N_PER_SITE, seed=5, sites=["montreal", "bordeaux"])
     files = sorted(p.relative_to(again) for p in again.rglob("sub-*.nii.gz"))
-    assert len(files) == N_PER_SITE * (4 + 5)  # image + 2 truths + the sites' 2 and 3 labels
+    assert len(files) == N_PER_SITE * (5 + 6)  # image + 2 truths + the sites' 2 and 3 labels
     assert all((dataset / p).read_bytes() == (again / p).read_bytes() for p in files)
     other = simulate(bids_dir, tmp_path / "other", n_per_site=1, seed=6, sites=["montreal"])
     image = next((other / "sub-montreal001" / "anat").glob("*.nii.gz"))
@@ -187,7 +187,7 @@ def test_phantom_source_whole_dataset_is_byte_identical(phantom_source: Path, tm
             for name in ("a", "b")]
     files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(runs[1]) for p in runs[1].rglob("*") if p.is_file())
-    assert len(files) == 3 + 1 + 3 + 2 * (4 + 3)  # descriptions, participants, simulation.json, 4 subjects
+    assert len(files) == 3 + 1 + 1 + 2 * 5 + 2 * 4  # descriptions, participants, simulation.json, subjects
     assert all((runs[0] / p).read_bytes() == (runs[1] / p).read_bytes() for p in files)
 
 

@@ -85,7 +85,7 @@ def insert_lesions(
         import nibabel as nib
         from sct_sitehead.simulate import insert_lesions
         out = insert_lesions(nib.load("t2.nii.gz"), nib.load("t2_seg.nii.gz"), contrast="T2w", seed=1)
-        nib.save(out.image, "t2_lesions.nii.gz"); nib.save(out.lesion, "t2_lesions_lesionseg.nii.gz")
+        nib.save(out.image, "t2_lesions.nii.gz"); nib.save(out.lesion, "t2_lesions_lesion-truth.nii.gz")
 
     Args:
         image: a 3D image with a spinal cord.
@@ -165,6 +165,8 @@ def insert_lesions_array(
         lesion_contrast = LESION_CONTRAST[contrast]
     if n_lesions < 0:
         raise UsageError(f"n_lesions is {n_lesions}; use 0 or more")
+    if n_lesions == 0:
+        return np.asarray(data, dtype=np.float32).copy(), np.zeros(data.shape, dtype=np.float32), []
     cord = cord_fraction >= 0.5
     if not cord.any():
         raise InputImageError("the cord mask is empty; lesions go inside the cord, so give a non-empty mask")

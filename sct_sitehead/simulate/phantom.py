@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: Tissue intensities per contrast, relative to the brightest tissue (x 1000 in the written image).
 INTENSITIES: dict[str, dict[str, float]] = {
-    "T2w": {"air": 0.0, "fat": 0.55, "muscle": 0.2, "bone": 0.3, "disc": 0.65, "csf": 1.0, "cord": 0.38, "lesion": 0.75},
+    "T2w": {"air": 0.0, "fat": 0.55, "muscle": 0.2, "bone": 0.3, "disc": 0.65, "csf": 1.0, "cord": 0.38,
+            "lesion": 0.75},
     "T2star": {"air": 0.0, "fat": 0.35, "muscle": 0.25, "bone": 0.15, "disc": 0.5, "csf": 0.85, "cord": 0.5,
                "lesion": 0.72},
     "T1w": {"air": 0.0, "fat": 0.95, "muscle": 0.4, "bone": 0.55, "disc": 0.35, "csf": 0.12, "cord": 0.55,
@@ -318,13 +319,15 @@ def truth_paths(out: Path) -> dict[str, Path]:
     out = Path(out)
     name = out.name
     stem, ext = (name[:-7], ".nii.gz") if name.endswith(".nii.gz") else (out.stem, out.suffix or ".nii.gz")
-    return {label: out.with_name(f"{stem}_{label}seg{ext}") for label in ("cord", "lesion", "csf")}
+    # "-truth", not "seg": sct_deepseg_lesion writes its prediction as <stem>_lesionseg next to the input.
+    return {label: out.with_name(f"{stem}_{label}-truth{ext}") for label in ("cord", "lesion", "csf")}
 
 
 def write_phantom(phantom: Phantom, out: Path) -> dict[str, Path]:
     """Write the image to ``out`` and its ground truth next to it.
 
-    ``out = x_T2w.nii.gz`` gives ``x_T2w_cordseg.nii.gz``, ``x_T2w_lesionseg.nii.gz`` and ``x_T2w_csfseg.nii.gz``.
+    ``out = x_T2w.nii.gz`` gives ``x_T2w_cord-truth.nii.gz``, ``x_T2w_lesion-truth.nii.gz`` and
+    ``x_T2w_csf-truth.nii.gz``.
 
     Returns:
         ``{"image": out, "cord": ..., "lesion": ..., "csf": ...}``.

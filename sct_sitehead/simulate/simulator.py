@@ -276,7 +276,8 @@ def _simulate_all(
             chosen.append((participant, sample))
             subjects[participant] = {"site": site.name, "source": sample.stem, **result.params}
             logger.debug("%s from %s in %.2f s", participant, sample.stem, time.perf_counter() - started)
-        splits = _splits(chosen, holdout, split_fractions, np.random.default_rng([seed, zlib.crc32(site.name.encode()), 0]))
+        split_rng = np.random.default_rng([int(seed), zlib.crc32(site.name.encode()), 0])
+        splits = _splits(chosen, holdout, split_fractions, split_rng)
         rows.extend({"participant_id": p, "site": site.name, "source": s.stem, "split": splits[p]} for p, s in chosen)
     return rows, subjects
 
@@ -341,7 +342,8 @@ def _write_dataset_files(
     n_per_site: int, seed: int, holdout: list[str], split_fractions: tuple[float, float, float],
 ) -> None:
     header = ["participant_id", "site", "source", "split"]
-    lines = ["\t".join(header)] + ["\t".join(row[k] for k in header) for row in sorted(rows, key=lambda r: r["participant_id"])]
+    ordered = sorted(rows, key=lambda r: r["participant_id"])
+    lines = ["\t".join(header)] + ["\t".join(row[k] for k in header) for row in ordered]
     (root / "participants.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     generated = [{"Name": "sct_sitehead simulate", "Version": __version__}]
     _write_json(root / "dataset_description.json", {

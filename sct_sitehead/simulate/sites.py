@@ -164,7 +164,7 @@ def _acquisition(where: str, raw: dict[str, Any]) -> Acquisition:
         raise UsageError(f"{where}: noise is {acquisition.noise!r}; use one of {NOISE_KINDS}")
     if acquisition.dtype not in DTYPES:
         raise UsageError(f"{where}: dtype is {acquisition.dtype!r}; use one of {DTYPES}")
-    if acquisition.noise_sigma < 0 or acquisition.bias < 0 or acquisition.gamma <= 0 or acquisition.intensity_scale <= 0:
+    if min(acquisition.noise_sigma, acquisition.bias) < 0 or min(acquisition.gamma, acquisition.intensity_scale) <= 0:
         raise UsageError(f"{where}: noise_sigma and bias must be >= 0, gamma and intensity_scale > 0; got {raw}")
     return acquisition
 

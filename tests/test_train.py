@@ -1,0 +1,265 @@
+"""Training: loss masks, schedule, sampling, augmentation, deploy-identical preprocessing, the training loops,
+checkpoints and resume. Also home of :func:`make_dataset`, the tiny multi-site BIDS dataset the training tests
+share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from sct_sitehead.bids import read_bids  # noqa: E402
+from sct_sitehead.errors import TrainingError  # noqa: E402
+from sct_sitehead.inference import normalize  # noqa: E402
+from sct_sitehead.nifti import image_data, load_image  # noqa: E402
+from sct_sitehead.spatial import to_model_grid  # noqa: E402
+from sct_sitehead.training import loop  # noqa: E402
+from sct_sitehead.training.augment import augment_batch  # noqa: E402
+from sct_sitehead.training.checkpoint import file_sha256, load_checkpoint, weights_digest  # noqa: E402
+from sct_sitehead.training.config import load_config  # noqa: E402
+from sct_sitehead.training.data import Case, prepare_cases, sample_batch  # noqa: E402
+from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
+from sct_sitehead.training.loop import learning_rate  # noqa: E402
+from sct_sitehead.training.train import load_backbone, train_backbone, train_head  # noqa: E402
+
+pytestmark = pytest.mark.train
+
+TWO_SITES = {"siteA": ["lesion"], "siteB": ["lesion", "cord"]}
+
+
+def make_dataset(root: Path, sites: dict[str, list[str]] = TWO_SITES, cases_per_site: int = 2,
+                 shape: tuple[int, int, int] = (24, 22, 20), seed: int = 0) -> Path:
+    """A BIDS folder of synthetic T2w-like volumes: a bright cord cylinder along Z with brighter lesion balls.
+
+    Images are stored LPS-like (x and y flipped), so the deploy preprocessing must reorient them to RAS.
+    """
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    rows = ["participant_id\tsite"]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    grid = np.indices(shape).astype(np.float32)
+    number = 0
+    for site, labels in sites.items():
+        for _ in range(cases_per_site):
+            number += 1
+            subject = f"sub-{site}{number:02d}"
+            rows.append(f"{subject}\t{site}")
+            cx, cy = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
+            cord = np.hypot(grid[0] - cx, grid[1] - cy) < 4
+            lesion = np.zeros(shape, bool)
+            for _ in range(2):
+                centre = np.array([cx + rng.uniform(-2, 2), cy + rng.uniform(-2, 2), rng.uniform(4, shape[2] - 4)])
+                lesion |= np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < 2
+            lesion &= cord
+            image = 100 + 10 * rng.standard_normal(shape) + 200 * cord + 250 * lesion
+            anat = root / subject / "anat"
+            anat.mkdir(parents=True)
+            nib.save(nib.Nifti1Image(image.astype(np.float32), affine), anat / f"{subject}_T2w.nii.gz")
+            label_dir = root / "derivatives" / "labels" / subject / "anat"
+            label_dir.mkdir(parents=True)
+            masks = {"lesion": ("lesion-manual", lesion), "cord": ("seg-manual", cord)}
+            for name in labels:
+                suffix, mask = masks[name]
+                nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), label_dir / f"{subject}_T2w_{suffix}.nii.gz")
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (root / "dataset_description.json").write_text('{"Name": "toy", "BIDSVersion": "1.8.0"}', encoding="utf-8")
+    return root
+
+
+def tiny_config(**train: object) -> dict:
+    config = load_config("tiny")
+    config["train"].update(train)
+    return config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("bids"))
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    return train_backbone(dataset, tmp_path_factory.mktemp("work"), tiny_config(steps=40))
+
+
+# --- loss --------------------------------------------------------------------------------------------------------
+def test_masked_channels_get_no_loss_and_no_gradient() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    targets = (torch.rand(2, 3, 4, 4, 4) > 0.7).float()
+    mask = torch.tensor([[True, False, False], [True, True, False]])
+    loss = masked_dice_bce(logits, targets, mask)
+    loss.backward()
+    assert logits.grad[0, 1:].abs().max() == 0 and logits.grad[1, 2].abs().max() == 0
+    assert logits.grad[0, 0].abs().max() > 0 and logits.grad[1, 1].abs().max() > 0
+    # Changing what an unannotated channel says changes nothing.
+    other = targets.clone()
+    other[0, 1:] = 1 - other[0, 1:]
+    assert torch.equal(masked_dice_bce(logits, other, mask), loss)
+
+
+def test_loss_with_everything_annotated_is_dice_plus_bce() -> None:
+    torch.manual_seed(1)
+    logits, targets = torch.randn(1, 1, 3, 3, 3), (torch.rand(1, 1, 3, 3, 3) > 0.5).float()
+    p = torch.sigmoid(logits)
+    dice = (2 * (p * targets).sum() + 1) / (p.sum() + targets.sum() + 1)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    got = masked_dice_bce(logits, targets, torch.ones(1, 1, dtype=torch.bool))
+    assert torch.allclose(got, 1 - dice + bce)
+    nothing = masked_dice_bce(logits.requires_grad_(), targets, torch.zeros(1, 1, dtype=torch.bool))
+    assert float(nothing.detach()) == 0.0 and nothing.requires_grad
+    with pytest.raises(TrainingError, match="do not match"):
+        masked_dice_bce(logits, targets[:, :, :2], torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_learning_rate_warms_up_then_decays_to_zero() -> None:
+    assert learning_rate(0, 100, 1.0, 10, "poly") == pytest.approx(0.1)
+    assert learning_rate(9, 100, 1.0, 10, "poly") == pytest.approx(1.0)
+    assert learning_rate(10, 100, 1.0, 10, "poly") == pytest.approx(1.0)
+    assert learning_rate(100, 100, 1.0, 10, "poly") == pytest.approx(0.0)
+    assert learning_rate(55, 100, 1.0, 10, "cosine") == pytest.approx(0.5)
+    values = [learning_rate(s, 100, 1.0, 10, "poly") for s in range(10, 100)]
+    assert values == sorted(values, reverse=True)
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+def test_cases_are_preprocessed_exactly_like_the_deploy_path_and_cached(dataset: Path, tmp_path: Path) -> None:
+    samples, problems = read_bids(dataset)
+    assert not problems and len(samples) == 4
+    spec = load_config("tiny")["input"]
+    cases = prepare_cases(samples, spec, tmp_path / "cache")
+    image = load_image(samples[0].image)
+    volume, _ = to_model_grid(image_data(image), image.affine, spec["orientation"], spec["spacing"])
+    assert np.array_equal(cases[0].image, normalize(volume, spec["normalization"]))
+    lesion = np.asarray(load_image(samples[0].labels["lesion"]).dataobj) > 0
+    assert np.array_equal(cases[0].labels["lesion"], lesion[::-1, ::-1, :])  # LPS-like -> RAS
+    assert len(cases[0].foreground) == lesion.sum()
+    stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy"))
+    again = prepare_cases(samples, spec, tmp_path / "cache")
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "cache").rglob("*.npy")) == stamps
+    assert np.array_equal(again[0].image, cases[0].image)
+
+
+def _case(shape: tuple[int, int, int] = (20, 20, 20)) -> tuple[Case, tuple[np.ndarray, np.ndarray]]:
+    lesion = np.zeros(shape, np.uint8)
+    lesion[shape[0] - 5, 3, 10] = 1
+    image = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    case = Case("x", "A", image, {"lesion": lesion}, np.argwhere(lesion).astype(np.int32), float(image.min()))
+    return case, (lesion[None], np.array([True]))
+
+
+def test_patch_sampling_is_seeded_and_oversamples_lesions() -> None:
+    case, target = _case()
+    first = sample_batch([case], [target], (8, 8, 8), 3, np.random.default_rng(5), 0.33)
+    second = sample_batch([case], [target], (8, 8, 8), 3, np.random.default_rng(5), 0.33)
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+    images, labels, masks = sample_batch([case], [target], (8, 8, 8), 4, np.random.default_rng(0), 1.0)
+    assert images.shape == (4, 1, 8, 8, 8) and labels.shape == (4, 1, 8, 8, 8) and masks.all()
+    assert all(labels[i].sum() == 1 for i in range(4))  # every patch holds the single lesion voxel
+
+
+def test_small_volumes_are_padded_with_their_minimum() -> None:
+    case, target = _case((6, 20, 20))
+    images, _, _ = sample_batch([case], [target], (8, 8, 8), 1, np.random.default_rng(0), 0.0)
+    assert images[0, 0, 0].max() == case.minimum and images[0, 0, 7].max() == case.minimum
+
+
+def test_augmentation_is_seeded_and_keeps_targets_binary() -> None:
+    options = {**load_config("tiny")["augment"], "flip": 1.0, "affine": 1.0, "gamma": 1.0, "noise": 1.0,
+               "bias": 1.0, "resolution": 1.0}
+    torch.manual_seed(0)
+    images = torch.randn(2, 1, 12, 12, 12)
+    targets = (torch.rand(2, 2, 12, 12, 12) > 0.5).to(torch.uint8)
+    a = augment_batch(images, targets, torch.Generator().manual_seed(3), options)
+    b = augment_batch(images, targets, torch.Generator().manual_seed(3), options)
+    c = augment_batch(images, targets, torch.Generator().manual_seed(4), options)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert a[0].shape == images.shape and a[1].shape == targets.shape
+    assert set(a[1].unique().tolist()) <= {0.0, 1.0}
+    off = {k: (0.0 if isinstance(v, float) and k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
+           for k, v in options.items()}
+    same = augment_batch(images, targets, torch.Generator().manual_seed(3), off)
+    assert torch.equal(same[0], images) and torch.equal(same[1], targets.float())
+
+
+# --- training loops ------------------------------------------------------------------------------------------------
+def test_tiny_backbone_training_decreases_the_loss(trained: Path) -> None:
+    log = [json.loads(line) for line in (trained.parent / "backbone.log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == list(range(5, 41, 5))
+    assert log[-1]["loss"] < 0.85 * log[0]["loss"], log
+    _, meta = load_backbone(trained)
+    assert meta["label_space"]["channels"] == 2
+    assert meta["label_space"]["site_maps"] == {"siteA": {"lesion": 0}, "siteB": {"cord": 0, "lesion": 1}}
+
+
+def test_checkpoints_reload_bit_identically_without_pickle(trained: Path) -> None:
+    model, meta = load_backbone(trained)
+    state, meta_again, optim = load_checkpoint(trained, kind="backbone")
+    assert optim is None and meta_again == meta
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert weights_digest(model.backbone) == meta["backbone_sha256"]
+    header_size = int.from_bytes(trained.read_bytes()[:8], "little")
+    json.loads(trained.read_bytes()[8 : 8 + header_size])  # safetensors: a JSON header, then raw tensor bytes
+    with pytest.raises(TrainingError, match="is a 'backbone' checkpoint, expected a 'head'"):
+        load_checkpoint(trained, kind="head")
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(dataset: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny_config(steps=8, checkpoint_every=3, log_every=2)
+    straight = train_backbone(dataset, tmp_path / "straight", config)
+    calls = {"n": 0}
+    real = loop.sample_batch
+
+    def crash_at_step_5(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "sample_batch", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone(dataset, tmp_path / "resumed", config)
+    _, state_meta, optim = load_checkpoint(tmp_path / "resumed" / "backbone.state.safetensors", kind="state")
+    assert state_meta["step"] == 3 and optim is not None
+    monkeypatch.setattr(loop, "sample_batch", real)
+    resumed = train_backbone(dataset, tmp_path / "resumed", config)
+    assert load_backbone(resumed)[1]["rank_digests"] == load_backbone(straight)[1]["rank_digests"]
+    # A state file from another architecture is refused rather than half-loaded.
+    with pytest.raises(TrainingError, match="different run"):
+        train_backbone(dataset, tmp_path / "resumed", {**config, "model": {"features": [4, 4]}})
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "wider", "spatial"])
+def test_head_training_leaves_the_backbone_untouched(trained: Path, dataset: Path, tmp_path: Path,
+                                                     strategy: str) -> None:
+    before = file_sha256(trained)
+    path = train_head(dataset, trained, "siteB", strategy, tmp_path, tiny_config())
+    assert file_sha256(trained) == before
+    state, meta, _ = load_checkpoint(path, kind="head")
+    assert meta["strategy"] == strategy and meta["labels"] == {"cord": 0, "lesion": 1}
+    assert meta["backbone_sha256"] == load_backbone(trained)[1]["backbone_sha256"]
+    assert not any(k.startswith(("encoder", "backbone")) for k in state)
+    assert ("stages.0.blocks.0.conv.weight_new" in state) == (strategy != "finetune")
+
+
+def test_a_site_the_backbone_never_saw_gets_its_own_label_map(trained: Path, tmp_path: Path) -> None:
+    new = make_dataset(tmp_path / "new", {"siteN": ["cord"]}, cases_per_site=1, seed=3)
+    path = train_head(new, trained, "siteN", "finetune", tmp_path / "work", tiny_config())
+    assert load_checkpoint(path, kind="head")[1]["labels"] == {"cord": 0}
+    with pytest.raises(TrainingError, match=r"no sample of site 'siteZ' in the data \(sites: \['siteN'\]\)"):
+        train_head(new, trained, "siteZ", "finetune", tmp_path / "work", tiny_config())
+    with pytest.raises(TrainingError, match="unknown head strategy"):
+        train_head(new, trained, "siteN", "deeper", tmp_path / "work", tiny_config())
