@@ -37,14 +37,22 @@ registry_option = click.option("-registry", "registry", metavar="URL_OR_PATH", h
 offline_option = click.option("-offline", is_flag=True, help="no network at all: use the cache only")
 
 
-def open_registry(registry: str | None, offline: bool, allow_http: bool = False):
+trust_option = click.option(
+    "-trust", "trust", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="also trust this ed25519 public key (repeatable)",
+)
+unsigned_option = click.option("-allow-unsigned", "allow_unsigned", is_flag=True,
+                               help="accept an unsigned remote registry index")
+
+
+def open_registry(registry: str | None, offline: bool, trust: tuple[Path, ...] = (), allow_unsigned: bool = False):
     from .cache import Cache
     from .registry import Registry
 
     cache = Cache(env.cache_dir())
     index = Registry.load(
         registry or env.registry_location(), cache=cache, offline=offline or env.offline(),
-        allow_http=allow_http or env.allow_plain_http(),
+        allow_http=env.allow_plain_http(), trust=list(trust) or None, allow_unsigned=allow_unsigned,
     )
     return index, cache
 
@@ -64,10 +72,12 @@ def models() -> None:
 @models.command("list")
 @registry_option
 @offline_option
+@trust_option
+@unsigned_option
 @verbosity_option
-def models_list(registry: str | None, offline: bool) -> None:
+def models_list(registry: str | None, offline: bool, trust: tuple[Path, ...], allow_unsigned: bool) -> None:
     """List models, their releases and their sites."""
-    index, _ = open_registry(registry, offline)
+    index, _ = open_registry(registry, offline, trust, allow_unsigned)
     for name in index.models():
         for version in index.versions(name):
             release = index.release(name, version)
@@ -79,22 +89,27 @@ def models_list(registry: str | None, offline: bool) -> None:
 @click.argument("model", required=False)
 @click.option("-site", "sites", metavar="A,B", help="site heads to fetch (default: all of the release's)")
 @registry_option
+@trust_option
+@unsigned_option
 @verbosity_option
-def models_install(model: str | None, sites: str | None, registry: str | None) -> None:
+def models_install(
+    model: str | None, sites: str | None, registry: str | None, trust: tuple[Path, ...], allow_unsigned: bool
+) -> None:
     """Pre-fetch MODEL[@VERSION] (backbone and site heads) into the cache, for later offline use."""
     from .cli import parse_sites
     from .registry import parse_model_spec
 
-    index, cache = open_registry(registry, offline=False)
+    index, cache = open_registry(registry, False, trust, allow_unsigned)
     name, version = parse_model_spec(model) if model else (None, None)
     release = index.release(name, version)
     wanted = parse_sites(sites) or sorted(release.heads)
     heads = [release.head(site) for site in wanted]
     progress = sys.stderr.isatty()
-    path = cache.fetch(release.backbone, offline=False, progress=progress)
+    allow_http = env.allow_plain_http()
+    path = cache.fetch(release.backbone, offline=False, progress=progress, allow_http=allow_http)
     click.echo(f"backbone {release.backbone.sha256[:12]} {path}")
     for head in heads:
-        path = cache.fetch(head.asset, offline=False, progress=progress)
+        path = cache.fetch(head.asset, offline=False, progress=progress, allow_http=allow_http)
         click.echo(f"{head.site} {head.asset.sha256[:12]} {path}")
     click.echo(f"{release.model}@{release.version}: {len(heads)} site(s) cached in {cache.root}")
 
@@ -164,6 +179,77 @@ def registry_serve(directory: Path, port: int, host: str) -> None:
 
     click.echo(f"serving {directory} on http://{host}:{port}/ (Ctrl-C to stop)")
     serve(directory, port=port, host=host)
+
+
+@registry.command("keygen")
+@click.argument("private", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("public", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-force", is_flag=True, help="replace existing key files")
+@verbosity_option
+def registry_keygen(private: Path, public: Path, force: bool) -> None:
+    """Make an ed25519 key pair for signing registry indexes (keep PRIVATE secret; give PUBLIC to sites)."""
+    from .signing import generate_keypair
+
+    key_id = generate_keypair(private, public, force=force)
+    click.echo(f"key {key_id}: private {private} (keep it secret), public {public}")
+
+
+@registry.command("sign")
+@click.argument("index", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-key", "key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="ed25519 private key (PEM)")
+@verbosity_option
+def registry_sign(index: Path, key: Path) -> None:
+    """Sign a registry index: writes INDEX.sig next to it."""
+    from .signing import sign_index
+
+    click.echo(f"signature: {sign_index(index, key)}")
+
+
+# --- synthetic data -------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("-o", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="output image")
+@click.option("-shape", nargs=3, type=int, default=(64, 64, 96), show_default=True, help="voxels per axis")
+@click.option("-spacing", nargs=3, type=float, default=(0.8, 0.8, 0.8), show_default=True, help="voxel size, mm")
+@click.option("-orientation", default="RPI", show_default=True, help="axis codes of the voxel grid (RAS, LPI, PSR...)")
+@click.option("-contrast", type=click.Choice(["T2w", "T2star", "T1w"]), default="T2w", show_default=True)
+@click.option("-lesions", "n_lesions", type=click.IntRange(0, 50), default=3, show_default=True)
+@click.option("-oblique", "oblique_deg", type=float, default=0.0, show_default=True, help="tilt of the grid, degrees")
+@click.option("-seed", type=int, default=0, show_default=True)
+@verbosity_option
+def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique_deg, seed) -> None:
+    """Write a procedural spinal cord phantom (cord, CSF, vertebrae, discs, lesions) and its ground truth."""
+    from .simulate import make_phantom, write_phantom
+
+    made = make_phantom(
+        tuple(shape), tuple(spacing), orientation=orientation, contrast=contrast, n_lesions=n_lesions,
+        seed=seed, oblique_deg=oblique_deg,
+    )
+    for label, path in write_phantom(made, out).items():
+        click.echo(f"{label}: {path}")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("-n", "n_per_site", type=click.IntRange(1), default=20, show_default=True, help="subjects per site")
+@click.option("-seed", type=int, default=0, show_default=True)
+@click.option("-sites", "sites", metavar="A,B", help="sites to simulate (default: all in the config)")
+@click.option("-config", "sites_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="site profiles JSON (default: the packaged sites.json)")
+@click.option("-holdout", metavar="SUB,SUB", help="source subjects whose anatomy only appears in the test split")
+@verbosity_option
+def simulate(source: Path, out: Path, n_per_site: int, seed: int, sites: str | None, sites_config: Path | None,
+             holdout: str | None) -> None:
+    """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
+    from .cli import parse_sites
+    from .simulate import simulate as run_simulation
+
+    written = run_simulation(
+        source, out, sites_config=sites_config, n_per_site=n_per_site, seed=seed,
+        holdout=parse_sites(holdout) or None, sites=parse_sites(sites) or None,
+    )
+    click.echo(f"simulated dataset: {written}")
 
 
 def main(argv: list[str] | None = None) -> int:

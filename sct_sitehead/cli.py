@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("-registry", metavar="URL_OR_PATH", help="registry index (default: the embedded one)")
     model.add_argument("-offline", action="store_true", help="no network at all: use the cache only")
     model.add_argument("-allow-http", action="store_true", help="allow plain http:// to hosts other than loopback")
+    model.add_argument(
+        "-trust", action="append", type=Path, metavar="KEYFILE", help="also trust this ed25519 public key (repeatable)"
+    )
+    model.add_argument("-allow-unsigned", action="store_true", help="accept an unsigned remote registry index")
     model.add_argument("-list-sites", action="store_true", help="list the model's sites and exit")
     model.add_argument("-list-models", action="store_true", help="list the registry's models and exit")
 
@@ -110,6 +114,8 @@ def open_registry(args: argparse.Namespace):
         cache=cache,
         offline=args.offline or env.offline(),
         allow_http=args.allow_http or env.allow_plain_http(),
+        trust=args.trust,
+        allow_unsigned=args.allow_unsigned,
     )
     return registry, cache
 

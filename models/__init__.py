@@ -1,0 +1,1 @@
+"""The embedded default registry (registry.json and its ONNX files): package data, no code."""
