@@ -8,7 +8,6 @@ release: the backbone runs once per batch of patches and every head reads its fe
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
@@ -457,9 +456,11 @@ class SiteHeadModel:
         """
         import onnxruntime as ort
 
+        from .cache import sha256_file
+
         first = self._providers[0]
         tag = first if isinstance(first, str) else f"{first[0]}{first[1].get('device_id', '')}"
-        name = f"{_sha256(path)[:32]}-ort{ort.__version__}-{tag}.onnx"
+        name = f"{sha256_file(path)[:32]}-ort{ort.__version__}-{tag}.onnx"
         saved = self._optimized_dir / name  # type: ignore[operator]
         if not saved.is_file():
             self._save_optimized(path, saved)
@@ -488,14 +489,6 @@ class SiteHeadModel:
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:
