@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import OutputError, UsageError
+from .errors import UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -120,20 +118,15 @@ def soft_path(mask_path: Path) -> Path:
     return mask_path.with_name(stem + "_soft" + suffix)
 
 
+def write_text_atomic(text: str, path: Path) -> None:
+    """Write text through a temp file and a rename (:func:`nifti.write_atomic`): never half a file."""
+    from .nifti import write_atomic
+
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json_atomic(data: dict, path: Path) -> None:
-    """Write JSON to a temp file in the same folder, then rename: never a half-written sidecar."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror}; check the folder exists and is writable") from exc
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {exc.strerror}; check free space and permissions") from exc
+    write_text_atomic(json.dumps(data, indent=2) + "\n", path)
 
 
 class Segmenter:

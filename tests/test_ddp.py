@@ -24,8 +24,11 @@ from sct_sitehead.training.train import _shard, load_backbone  # noqa: E402
 pytestmark = pytest.mark.train
 
 WORKER = """
+import faulthandler
 import sys
 from pathlib import Path
+
+faulthandler.dump_traceback_later(90, exit=True)  # a hung collective shows its stack instead of timing out mute
 
 from sct_sitehead.training.config import load_config
 from sct_sitehead.training.train import train_backbone, train_head

@@ -6,6 +6,7 @@ torchrun's variables, read here only. The backend is gloo on CPU and nccl on CUD
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -27,13 +28,11 @@ class Context:
         rank: global rank (0 without torchrun).
         world_size: number of processes.
         device: the torch device this process trains on.
-        owns_group: True when this context initialised the process group (and must destroy it).
     """
 
     rank: int
     world_size: int
     device: torch.device
-    owns_group: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -82,18 +81,18 @@ def setup(device: str) -> Context:
         torch.cuda.set_device(resolved)
     if world == 1:
         return Context(0, 1, resolved)
-    owns = False
     if not dist.is_initialized():
         backend = "nccl" if resolved.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-        owns = True
+        # Kept until exit: destroying and re-creating the default group on torchrun's store can race with
+        # stale rendezvous keys and hang, and a process may train a backbone then a head.
+        atexit.register(_destroy)
         logger.info("rank %d of %d joined the %s process group on %s", rank, world, backend, resolved)
-    return Context(dist.get_rank(), dist.get_world_size(), resolved, owns)
+    return Context(dist.get_rank(), dist.get_world_size(), resolved)
 
 
-def teardown(ctx: Context) -> None:
-    """Leave the process group if :func:`setup` created it."""
-    if ctx.owns_group and dist.is_initialized():
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 

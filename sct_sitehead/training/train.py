@@ -20,7 +20,7 @@ from ..errors import TrainingError
 from .checkpoint import load_checkpoint, save_checkpoint, weights_digest
 from .config import load_config
 from .data import Case, prepare_cases
-from .distributed import Context, barrier, setup, teardown
+from .distributed import Context, barrier, setup
 from .heads import STRATEGIES, UNIVERSAL_STRATEGY, Head, build_head
 from .labels import LabelSpace, build_label_space, measure_label_sizes
 from .loop import Job, Result, fit

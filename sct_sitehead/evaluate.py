@@ -1,0 +1,232 @@
+"""Per-site evaluation of a published release, through the deploy path itself (ONNX Runtime, no torch).
+
+Every head of the release is applied to every test case (the backbone runs once per patch), so one pass gives
+both each site's own head and the cross-site matrix (site data x head). Metrics follow SCT's definitions
+(:mod:`sct_sitehead.metrics`); tables are written as CSV and Markdown, and a plot as PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+#: Columns of the summary tables, with their headings.
+SUMMARY_METRICS = {
+    "dice": "Dice",
+    "f1_any": "F1 (any voxel)",
+    "f1_10pct": "F1 (10%)",
+    "sensitivity_any": "sensitivity",
+    "precision_any": "precision",
+    "avd_mm3": "AVD mm³",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled test image."""
+
+    subject: str
+    site: str
+    image: Path
+    reference: Path
+
+
+def read_split(dataset: Path) -> dict[str, str]:
+    """``participant_id -> split`` from ``participants.tsv`` (every subject ``test`` when there is no column)."""
+    table = dataset / "participants.tsv"
+    with table.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return {row["participant_id"]: row.get("split") or "test" for row in rows}
+
+
+def find_cases(dataset: Path, split: str = "test", sites: list[str] | None = None) -> list[Case]:
+    """Labelled cases of one split, read with the BIDS reader (problems are logged by it)."""
+    from .bids import read_bids
+
+    splits = read_split(dataset)
+    samples, problems = read_bids(dataset)
+    for problem in problems:
+        logger.warning("%s", problem)
+    cases = [
+        Case(sample.subject, sample.site, sample.image, sample.labels["lesion"])
+        for sample in samples
+        if "lesion" in sample.labels
+        and splits.get(sample.subject) == split
+        and (sites is None or sample.site in sites)
+    ]
+    if not cases:
+        raise UsageError(f"no labelled {split!r} cases in {dataset}; check participants.tsv and derivatives/labels")
+    return cases
+
+
+def score_case(prediction, reference, zooms) -> dict[str, float]:
+    """Both detection rules of one case, flattened into one row."""
+    from .metrics import evaluate_case
+
+    row: dict[str, float] = {}
+    for rule, tag in (("any", "any"), ("10pct", "10pct")):
+        result = evaluate_case(prediction, reference, zooms, rule=rule)
+        for key, value in result.items():
+            if key in ("dice", "volume_pred_mm3", "volume_ref_mm3", "avd_mm3"):
+                row[key] = float(value)
+            else:
+                row[f"{key}_{tag}"] = float(value)
+    return row
+
+
+def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
+    """One row per (case, head): the case's site, subject, head and every metric."""
+    import nibabel as nib
+    import numpy as np
+    from nibabel.affines import voxel_sizes
+
+    rows: list[dict[str, Any]] = []
+    for number, case in enumerate(cases, 1):
+        image, probabilities = segmenter.predict(case.image)
+        reference = np.asanyarray(nib.load(case.reference).dataobj) > 0
+        zooms = voxel_sizes(image.affine)
+        for head in segmenter.sites:
+            lesion = [label.name for label in segmenter.heads[head].labels].index("lesion")
+            prediction = probabilities[head][lesion] >= segmenter.threshold(head)
+            rows.append({"site": case.site, "subject": case.subject, "head": head,
+                         **score_case(prediction, reference, zooms)})
+        logger.info("%d/%d %s (%s)", number, len(cases), case.subject, case.site)
+    return rows
+
+
+def pooled_detection(rows: list[dict[str, Any]], tag: str) -> float:
+    """Lesion-wise F1 over all lesions of the rows (counts summed, not per-case means)."""
+    tp = sum(row[f"tp_{tag}"] for row in rows)
+    fp = sum(row[f"fp_{tag}"] for row in rows)
+    fn = sum(row[f"fn_{tag}"] for row in rows)
+    return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def summarize_rows(rows: list[dict[str, Any]], *, seed: int = 0) -> list[dict[str, Any]]:
+    """Mean and bootstrap 95% interval of each metric per (site, head), plus every head pooled over sites."""
+    from .metrics import summarize
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[(row["site"], row["head"])].append(row)
+        groups[("pooled", row["head"])].append(row)
+    summary = []
+    for (site, head), members in sorted(groups.items()):
+        stats = summarize(members, seed=seed)
+        entry: dict[str, Any] = {"site": site, "head": head, "n": len(members)}
+        for key in SUMMARY_METRICS:
+            entry[key] = stats[key]["mean"]
+            entry[f"{key}_low"], entry[f"{key}_high"] = stats[key]["low"], stats[key]["high"]
+        entry["f1_pooled_any"] = pooled_detection(members, "any")
+        entry["f1_pooled_10pct"] = pooled_detection(members, "10pct")
+        summary.append(entry)
+    return summary
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    from .pipeline import write_text_atomic
+
+    if not rows:
+        raise UsageError(f"nothing to write to {path}")
+    columns = list(rows[0])
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(_cell(row.get(c)) for c in columns) for row in rows]
+    write_text_atomic("\n".join(lines) + "\n", path)
+    return path
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(summary: list[dict[str, Any]], heads: list[str] | None = None) -> str:
+    """Own head vs universal per site: mean [95% CI] of each metric."""
+    selected = [e for e in summary if heads is None or e["head"] in heads]
+    header = "| site | head | n | " + " | ".join(SUMMARY_METRICS.values()) + " | F1 pooled (any) |"
+    lines = [header, "|" + "---|" * (4 + len(SUMMARY_METRICS))]
+    for entry in selected:
+        cells = [
+            f"{entry[k]:.3f} [{entry[k + '_low']:.3f}, {entry[k + '_high']:.3f}]" if k != "avd_mm3"
+            else f"{entry[k]:.1f}"
+            for k in SUMMARY_METRICS
+        ]
+        lines.append(f"| {entry['site']} | {entry['head']} | {entry['n']} | " + " | ".join(cells)
+                     + f" | {entry['f1_pooled_any']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def own_head_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows where a site's data went through its own head or the universal one."""
+    return [row for row in rows if row["head"] in (row["site"], "universal")]
+
+
+def plot_dice(summary: list[dict[str, Any]], path: Path) -> Path:
+    """Bar chart of Dice per site: universal head vs the site's own head, with 95% intervals (PNG)."""
+    from PIL import Image, ImageDraw
+
+    sites = sorted({e["site"] for e in summary if e["site"] != "pooled"})
+    lookup = {(e["site"], e["head"]): e for e in summary}
+    width, height, margin = 120 + 110 * len(sites), 360, 50
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    top, bottom = margin, height - margin
+
+    def y(value: float) -> float:
+        return bottom - (bottom - top) * max(0.0, min(1.0, value))
+
+    for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
+        draw.line([(margin, y(tick)), (width - 10, y(tick))], fill=(225, 225, 225))
+        draw.text((8, y(tick) - 6), f"{tick:.2f}", fill="black")
+    colours = {"universal": (150, 150, 150), "own": (200, 40, 40)}
+    for index, site in enumerate(sites):
+        x0 = margin + 20 + index * 110
+        for offset, (key, head) in enumerate((("universal", "universal"), ("own", site))):
+            entry = lookup.get((site, head))
+            if entry is None or math.isnan(entry["dice"]):
+                continue
+            left = x0 + offset * 40
+            draw.rectangle([left, y(entry["dice"]), left + 34, bottom], fill=colours[key])
+            draw.line([(left + 17, y(entry["dice_low"])), (left + 17, y(entry["dice_high"]))], fill="black", width=2)
+        draw.text((x0, bottom + 8), site, fill="black")
+    draw.text((margin, 12), "lesion Dice per site: grey universal head, red the site's own head (95% CI)",
+              fill="black")
+    from .nifti import write_atomic
+
+    write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
+    return path
+
+
+def check_controls(segmenter, images: list[Path]) -> list[dict[str, Any]]:
+    """Lesions predicted by every head on images of healthy controls (the right answer is none)."""
+    from .lesions import lesion_stats
+    from nibabel.affines import voxel_sizes
+
+    rows = []
+    for path in images:
+        image, probabilities = segmenter.predict(path)
+        for head in segmenter.sites:
+            lesion = [label.name for label in segmenter.heads[head].labels].index("lesion")
+            mask = probabilities[head][lesion] >= segmenter.threshold(head)
+            stats = lesion_stats(mask, tuple(voxel_sizes(image.affine)))
+            rows.append({"image": path.name, "head": head, "lesions": int(stats["count"]),
+                         "volume_mm3": float(stats["total_volume_mm3"])})
+    return rows
+
+
+def healthy_controls(bids: Path) -> list[Path]:
+    """Images of every participant whose ``pathology`` is ``HC`` in ``participants.tsv``."""
+    with (bids / "participants.tsv").open(newline="", encoding="utf-8") as handle:
+        controls = {row["participant_id"] for row in csv.DictReader(handle, delimiter="\t")
+                    if row.get("pathology", "").upper() == "HC"}
+    return sorted(p for p in bids.glob("sub-*/**/anat/*.nii*") if p.parts[len(bids.parts)] in controls)
