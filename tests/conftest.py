@@ -94,3 +94,14 @@ def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.
 @pytest.fixture
 def tiny_registry(tmp_path: Path) -> Path:
     return write_registry(tmp_path / "registry")
+
+
+@pytest.fixture(autouse=True)
+def _restore_package_logger():
+    """The command-line tools configure the package logger; put it back so caplog sees later records."""
+    import logging
+
+    logger = logging.getLogger("sct_sitehead")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]

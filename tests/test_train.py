@@ -24,7 +24,7 @@ from sct_sitehead.training.config import load_config  # noqa: E402
 from sct_sitehead.training.data import Case, prepare_cases, sample_batch  # noqa: E402
 from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
 from sct_sitehead.training.loop import learning_rate  # noqa: E402
-from sct_sitehead.training.train import load_backbone, train_backbone, train_head  # noqa: E402
+from sct_sitehead.training.train import _samples, load_backbone, train_backbone, train_head  # noqa: E402
 
 pytestmark = pytest.mark.train
 
@@ -62,7 +62,8 @@ def make_dataset(root: Path, sites: dict[str, list[str]] = TWO_SITES, cases_per_
             nib.save(nib.Nifti1Image(image.astype(np.float32), affine), anat / f"{subject}_T2w.nii.gz")
             label_dir = root / "derivatives" / "labels" / subject / "anat"
             label_dir.mkdir(parents=True)
-            masks = {"lesion": ("lesion-manual", lesion), "cord": ("seg-manual", cord)}
+            csf = (np.hypot(grid[0] - cx, grid[1] - cy) < 6) & ~cord
+            masks = {"lesion": ("lesion-manual", lesion), "cord": ("seg-manual", cord), "csf": ("csf-manual", csf)}
             for name in labels:
                 suffix, mask = masks[name]
                 nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), label_dir / f"{subject}_T2w_{suffix}.nii.gz")
@@ -204,6 +205,31 @@ def test_tiny_backbone_training_decreases_the_loss(trained: Path) -> None:
     assert meta["label_space"]["site_maps"] == {"siteA": {"lesion": 0}, "siteB": {"cord": 0, "lesion": 1}}
 
 
+def test_only_the_training_split_of_a_dataset_is_used(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path / "bids")
+    header, *rows = (data / "participants.tsv").read_text().splitlines()
+    split = ["test"] + ["train"] * (len(rows) - 1)
+    (data / "participants.tsv").write_text("\n".join([header + "\tsplit"] + [f"{r}\t{s}" for r, s in zip(rows, split)]))
+    subjects = {s.subject for s in _samples(data, tiny_config())}
+    assert subjects == {"sub-siteA02", "sub-siteB03", "sub-siteB04"}
+    assert len(_samples(data, tiny_config(split=None))) == 4
+
+
+def test_sites_with_nested_label_sets_share_channels_by_size(tmp_path: Path) -> None:
+    sites = {"siteA": ["lesion"], "siteB": ["lesion", "cord"], "siteC": ["lesion", "cord", "csf"]}
+    data = make_dataset(tmp_path / "bids", sites, cases_per_site=1)
+    config = tiny_config(steps=3)
+    config["labels"]["suffixes"] = {"lesion": "lesion-manual", "cord": "seg-manual", "csf": "csf-manual"}
+    _, meta = load_backbone(train_backbone(data, tmp_path / "work", config))
+    space = meta["label_space"]
+    assert space["channels"] == 3
+    # csf ring (radius 4 to 6) > cord disc (radius 4) > lesions, in every site that has them.
+    assert space["site_maps"] == {"siteA": {"lesion": 0}, "siteB": {"cord": 0, "lesion": 1},
+                                  "siteC": {"csf": 0, "cord": 1, "lesion": 2}}
+    assert space["universal_site"] == "siteC"
+    assert meta["arch"]["channels"] == 3
+
+
 def test_checkpoints_reload_bit_identically_without_pickle(trained: Path) -> None:
     model, meta = load_backbone(trained)
     state, meta_again, optim = load_checkpoint(trained, kind="backbone")
@@ -263,3 +289,16 @@ def test_a_site_the_backbone_never_saw_gets_its_own_label_map(trained: Path, tmp
         train_head(new, trained, "siteZ", "finetune", tmp_path / "work", tiny_config())
     with pytest.raises(TrainingError, match="unknown head strategy"):
         train_head(new, trained, "siteN", "deeper", tmp_path / "work", tiny_config())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_mixed_precision_training_and_export(dataset: Path, tmp_path: Path) -> None:
+    from sct_sitehead.training.export import export_release
+
+    backbone = train_backbone(dataset, tmp_path, tiny_config(device="cuda", amp=True, steps=10))
+    head = train_head(dataset, backbone, "siteB", "spatial", tmp_path, tiny_config(device="cuda", amp=True))
+    _, meta = load_backbone(backbone)
+    assert np.isfinite(meta["final_loss"])
+    manifest = export_release(backbone, {"siteB": head}, tmp_path / "release", exporter="torchscript")
+    assert set(manifest["heads"]) == {"universal", "siteB"}

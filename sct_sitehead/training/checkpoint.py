@@ -36,7 +36,7 @@ def save_checkpoint(
     Raises:
         TrainingError: the file cannot be written.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
     meta = {**meta, "format": FORMAT}
@@ -48,7 +48,12 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        # Serialised in memory and written with open(): safetensors' own writer creates files mode 0600.
+        data = save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)

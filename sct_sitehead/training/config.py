@@ -40,7 +40,8 @@ DEFAULTS: dict[str, Any] = {
         "negative_slope": 0.01,
     },
     # Label sharing: null ranks each site's labels by mean relative size; a dict groups labels by meaning.
-    "labels": {"grouping": None},
+    # suffixes: label name -> BIDS derivative suffix(es) for read_bids (null: its defaults, lesion and cord).
+    "labels": {"grouping": None, "suffixes": None},
     "train": {
         "patch_size": [48, 48, 48],
         "batch_size": 2,
@@ -57,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
         "checkpoint_every": 100,
         "log_every": 10,
         "resume": True,
+        # With a BIDS folder whose participants.tsv has a "split" column, train on these participants only.
+        "split": "train",
     },
     "head": {
         "steps": 200,

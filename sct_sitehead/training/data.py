@@ -12,8 +12,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import secrets
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -36,10 +36,12 @@ class Context:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0, the only one that writes files."""
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
+        """More than one process."""
         return self.world_size > 1
 
 
@@ -93,6 +95,8 @@ def setup(device: str) -> Context:
 
 def _destroy() -> None:
     if dist.is_initialized():
+        # Every rank leaves together: gloo aborts a process whose peer tears its connections down first.
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -115,5 +119,6 @@ def gather(value: Any, ctx: Context) -> list[Any]:
 
 
 def barrier(ctx: Context) -> None:
+    """Wait for every rank (no-op without torchrun)."""
     if ctx.distributed:
         dist.barrier()

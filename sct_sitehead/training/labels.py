@@ -47,6 +47,7 @@ class LabelSpace:
 
     @property
     def sites(self) -> list[str]:
+        """The sites with a label map, sorted."""
         return sorted(self.site_maps)
 
     def label_map(self, site: str) -> dict[str, int]:
@@ -123,6 +124,7 @@ class LabelSpace:
         return LabelSpace(self.channels, maps, self.universal_site, {**self.sizes, site: dict(label_sizes)})
 
     def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable form, stored in the backbone checkpoint."""
         return {
             "channels": self.channels,
             "site_maps": self.site_maps,
@@ -132,6 +134,7 @@ class LabelSpace:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LabelSpace:
+        """Inverse of :meth:`to_json`."""
         return cls(
             int(data["channels"]),
             {s: {k: int(v) for k, v in m.items()} for s, m in data["site_maps"].items()},

@@ -56,15 +56,35 @@ class FrozenBackboneHead(nn.Module):
         return self.head.logits(features)
 
 
-def _samples(data: Path | str | Sequence[Any]) -> list[Any]:
-    if isinstance(data, (str, Path)):
-        from ..bids import read_bids
+def _samples(data: Path | str | Sequence[Any], config: Mapping[str, Any]) -> list[Any]:
+    if not isinstance(data, (str, Path)):
+        return list(data)
+    from ..bids import read_bids
 
-        samples, problems = read_bids(Path(data))
-        if problems:
-            logger.warning("%d problem(s) reading %s; the affected files were left out", len(problems), data)
+    samples, problems = read_bids(Path(data), label_suffixes=config["labels"]["suffixes"])
+    if problems:
+        logger.warning("%d problem(s) reading %s; the affected files were left out", len(problems), data)
+    split = config["train"]["split"]
+    chosen = _in_split(Path(data), split) if split else None
+    if chosen is None:
         return samples
-    return list(data)
+    kept = [s for s in samples if s.subject in chosen]
+    logger.info("split %r: %d of %d images", split, len(kept), len(samples))
+    return kept
+
+
+def _in_split(root: Path, split: str) -> set[str] | None:
+    """Participants whose ``split`` column in participants.tsv is ``split``; None without such a column."""
+    import csv
+
+    table = root / "participants.tsv"
+    if not table.is_file():
+        return None
+    with table.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    if not rows or "split" not in rows[0]:
+        return None
+    return {row["participant_id"].strip() for row in rows if (row.get("split") or "").strip() == split}
 
 
 def _cases(samples: Sequence[Any], spec: Mapping[str, Any], out_dir: Path, ctx: Context) -> list[Case]:
@@ -114,38 +134,35 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
     """
     config, ctx = _prepare(config)
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        spec = config["input"]
-        cases = _cases(_samples(data), spec, out_dir, ctx)
-        sizes = measure_label_sizes([(case.site, case.labels) for case in cases])
-        space = build_label_space(sizes, config["labels"]["grouping"])
-        arch = Arch.from_config(config, space.channels)
-        model = UNet(arch)
-        mine, targets = _shard(cases, space, ctx)
-        train = config["train"]
-        job = Job(
-            "backbone", model, model, int(train["steps"]), float(train["lr"]), int(train["warmup_steps"]),
-            signature={"arch": arch.to_dict(), "labels": space.site_maps, "input": spec},
-        )
-        result = fit(job, mine, targets, config, ctx, out_dir)
-        path = out_dir / BACKBONE_FILE
-        if ctx.is_main:
-            meta = {
-                "kind": "backbone",
-                "arch": arch.to_dict(),
-                "label_space": space.to_json(),
-                "input": spec,
-                "config": config,
-                "backbone_sha256": weights_digest(model.backbone),
-                **_provenance(result, len(cases)),
-            }
-            save_checkpoint(path, model.cpu().state_dict(), meta)
-            logger.info("backbone checkpoint %s (%d cases, %d sites)", path, len(cases), len(space.site_maps))
-        barrier(ctx)
-        return path
-    finally:
-        teardown(ctx)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = config["input"]
+    cases = _cases(_samples(data, config), spec, out_dir, ctx)
+    sizes = measure_label_sizes([(case.site, case.labels) for case in cases])
+    space = build_label_space(sizes, config["labels"]["grouping"])
+    arch = Arch.from_config(config, space.channels)
+    model = UNet(arch)
+    mine, targets = _shard(cases, space, ctx)
+    train = config["train"]
+    job = Job(
+        "backbone", model, model, int(train["steps"]), float(train["lr"]), int(train["warmup_steps"]),
+        signature={"arch": arch.to_dict(), "labels": space.site_maps, "input": spec},
+    )
+    result = fit(job, mine, targets, config, ctx, out_dir)
+    path = out_dir / BACKBONE_FILE
+    if ctx.is_main:
+        meta = {
+            "kind": "backbone",
+            "arch": arch.to_dict(),
+            "label_space": space.to_json(),
+            "input": spec,
+            "config": config,
+            "backbone_sha256": weights_digest(model.backbone),
+            **_provenance(result, len(cases)),
+        }
+        save_checkpoint(path, model.cpu().state_dict(), meta)
+        logger.info("backbone checkpoint %s (%d cases, %d sites)", path, len(cases), len(space.site_maps))
+    barrier(ctx)
+    return path
 
 
 def _provenance(result: Result, n_cases: int) -> dict[str, Any]:
@@ -200,49 +217,46 @@ def train_head(
         raise TrainingError(f"unknown head strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     config, ctx = _prepare(config)
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        unet, meta = load_backbone(Path(backbone_ckpt))
-        space = LabelSpace.from_json(meta["label_space"])
-        spec = meta["input"]
-        samples = _samples(data)
-        chosen = [s for s in samples if s.site == site]
-        if not chosen:
-            sites = sorted({s.site for s in samples})
-            raise TrainingError(f"no sample of site {site!r} in the data (sites: {sites}); check the site name")
-        cases = _cases(chosen, spec, out_dir, ctx)
-        space = space.with_site(site, measure_label_sizes([(c.site, c.labels) for c in cases])[site])
-        head = build_head(strategy, unet.head, config)
-        model = FrozenBackboneHead(unet.backbone, head)
-        mine, targets = _shard(cases, space, ctx)
-        options = config["head"]
-        job = Job(
-            f"head-{site}", model, head, int(options["steps"]), float(options["lr"]), int(options["warmup_steps"]),
-            signature={"backbone": meta["backbone_sha256"], "site": site, "strategy": strategy,
-                       "head": head.describe(), "labels": space.label_map(site)},
-        )
-        result = fit(job, mine, targets, config, ctx, out_dir)
-        if weights_digest(unet.backbone) != meta["backbone_sha256"]:
-            raise TrainingError(f"the backbone changed while training head {site!r}; report this as a bug")
-        path = out_dir / head_file(site)
-        if ctx.is_main:
-            save_checkpoint(path, head.cpu().state_dict(), {
-                "kind": "head",
-                "site": site,
-                "strategy": strategy,
-                "head": head.describe(),
-                "labels": space.label_map(site),
-                "label_sizes": space.sizes.get(site, {}),
-                "backbone_sha256": meta["backbone_sha256"],
-                "input": spec,
-                "config": config,
-                **_provenance(result, len(cases)),
-            })
-            logger.info("head %s (%s) checkpoint %s", site, strategy, path)
-        barrier(ctx)
-        return path
-    finally:
-        teardown(ctx)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unet, meta = load_backbone(Path(backbone_ckpt))
+    space = LabelSpace.from_json(meta["label_space"])
+    spec = meta["input"]
+    samples = _samples(data, config)
+    chosen = [s for s in samples if s.site == site]
+    if not chosen:
+        sites = sorted({s.site for s in samples})
+        raise TrainingError(f"no sample of site {site!r} in the data (sites: {sites}); check the site name")
+    cases = _cases(chosen, spec, out_dir, ctx)
+    space = space.with_site(site, measure_label_sizes([(c.site, c.labels) for c in cases])[site])
+    head = build_head(strategy, unet.head, config)
+    model = FrozenBackboneHead(unet.backbone, head)
+    mine, targets = _shard(cases, space, ctx)
+    options = config["head"]
+    job = Job(
+        f"head-{site}", model, head, int(options["steps"]), float(options["lr"]), int(options["warmup_steps"]),
+        signature={"backbone": meta["backbone_sha256"], "site": site, "strategy": strategy,
+                   "head": head.describe(), "labels": space.label_map(site)},
+    )
+    result = fit(job, mine, targets, config, ctx, out_dir)
+    if weights_digest(unet.backbone) != meta["backbone_sha256"]:
+        raise TrainingError(f"the backbone changed while training head {site!r}; report this as a bug")
+    path = out_dir / head_file(site)
+    if ctx.is_main:
+        save_checkpoint(path, head.cpu().state_dict(), {
+            "kind": "head",
+            "site": site,
+            "strategy": strategy,
+            "head": head.describe(),
+            "labels": space.label_map(site),
+            "label_sizes": space.sizes.get(site, {}),
+            "backbone_sha256": meta["backbone_sha256"],
+            "input": spec,
+            "config": config,
+            **_provenance(result, len(cases)),
+        })
+        logger.info("head %s (%s) checkpoint %s", site, strategy, path)
+    barrier(ctx)
+    return path
 
 
 def universal_meta(meta: Mapping[str, Any]) -> dict[str, Any]:

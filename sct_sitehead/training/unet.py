@@ -14,8 +14,8 @@ heads share one backbone pass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -78,13 +78,12 @@ class Arch:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Arch:
+        """Inverse of :meth:`to_dict`."""
         return cls(**{**data, "features": tuple(data["features"])})
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form, stored in checkpoints."""
         return {**asdict(self), "features": list(self.features)}
-
-    def with_channels(self, channels: int) -> Arch:
-        return replace(self, channels=int(channels))
 
     @property
     def levels(self) -> int:
@@ -117,6 +116,7 @@ class EncoderStage(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, Cin, X, Y, Z) -> (N, Cout, X/2, Y/2, Z/2) (same size at level 0)."""
         return self.blocks(x)
 
 
@@ -185,11 +185,3 @@ class UNet(nn.Module):
         """(N, 1, X, Y, Z) -> (N, K, X, Y, Z) sigmoid probabilities."""
         return torch.sigmoid(self(image))
 
-
-def check_spatial(shape: Sequence[int], divisor: int) -> None:
-    """Raise TrainingError unless every spatial size in ``shape`` (N, C, X, Y, Z) is a multiple of ``divisor``."""
-    if len(shape) != 5 or any(int(n) % divisor for n in shape[2:]):
-        raise TrainingError(
-            f"input of shape {tuple(shape)} must be (N, 1, X, Y, Z) with X, Y, Z multiples of {divisor}; "
-            "pad or crop the patch"
-        )
