@@ -252,6 +252,149 @@ def simulate(source: Path, out: Path, n_per_site: int, seed: int, sites: str | N
     click.echo(f"simulated dataset: {written}")
 
 
+# --- model building (torch: the `train` extra) -------------------------------------------------------------------
+def _training():
+    """The training package, or a one-line hint to install the extra."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise click.ClickException(
+            "training needs PyTorch: pip install torch (CPU build first), then pip install 'sct_sitehead[train]'"
+        ) from None
+    from . import training
+
+    return training
+
+
+config_option = click.option(
+    "-config", "config", default="release", show_default=True,
+    help="training config: a name in sct_sitehead/training/configs (release, smoke, tiny) or a JSON path",
+)
+
+
+@cli.command("train-backbone")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@config_option
+@verbosity_option
+def train_backbone(data: Path, out: Path, config: str) -> None:
+    """Train the backbone and the universal head on every site's training cases in the BIDS folder DATA.
+
+    Runs on CPU or CUDA; under `torchrun --nproc_per_node N` it trains with DistributedDataParallel. OUT keeps a
+    resumable state: running the same command again continues where it stopped.
+    """
+    checkpoint = _training().train_backbone(data, out, config)
+    click.echo(f"backbone: {checkpoint}")
+
+
+@cli.command("train-head")
+@click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-backbone", "backbone", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="backbone checkpoint from train-backbone")
+@click.option("-site", "site", required=True, help="the site whose head to train")
+@click.option("-strategy", type=click.Choice(["finetune", "wider", "spatial"]), default="finetune",
+              show_default=True, help="finetune the universal head, widen it, or widen it with a spatial gate")
+@config_option
+@verbosity_option
+def train_head(data: Path, out: Path, backbone: Path, site: str, strategy: str, config: str) -> None:
+    """Train one site's head on its training cases in DATA, the backbone frozen (other sites are untouched)."""
+    checkpoint = _training().train_head(data, backbone, site, strategy, out, config)
+    click.echo(f"head: {checkpoint}")
+
+
+@cli.command("export")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-backbone", "backbone", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-head", "heads", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="a head checkpoint head-<site>.safetensors (repeatable); the universal head is always exported")
+@click.option("-opset", type=click.IntRange(17), default=17, show_default=True)
+@click.option("-atol", type=float, default=1e-4, show_default=True, help="ONNX Runtime vs PyTorch tolerance")
+@verbosity_option
+def export(out: Path, backbone: Path, heads: tuple[Path, ...], opset: int, atol: float) -> None:
+    """Export the backbone and heads to ONNX in OUT, each checked against PyTorch with ONNX Runtime."""
+    by_site = {}
+    for path in heads:
+        if not path.name.startswith("head-") or not path.name.endswith(".safetensors"):
+            raise click.BadParameter(f"{path.name} is not named head-<site>.safetensors", param_hint="-head")
+        by_site[path.name[len("head-"):-len(".safetensors")]] = path
+    manifest = _training().export_release(backbone, by_site, out, opset=opset, atol=atol, rtol=atol)
+    worst = max(manifest["check"]["max_abs_diff"].values())
+    click.echo(f"exported backbone + {len(manifest['heads'])} heads to {out}; largest ONNX/PyTorch difference {worst:.2g}")
+
+
+@cli.command("publish")
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("registry_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("-model", "model", required=True, help="model name in the registry")
+@click.option("-version", "version", required=True, help="release version, e.g. 1.0.0")
+@click.option("-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option("-site", "sites", metavar="A,B", help="heads to publish (default: every exported head)")
+@click.option("-description", default="", help="model description")
+@click.option("-default", "make_default", is_flag=True, help="make this the registry's default model")
+@click.option("-replace", is_flag=True, help="replace an already published version with other files")
+@click.option("-sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="ed25519 private key: sign the new index")
+@verbosity_option
+def publish(export_dir: Path, registry_dir: Path, model: str, version: str, threshold: float, sites: str | None,
+            description: str, make_default: bool, replace: bool, sign_key: Path | None) -> None:
+    """Add an exported release to the registry folder REGISTRY_DIR (index updated, assets copied)."""
+    from .cli import parse_sites
+    from .publish import publish as run_publish
+
+    index = run_publish(
+        export_dir, registry_dir, model=model, version=version, threshold=threshold,
+        sites=parse_sites(sites) or None, description=description, make_default=make_default,
+        replace=replace, sign_key=sign_key,
+    )
+    click.echo(f"published {model}@{version} in {index}")
+
+
+@cli.command("evaluate")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="report folder")
+@click.option("-model", "model", metavar="NAME[@VERSION]", help="model (default: the registry's default)")
+@click.option("-split", default="test", show_default=True, help="participants.tsv split to evaluate")
+@click.option("-site", "sites", metavar="A,B", help="data sites to evaluate (default: all)")
+@click.option("-controls", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="BIDS folder of healthy controls (pathology HC): count false-positive lesions per head")
+@click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
+@registry_option
+@offline_option
+@verbosity_option
+def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str | None, controls: Path | None,
+             threads: int | None, registry: str | None, offline: bool) -> None:
+    """Evaluate every head of a release on the labelled SPLIT of DATASET: per site and pooled, with 95% CIs."""
+    from . import evaluate as ev
+    from .cli import parse_sites
+    from .pipeline import Options, Segmenter, write_text_atomic
+    from .registry import parse_model_spec
+
+    index, cache = open_registry(registry, offline)
+    name, version = parse_model_spec(model) if model else (None, None)
+    release = index.release(name, version)
+    segmenter = Segmenter.open(release, sorted(release.heads), cache, Options(threads=threads),
+                               offline=offline or env.offline(), progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    cases = ev.find_cases(dataset, split, parse_sites(sites) or None)
+    rows = ev.evaluate_release(segmenter, cases)
+    summary = ev.summarize_rows(ev.own_head_rows(rows))
+    ev.write_csv(rows, out / "cases.tsv")
+    ev.write_csv(ev.summarize_rows(rows), out / "summary_all_heads.tsv")
+    ev.write_csv(summary, out / "summary.tsv")
+    ev.plot_dice(summary, out / "dice.png")
+    report = [f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases)\n",
+              ev.markdown_table(summary)]
+    if controls is not None:
+        control_rows = ev.check_controls(segmenter, ev.healthy_controls(controls))
+        ev.write_csv(control_rows, out / "controls.tsv")
+        flagged = [r for r in control_rows if r["lesions"]]
+        report.append(f"\nHealthy controls: {len({r['image'] for r in control_rows})} images x "
+                      f"{len(segmenter.sites)} heads, {len(flagged)} with a predicted lesion.\n")
+    write_text_atomic("\n".join(report), out / "report.md")
+    click.echo("".join(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; maps the package's errors to the exit codes documented in the README."""
     try:

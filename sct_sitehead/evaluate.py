@@ -112,13 +112,14 @@ def pooled_detection(rows: list[dict[str, Any]], tag: str) -> float:
 
 
 def summarize_rows(rows: list[dict[str, Any]], *, seed: int = 0) -> list[dict[str, Any]]:
-    """Mean and bootstrap 95% interval of each metric per (site, head), plus every head pooled over sites."""
+    """Mean and bootstrap 95% interval of each metric per (site, head), plus pooled over sites (where each
+    site's own head is pooled as ``own``)."""
     from .metrics import summarize
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[(row["site"], row["head"])].append(row)
-        groups[("pooled", row["head"])].append(row)
+        groups[("pooled", "own" if row["head"] == row["site"] else row["head"])].append(row)
     summary = []
     for (site, head), members in sorted(groups.items()):
         stats = summarize(members, seed=seed)
