@@ -400,9 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="sct_sitehead", standalone_mode=False)
         return 0
-    except click.exceptions.NoArgsIsHelp:
-        return 0
     except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelp":  # click >= 8.2: a bare group invocation shows its help
+            click.echo(exc.format_message())
+            return 0
         sys.stderr.write(f"sct_sitehead: error: {exc.format_message()} (see -h)\n")
         return UsageError.exit_code
     except click.exceptions.Exit as exc:

@@ -1,0 +1,95 @@
+"""The training path feeds the deploy path: simulate, train, export, publish, then segment and evaluate.
+
+Runs through the command-line tools in-process on the tiny config (seconds), so each side is tested against
+the other's real interface: what `export` and `publish` write is what `sct_deepseg_lesion` reads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from sct_sitehead import admin_cli, cli  # noqa: E402
+
+pytestmark = [pytest.mark.train, pytest.mark.slow]
+
+
+def sitehead(*argv) -> None:
+    assert admin_cli.main([str(a) for a in argv]) == 0
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory, bids_dir: Path) -> dict[str, Path]:
+    import torch
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("e2e")
+    sim = root / "sim"
+    sitehead("simulate", bids_dir, sim, "-n", 4, "-seed", 3, "-sites", "montreal,toronto", "-holdout", "sub-unf01")
+    sitehead("train-backbone", sim, root / "backbone", "-config", "tiny")
+    backbone = root / "backbone" / "backbone.safetensors"
+    sitehead("train-head", sim, root / "heads", "-backbone", backbone, "-site", "montreal", "-strategy", "wider",
+             "-config", "tiny")
+    sitehead("train-head", sim, root / "heads", "-backbone", backbone, "-site", "toronto", "-strategy", "spatial",
+             "-config", "tiny")
+    heads = [root / "heads" / f"head-{site}.safetensors" for site in ("montreal", "toronto")]
+    sitehead("export", root / "export", "-backbone", backbone, *[x for h in heads for x in ("-head", h)])
+    sitehead("publish", root / "export", root / "registry", "-model", "lesion", "-version", "0.1.0", "-default")
+    return {"root": root, "sim": sim, "registry": root / "registry" / "registry.json"}
+
+
+def test_published_index_lists_every_head_with_its_strategy(published):
+    index = json.loads(published["registry"].read_text())
+    release = index["models"]["lesion"]["releases"]["0.1.0"]
+    assert {site: head["strategy"] for site, head in release["heads"].items()} == {
+        "universal": "pooled", "montreal": "wider", "toronto": "spatial"
+    }
+    assert index["serial"] == 1 and index["default_model"] == "lesion"
+
+
+def test_deploy_cli_runs_the_published_release(published, tmp_path, capsys):
+    image = next(published["sim"].glob("sub-montreal*/anat/*.nii.gz"))
+    out = tmp_path / "out"
+    code = cli.main(["-i", str(image), "-site", "montreal,toronto", "-ofolder", str(out),
+                     "-registry", str(published["registry"])])
+    assert code == 0, capsys.readouterr().err
+    source = nib.load(image)
+    for site in ("montreal", "toronto"):
+        mask = nib.load(next(out.glob(f"*_lesionseg_{site}.nii.gz")))
+        assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+    assert list(out.glob("*_cordseg_montreal.nii.gz")), "montreal annotates the cord: its head writes it too"
+    assert not list(out.glob("*_cordseg_toronto.nii.gz")), "toronto annotates lesions only"
+
+
+def test_evaluate_writes_tables_and_plot(published, tmp_path):
+    report = tmp_path / "report"
+    sitehead("evaluate", published["sim"], "-o", report, "-registry", published["registry"], "-threads", 1)
+    summary = (report / "summary.tsv").read_text().splitlines()
+    header = summary[0].split("\t")
+    assert {"site", "head", "dice", "f1_any", "f1_10pct", "dice_low", "dice_high"} <= set(header)
+    sites = {line.split("\t")[0] for line in summary[1:]}
+    assert {"montreal", "toronto", "pooled"} <= sites
+    assert (report / "dice.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| montreal | montreal |" in (report / "report.md").read_text()
+
+
+def test_adding_a_site_changes_no_other_head(published, tmp_path):
+    """Publishing a release with one more site keeps the backbone and every other head byte for byte."""
+    root = published["root"]
+    backbone = root / "backbone" / "backbone.safetensors"
+    admin_cli.main(["train-head", str(published["sim"]), str(root / "heads2"), "-backbone", str(backbone),
+                    "-site", "toronto", "-strategy", "finetune", "-config", "tiny"])
+    heads = [root / "heads" / "head-montreal.safetensors", root / "heads2" / "head-toronto.safetensors"]
+    sitehead("export", tmp_path / "export", "-backbone", backbone, *[x for h in heads for x in ("-head", h)])
+    before = json.loads((root / "export" / "export.json").read_text())
+    after = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert after["backbone"]["sha256"] == before["backbone"]["sha256"]
+    assert after["heads"]["montreal"]["sha256"] == before["heads"]["montreal"]["sha256"]
+    assert after["heads"]["universal"]["sha256"] == before["heads"]["universal"]["sha256"]
+    assert after["heads"]["toronto"]["sha256"] != before["heads"]["toronto"]["sha256"]
