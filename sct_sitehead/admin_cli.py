@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="sct_sitehead", standalone_mode=False)
         return 0
     except click.UsageError as exc:
-        if type(exc).__name__ == "NoArgsIsHelp":  # click >= 8.2: a bare group invocation shows its help
+        if type(exc).__name__.startswith("NoArgsIsHelp"):  # a bare group invocation shows its help, exit 0
             click.echo(exc.format_message())
             return 0
         sys.stderr.write(f"sct_sitehead: error: {exc.format_message()} (see -h)\n")
