@@ -1,0 +1,175 @@
+"""sct_sitehead administration commands: models, cache, registry (serve, keygen, sign), publish, phantom."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sct_sitehead import admin_cli, cli
+from sct_sitehead.publish import publish
+
+from conftest import sha256_of, write_registry
+
+
+def sitehead(argv, capsys) -> tuple[int, str, str]:
+    code = admin_cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def mirror(tmp_path: Path):
+    """The tiny registry served by `registry serve`'s server on 127.0.0.1, counting requests per path."""
+    from sct_sitehead.server import RangeRequestHandler, make_server
+
+    folder = tmp_path / "mirror"
+    write_registry(folder)
+    hits: dict[str, int] = {}
+
+    class Counting(RangeRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            hits[self.path] = hits.get(self.path, 0) + 1
+            super().do_GET()
+
+        def log_message(self, *args):  # keep the test output clean
+            pass
+
+    server = make_server(folder, port=0, handler=Counting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/registry.json", hits
+    server.shutdown()
+    server.server_close()
+
+
+def test_models_install_then_offline_run_makes_no_request(mirror, tmp_path, capsys):
+    url, hits = mirror
+    code, out, err = sitehead(["models", "install", "tiny@1.0.0", "-site", "montreal", "-registry", url,
+                               "-allow-unsigned"], capsys)
+    assert code == 0, err
+    assert "montreal" in out and "universal" not in out
+    assert hits["/tiny/1.0.0/backbone.onnx"] == 1 and hits["/tiny/1.0.0/heads/montreal.onnx"] == 1
+    before = dict(hits)
+    image = tmp_path / "t2.nii.gz"
+    data = np.random.default_rng(0).normal(100, 5, (24, 24, 16))
+    data[8:16, 8:16, 4:12] = 400
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), image)
+    code = cli.main(["-i", str(image), "-site", "montreal", "-registry", url, "-offline", "-allow-unsigned"])
+    assert code == 0, capsys.readouterr().err
+    assert hits == before, "offline must not touch the network"
+    code = cli.main(["-i", str(image), "-site", "toronto", "-registry", url, "-offline", "-allow-unsigned"])
+    assert code == 8  # toronto's head was never installed
+    assert "models install" in capsys.readouterr().err
+
+
+def test_cache_list_verify_clean(mirror, capsys):
+    url, _ = mirror
+    assert sitehead(["models", "install", "-registry", url, "-allow-unsigned"], capsys)[0] == 0
+    code, out, _ = sitehead(["cache", "list"], capsys)
+    assert code == 0 and out.strip().endswith("bytes") and "4 asset(s)" in out
+    code, out, _ = sitehead(["cache", "verify"], capsys)
+    assert code == 0 and "verified" in out
+    code, out, _ = sitehead(["cache", "list"], capsys)
+    path = Path(out.splitlines()[0].split()[2])
+    path.chmod(0o644)
+    path.write_bytes(b"corrupt")
+    code, out, _ = sitehead(["cache", "verify"], capsys)
+    assert code == 7 and "1 corrupt asset(s) removed" in out and not path.exists()
+    code, out, _ = sitehead(["cache", "clean"], capsys)
+    assert code == 0 and "freed" in out
+    assert "0 asset(s)" in sitehead(["cache", "list"], capsys)[1]
+
+
+def test_unsigned_remote_index_is_refused_by_default(mirror, capsys):
+    url, _ = mirror
+    code, _, err = sitehead(["models", "list", "-registry", url], capsys)
+    assert code == 5 and "unsigned" in err.lower()
+
+
+def test_keygen_sign_and_trust(mirror, tmp_path, capsys):
+    url, _ = mirror
+    private, public = tmp_path / "keys" / "site.pem", tmp_path / "keys" / "site.pub"
+    code, out, err = sitehead(["registry", "keygen", private, public], capsys)
+    assert code == 0, err
+    index = tmp_path / "mirror" / "registry.json"
+    assert sitehead(["registry", "sign", index, "-key", private], capsys)[0] == 0
+    code, out, err = sitehead(["models", "list", "-registry", url, "-trust", public], capsys)
+    assert code == 0, err
+    assert out.startswith("tiny@1.0.0 (default)")
+    code, _, err = sitehead(["models", "list", "-registry", url], capsys)  # signed by a key nobody trusts
+    assert code == 5 and "key" in err.lower()
+
+
+def export_folder(tmp_path: Path) -> Path:
+    """An export folder as `sct_sitehead export` writes it, from the tiny ONNX release (no torch)."""
+    from onnx_factory import write_tiny_release
+
+    folder = tmp_path / "export"
+    tiny = write_tiny_release(folder)
+
+    def entry(path: Path) -> dict:
+        return {"file": path.relative_to(folder).as_posix(), "sha256": sha256_of(path), "size": path.stat().st_size}
+
+    manifest = {
+        "input": {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "patch_size": [32, 32, 32],
+                  "divisor": tiny["divisor"], "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]}},
+        "channels": tiny["channels"],
+        "backbone": {**entry(tiny["backbone"]), "outputs": tiny["backbone_outputs"]},
+        "heads": {site: {**entry(path), "strategy": "finetune", "labels": tiny["labels"][site]}
+                  for site, path in tiny["heads"].items()},
+    }
+    (folder / "export.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_publish_creates_then_extends_a_registry(tmp_path, capsys):
+    folder = export_folder(tmp_path)
+    registry = tmp_path / "registry"
+    code, _, err = sitehead(["publish", folder, registry, "-model", "tiny", "-version", "1.0.0", "-default"], capsys)
+    assert code == 0, err
+    code, _, err = sitehead(["publish", folder, registry, "-model", "tiny", "-version", "1.1.0",
+                             "-site", "montreal"], capsys)
+    assert code == 0, err
+    index = json.loads((registry / "registry.json").read_text())
+    assert index["serial"] == 2
+    assert index["models"]["tiny"]["latest"] == "1.1.0"
+    assert set(index["models"]["tiny"]["releases"]["1.1.0"]["heads"]) == {"montreal", "universal"}
+    code, out, _ = sitehead(["models", "list", "-registry", registry / "registry.json"], capsys)
+    assert code == 0 and "tiny@1.1.0" in out and "tiny@1.0.0" in out
+
+
+def test_publish_refuses_to_change_a_published_version(tmp_path):
+    folder = export_folder(tmp_path)
+    registry = tmp_path / "registry"
+    publish(folder, registry, model="tiny", version="1.0.0")
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    manifest = json.loads((other / "export.json").read_text())
+    head = other / manifest["heads"]["montreal"]["file"]
+    head.write_bytes(head.read_bytes() + b"\0")
+    manifest["heads"]["montreal"].update(sha256=sha256_of(head), size=head.stat().st_size)
+    (other / "export.json").write_text(json.dumps(manifest))
+    from sct_sitehead.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="already published"):
+        publish(other, registry, model="tiny", version="1.0.0")
+
+
+def test_phantom_command_writes_image_and_truth(tmp_path, capsys):
+    out = tmp_path / "ph_T2w.nii.gz"
+    code, _, err = sitehead(["phantom", "-o", out, "-shape", 32, 32, 48, "-orientation", "LPI", "-lesions", 2], capsys)
+    assert code == 0, err
+    image = nib.load(out)
+    assert image.shape == (32, 32, 48) and nib.aff2axcodes(image.affine) == ("L", "P", "I")
+    assert (tmp_path / "ph_T2w_lesion-truth.nii.gz").is_file()
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = sitehead(["models", "install", "-bogus"], capsys)
+    assert code == 2 and err.count("\n") == 1
