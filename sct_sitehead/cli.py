@@ -134,12 +134,11 @@ def list_sites(release) -> None:
 
 
 def check_inputs(paths: list[Path]) -> None:
-    """Fail before downloading anything when an input plainly does not exist."""
+    """Fail before downloading anything when an input plainly cannot be read (missing, broken link, folder)."""
+    from .nifti import check_input_path
+
     for path in paths:
-        if not path.exists():
-            raise InputImageError(f"input {path} does not exist; check the path")
-        if path.is_dir():
-            raise InputImageError(f"input {path} is a folder; give a NIfTI file (.nii or .nii.gz)")
+        check_input_path(path)
 
 
 def run(args: argparse.Namespace) -> int:

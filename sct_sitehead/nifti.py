@@ -7,10 +7,16 @@ viewer overlays voxel for voxel on its input: same shape, affine, qform/sform, p
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import errno
 import logging
 import os
 import secrets
-from collections.abc import Callable, Sequence
+import stat
+import struct
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,8 +33,16 @@ logger = logging.getLogger(__name__)
 MAX_AXIS_VOXELS = 4096
 #: Largest image accepted, in bytes once converted to float32 (the pipeline works in float32).
 MAX_FLOAT32_BYTES = 2_000_000_000
+#: Largest header plus extensions (vox_offset) accepted: real extensions (DICOM, AFNI, JSON) stay far below it, and
+#: a larger offset in a .gz file would have to be decompressed just to reach the voxels.
+MAX_VOX_OFFSET = 64 * 1024 * 1024
+#: Most decompressed bytes accepted after the voxel data of a .gz file (read only to check its CRC): a file that
+#: inflates far beyond what its header declares is a gzip bomb or has a wrong header.
+MAX_TRAILING_BYTES = 64 * 1024 * 1024
 #: Relative size of the smallest singular value of the affine's 3x3 part below which it counts as singular.
 _SINGULAR_RTOL = 1e-6
+#: Read size for compressed voxel data: memory grows with what the file really holds, not with what it claims.
+_CHUNK = 16 * 1024 * 1024
 
 
 def _fail(path: Path, what: str, fix: str) -> InputImageError:
@@ -51,19 +65,20 @@ def load_image(path: str | Path) -> nibabel.Nifti1Image:
         The image, 3D, with ``img.dataobj`` already in memory.
 
     Raises:
-        InputImageError: missing file, a folder, not NIfTI, corrupt or truncated, 2D, a time series, absurd size,
-            non-finite or singular affine, zero or negative voxel size.
+        InputImageError: missing file, broken symbolic link, a folder, unreadable, not NIfTI, corrupt or truncated,
+            2D, a time series, absurd size or header offset, complex or RGB data, non-finite or singular affine,
+            zero or negative voxel size.
     """
     import nibabel as nib
 
     path = Path(path)
-    if not path.exists():
-        raise _fail(path, "no such file", "check the path and the file name")
-    if path.is_dir():
-        raise _fail(path, "is a folder, not a NIfTI file", "give the .nii or .nii.gz file inside it")
-    _check_header(path, _read_raw_header(path))
+    check_input_path(path)
+    header = _read_raw_header(path)
+    _check_header(path, header)
+    _check_extensions(path, header)
     try:
-        img = nib.load(path)
+        with _quiet_nibabel():
+            img = nib.load(path)
     except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many unrelated types for bad files
         raise _fail(
             path, f"cannot be read as NIfTI ({type(exc).__name__}: {_one_line(exc)})",
@@ -74,7 +89,54 @@ def load_image(path: str | Path) -> nibabel.Nifti1Image:
             path, f"is a {type(img).__name__}, not a single-file NIfTI image",
             "convert it to .nii.gz (e.g. with sct_image or dcm2niix)",
         )
+    # nibabel drops invalid qform/sform codes on load and may fall back to another affine than the one checked.
+    _check_affine(path, img.affine)
     return _with_data_in_memory(path, img)
+
+
+def check_input_path(path: Path) -> None:
+    """Fail with a precise message unless ``path`` is (a symbolic link to) an existing regular file.
+
+    Raises:
+        InputImageError: missing, a broken symbolic link or a link loop, a folder, or not a regular file (a FIFO
+            or a device would block or never end).
+    """
+    try:
+        info = path.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _fail(path, "is a symbolic link loop", "point the link at the real image") from None
+        if path.is_symlink():
+            raise _fail(
+                path, f"is a broken symbolic link (to {os.readlink(path)})", "point the link at an existing image"
+            ) from None
+        if exc.errno == errno.ENOENT:
+            raise _fail(path, "no such file", "check the path and the file name") from None
+        raise _fail(path, f"cannot be opened ({exc.strerror or exc})", "check the path and its permissions") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise _fail(path, "is a folder, not a NIfTI file", "give the .nii or .nii.gz file inside it")
+    if not stat.S_ISREG(info.st_mode):
+        raise _fail(path, "is not a regular file (a pipe, socket or device)", "give a .nii or .nii.gz file")
+
+
+@contextlib.contextmanager
+def _quiet_nibabel() -> Iterator[None]:
+    """nibabel prints the header fixes it makes on load to stderr, and warns; our checks already ran on the raw
+    header, so these go to the debug log instead of cluttering the one-line error the user sees."""
+    import nibabel as nib
+
+    def to_debug(record: logging.LogRecord) -> bool:
+        logger.debug("nibabel: %s", record.getMessage())
+        return False
+
+    chatty = nib.imageglobals.logger
+    chatty.addFilter(to_debug)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        chatty.removeFilter(to_debug)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -86,13 +148,21 @@ def _read_raw_header(path: Path) -> nibabel.Nifti1Header:
     import nibabel as nib
 
     try:
-        with _open(path) as handle:
+        handle = _open(path)
+    except OSError as exc:
+        raise _fail(
+            path, f"cannot be opened ({exc.strerror or _one_line(exc)})", "check that you may read the file"
+        ) from None
+    try:
+        with handle:
             block = handle.read(nib.Nifti2Header.sizeof_hdr)
     except Exception as exc:  # noqa: BLE001 - gzip raises BadGzipFile, EOFError, zlib.error...
         raise _fail(
             path, f"cannot be read as NIfTI ({type(exc).__name__}: {_one_line(exc)})",
             "check that it is a .nii or .nii.gz image and that the copy is complete",
         ) from exc
+    if not block:
+        raise _fail(path, "is empty (no bytes to read)", "copy or export the image again")
     for klass in (nib.Nifti1Header, nib.Nifti2Header):
         size = klass.sizeof_hdr
         if len(block) >= size and klass.may_contain_header(block[:size]):
@@ -100,6 +170,8 @@ def _read_raw_header(path: Path) -> nibabel.Nifti1Header:
                 return klass(block[:size], check=False)
             except Exception as exc:  # noqa: BLE001 - malformed header fields
                 raise _fail(path, f"has a malformed NIfTI header ({_one_line(exc)})", "re-export the image") from exc
+    if block[:2] == b"\x1f\x8b":
+        raise _fail(path, "is gzip-compressed but not named .gz", "rename it to .nii.gz")
     raise _fail(
         path, "is not a NIfTI-1/2 image (no NIfTI header at the start of the file)",
         "convert it to .nii.gz (e.g. with dcm2niix or sct_image)",
@@ -155,17 +227,99 @@ def _check_header(path: Path, header: nibabel.Nifti1Header) -> None:
             path, f"has voxel sizes pixdim[1:4] = {pixdim.tolist()} (must be finite and > 0)",
             "fix the header, e.g. sct_image -copy-header from a good image or re-export from DICOM",
         )
-    affine = header.get_best_affine()
+    _check_data_type(path, header)
+    offset = float(header["vox_offset"])
+    # Below the end of the header nibabel would read the header itself as voxels (0) or guess (1..351).
+    if not np.isfinite(offset) or not header.sizeof_hdr + 4 <= offset <= MAX_VOX_OFFSET:
+        raise _fail(
+            path, f"has a data offset vox_offset = {offset:g} bytes (a single-file NIfTI needs "
+            f"{header.sizeof_hdr + 4} to {MAX_VOX_OFFSET})", "the header is corrupt; re-export the image",
+        )
+    try:
+        affine = header.get_best_affine()
+    except Exception as exc:  # noqa: BLE001 - nibabel's quaternion code raises ValueError, LinAlgError...
+        raise _fail(
+            path, f"has a malformed qform/sform ({_one_line(exc)})", "fix the header, e.g. sct_image -copy-header"
+        ) from None
+    _check_affine(path, affine)
+
+
+def _check_data_type(path: Path, header: nibabel.Nifti1Header) -> None:
+    """Only real-valued voxels make an MRI intensity image; complex and RGB data are refused by name."""
+    code = int(header["datatype"])
+    try:
+        dtype = np.dtype(header.get_data_dtype())
+    except Exception:  # noqa: BLE001 - unknown codes raise KeyError or HeaderDataError depending on the version
+        dtype = np.dtype("V0")
+    if dtype.kind == "c":
+        raise _fail(
+            path, f"holds complex values ({dtype.name}, datatype {code})",
+            "segment a magnitude image: take the absolute value first (e.g. fslcomplex -realabs)",
+        )
+    if dtype.fields is not None:
+        raise _fail(
+            path, f"is an RGB colour image ({len(dtype.fields)} channels, datatype {code})",
+            "the model needs a greyscale MRI; give the original scan, not a colour rendering",
+        )
+    if dtype.kind not in "biuf" or dtype.itemsize == 0:
+        raise _fail(
+            path, f"has data type code {code}, which is not a supported numeric NIfTI type",
+            "convert it to int16 or float32 (e.g. sct_image -type float32); the header may also be corrupt",
+        )
+
+
+def _check_affine(path: Path, affine: np.ndarray) -> None:
+    """A voxel-to-world affine must be finite and map the voxel axes to independent directions."""
     if not np.all(np.isfinite(affine)):
         raise _fail(
             path, "has a non-finite affine (NaN or Inf in qform/sform)", "fix the header, e.g. sct_image -copy-header"
         )
-    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    with np.errstate(all="ignore"):
+        singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
     if singular[-1] <= _SINGULAR_RTOL * max(singular[0], np.finfo(float).tiny):
         raise _fail(
             path, f"has a singular affine (voxel axes not independent: {np.round(affine[:3, :3], 4).tolist()})",
             "fix the qform/sform, e.g. sct_image -copy-header from a good image",
         )
+
+
+def _check_extensions(path: Path, header: nibabel.Nifti1Header) -> None:
+    """Walk the header extensions as nibabel will, so that none makes it read beyond ``vox_offset``.
+
+    nibabel reads each extension's declared ``esize`` in one call: a size past the data offset, or below 8 (which
+    becomes a negative read, i.e. "everything"), would load a whole gzip bomb into memory.
+    """
+    start = header.sizeof_hdr + 4
+    end = int(header["vox_offset"])  # checked: start <= end <= MAX_VOX_OFFSET
+    if end - start < 16:
+        return
+    try:
+        with _open(path) as handle:
+            handle.seek(header.sizeof_hdr)
+            flag = handle.read(4)
+            if len(flag) < 4 or flag[0] == 0:
+                return
+            position = start
+            order = "<" if header.endianness == "<" else ">"
+            while end - position >= 16:
+                raw = handle.read(8)
+                if len(raw) < 8:
+                    raise EOFError("the file ends inside its header extensions")
+                esize, ecode = struct.unpack(order + "ii", raw)
+                if not 8 <= esize <= end - position:
+                    raise _fail(
+                        path, f"has a header extension (code {ecode}) of {esize} bytes where {end - position} "
+                        "remain before the voxel data", "the header is corrupt; re-export the image",
+                    )
+                handle.seek(esize - 8, os.SEEK_CUR)
+                position += esize
+    except InputImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated gzip: EOFError; bad data: zlib.error...
+        raise _fail(
+            path, f"header extensions cannot be read ({type(exc).__name__}: {_one_line(exc)})",
+            "the file is truncated or corrupt; copy or export it again",
+        ) from exc
 
 
 class _LoadedArray:
@@ -222,17 +376,28 @@ def _with_data_in_memory(path: Path, img: nibabel.Nifti1Image) -> nibabel.Nifti1
     proxy = img.dataobj
     shape = img.shape[:3]
     dtype = np.dtype(proxy.dtype)
+    offset = int(proxy.offset)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    compressed = path.name.endswith(".gz")
     try:
-        with _open(path) as handle:
-            handle.seek(int(proxy.offset))
-            size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if compressed:
+            with _open(path) as handle:
+                handle.seek(offset)
+                buffer = _read_exactly(handle, size)
+                _drain_to_end(path, handle)
+        else:
+            # Known before allocating anything: a header claiming a large image in a small file costs nothing.
+            held = path.stat().st_size - offset
+            if held < size:
+                raise EOFError(f"expected {size} bytes of voxel data, the file holds {max(held, 0)}")
             buffer = bytearray(size)
-            got = handle.readinto(buffer)
+            with _open(path) as handle:
+                handle.seek(offset)
+                got = handle.readinto(buffer)
             if got != size:
                 raise EOFError(f"expected {size} bytes of voxel data, got {got}")
-            # Reading on to the end makes gzip check its CRC and length trailer.
-            while handle.read(1 << 20):
-                pass
+    except InputImageError:
+        raise
     except Exception as exc:  # noqa: BLE001 - truncated gzip: EOFError; bad CRC: BadGzipFile; zlib.error...
         raise _fail(
             path, f"voxel data cannot be read ({type(exc).__name__}: {_one_line(exc)})",
@@ -243,9 +408,41 @@ def _with_data_in_memory(path: Path, img: nibabel.Nifti1Image) -> nibabel.Nifti1
     slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
     if not (np.isfinite(slope) and np.isfinite(inter)) or slope == 0:
         slope, inter = 1.0, 0.0
-    loaded = type(img)(_LoadedArray(raw, slope, inter), img.affine, img.header, extra=img.extra)
+    try:
+        with _quiet_nibabel():
+            loaded = type(img)(_LoadedArray(raw, slope, inter), img.affine, img.header, extra=img.extra)
+    except Exception as exc:  # noqa: BLE001 - nibabel re-derives qform/sform from the affine (HeaderDataError)
+        raise _fail(
+            path, f"has a header nibabel cannot rebuild ({_one_line(exc)})",
+            "fix the header, e.g. sct_image -copy-header",
+        ) from exc
     loaded.set_filename(str(path))
     return loaded
+
+
+def _read_exactly(handle: Any, size: int) -> bytearray:
+    """``size`` bytes from a decompressing reader, in chunks, so that a header claiming far more than the file
+    holds fails after allocating only what the file really inflates to."""
+    buffer = bytearray()
+    while len(buffer) < size:
+        chunk = handle.read(min(_CHUNK, size - len(buffer)))
+        if not chunk:
+            raise EOFError(f"expected {size} bytes of voxel data, got {len(buffer)}")
+        buffer += chunk
+    return buffer
+
+
+def _drain_to_end(path: Path, handle: Any) -> None:
+    """Read a .gz file on to its end, which makes gzip check its CRC and length trailer, but refuse a file that
+    inflates to more than :data:`MAX_TRAILING_BYTES` beyond its voxel data (a gzip bomb)."""
+    extra = 0
+    while chunk := handle.read(1 << 20):
+        extra += len(chunk)
+        if extra > MAX_TRAILING_BYTES:
+            raise _fail(
+                path, f"decompresses to more than {MAX_TRAILING_BYTES >> 20} MiB beyond the voxel data its header "
+                "declares (a gzip bomb, or a wrong header)", "re-export the image; it was not decompressed further",
+            )
 
 
 def image_data(img: nibabel.Nifti1Image) -> np.ndarray:
@@ -258,7 +455,8 @@ def image_data(img: nibabel.Nifti1Image) -> np.ndarray:
         InputImageError: the image is not 3D, holds NaN or Inf, or is constant.
     """
     name = img.get_filename() or "image"
-    data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow to Inf is reported below, in one line
+        data = np.asarray(img.get_fdata(dtype=np.float32, caching="unchanged"))
     if data.ndim != 3:
         raise InputImageError(f"{name}: data has shape {data.shape}, expected 3D; load it with load_image() first")
     source = img.dataobj
@@ -268,6 +466,12 @@ def image_data(img: nibabel.Nifti1Image) -> np.ndarray:
     # A float64 sum of float32 values cannot overflow, so it is finite exactly when every voxel is.
     if not np.isfinite(data.sum(dtype=np.float64)):
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        scaling = (source.slope, source.inter) if isinstance(source, _LoadedArray) else (1.0, 0.0)
+        if scaling != (1.0, 0.0) and np.all(np.isfinite(np.asarray(held, dtype=np.float64))):
+            raise InputImageError(
+                f"{name}: scaling by scl_slope={scaling[0]:g}, scl_inter={scaling[1]:g} makes {bad} voxel(s) "
+                "overflow float32; fix scl_slope/scl_inter in the header"
+            )
         raise InputImageError(
             f"{name}: {bad} voxel(s) are NaN or Inf; replace them (e.g. with 0) before segmenting"
         )
@@ -341,11 +545,48 @@ def _suffix(path: Path) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else (".nii" if name.endswith(".nii") else path.suffix)
 
 
+#: The temp files written inside :func:`staged_outputs`, with their destinations (None: outside any stage).
+_STAGE: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar("stage", default=None)
+
+
+@contextlib.contextmanager
+def staged_outputs() -> Iterator[None]:
+    """Make the :func:`write_atomic` calls in this block one unit: each file is written and flushed under its temp
+    name, and all are renamed into place when the block ends without error, or all removed if it fails.
+
+    A full disk at the third file of an input (mask, cord mask, soft map, sidecar...) then leaves the previous run's
+    files as they were, not a new mask beside an old sidecar.
+
+    Raises:
+        OutputError: a rename at the end failed (the renames already done stay; the other temp files are removed).
+    """
+    staged: list[tuple[Path, Path]] = []
+    token = _STAGE.set(staged)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        _STAGE.reset(token)
+    for done, (tmp, path) in enumerate(staged):
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            for left, _ in staged[done:]:
+                left.unlink(missing_ok=True)
+            raise OutputError(
+                f"cannot write {path}: {exc.strerror or exc}; check write permission on {path.parent}"
+            ) from exc
+
+
 def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
     """Have ``write`` fill a hidden temp file beside ``path``, then rename it onto ``path``.
 
     A crash or an error never leaves a half-written ``path`` nor the temp file behind. The temp file keeps
-    ``path``'s suffix (``.nii.gz``, ``.png``...) because writers such as nibabel pick the format from it.
+    ``path``'s suffix (``.nii.gz``, ``.png``...) because writers such as nibabel pick the format from it. Inside
+    :func:`staged_outputs` the rename waits for the end of the block.
 
     Raises:
         OutputError: the folder is missing or not writable, or the disk is full.
@@ -367,7 +608,11 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        staged = _STAGE.get()
+        if staged is None:
+            os.replace(tmp, path)
+        else:
+            staged.append((tmp, path))
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .errors import UsageError
+from .errors import OutputError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -118,6 +118,29 @@ def soft_path(mask_path: Path) -> Path:
     return mask_path.with_name(stem + "_soft" + suffix)
 
 
+def make_folder(folder: Path) -> None:
+    """Create an output folder (and its parents) if needed.
+
+    Raises:
+        OutputError: it cannot be created: it or a parent is a regular file, no permission, read-only file system.
+    """
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise OutputError(
+                    f"cannot create the output folder {folder}: {ancestor} is a file, not a folder; "
+                    "pick another path with -o/-ofolder/-qc"
+                )
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create the output folder {folder}: {exc.strerror or exc}; check that the path is a writable "
+            "folder, or pick another with -o/-ofolder"
+        ) from None
+
+
 def write_text_atomic(text: str, path: Path) -> None:
     """Write text through a temp file and a rename (:func:`nifti.write_atomic`): never half a file."""
     from .nifti import write_atomic
@@ -219,7 +242,7 @@ class Segmenter:
         import numpy as np
 
         from .lesions import lesion_stats
-        from .nifti import image_data, save_like
+        from .nifti import image_data, save_like, staged_outputs
 
         started = time.perf_counter()
         image, native = self.predict(image_path)
@@ -228,41 +251,44 @@ class Segmenter:
         # Volumes follow the affine actually used for the geometry, even where pixdim disagrees with it.
         zooms = tuple(float(z) for z in voxel_sizes(image.affine))
         result = InputResult(image=image_path)
-        for site in self.sites:
-            head = self.heads[site]
-            threshold = self.threshold(site)
-            mask_path = outputs[site]
-            mask_path.parent.mkdir(parents=True, exist_ok=True)
-            written: list[Path] = []
-            lesion_mask = None
-            for index, label in enumerate(head.labels):
-                mask = native[site][index] >= threshold
-                path = mask_path if label.name == LESION else label_path(mask_path, label.name)
-                save_like(mask.astype(np.uint8), image, path, dtype=np.uint8)
-                written.append(path)
-                if label.name == LESION:
-                    lesion_mask = mask
-                    if self.options.soft:
-                        soft = soft_path(mask_path)
-                        save_like(native[site][index].astype(np.float32), image, soft, dtype=np.float32)
-                        written.append(soft)
-            stats = lesion_stats(lesion_mask, zooms)
-            seconds = time.perf_counter() - started
-            sidecar = sidecar_path(mask_path)
-            write_json_atomic(self.sidecar(site, image_path, written, threshold, stats, seconds), sidecar)
-            if self.options.qc_dir is not None:
-                from .qc import write_qc
+        # Every file of this input is renamed into place together at the end: a failure part-way (full disk,
+        # Ctrl-C) leaves the previous outputs as they were and no temp file.
+        with staged_outputs():
+            for site in self.sites:
+                head = self.heads[site]
+                threshold = self.threshold(site)
+                mask_path = outputs[site]
+                make_folder(mask_path.parent)
+                written: list[Path] = []
+                lesion_mask = None
+                for index, label in enumerate(head.labels):
+                    mask = native[site][index] >= threshold
+                    path = mask_path if label.name == LESION else label_path(mask_path, label.name)
+                    save_like(mask.astype(np.uint8), image, path, dtype=np.uint8)
+                    written.append(path)
+                    if label.name == LESION:
+                        lesion_mask = mask
+                        if self.options.soft:
+                            soft = soft_path(mask_path)
+                            save_like(native[site][index].astype(np.float32), image, soft, dtype=np.float32)
+                            written.append(soft)
+                stats = lesion_stats(lesion_mask, zooms)
+                seconds = time.perf_counter() - started
+                sidecar = sidecar_path(mask_path)
+                write_json_atomic(self.sidecar(site, image_path, written, threshold, stats, seconds), sidecar)
+                if self.options.qc_dir is not None:
+                    from .qc import write_qc
 
-                stem, _ = split_nifti_name(mask_path)
-                self.options.qc_dir.mkdir(parents=True, exist_ok=True)
-                png = write_qc(
-                    image_data(image), lesion_mask, image.affine, self.options.qc_dir / f"{stem}.png",
-                    f"{image_path.name} | {self.release.model}@{self.release.version} | site {site}",
+                    stem, _ = split_nifti_name(mask_path)
+                    make_folder(self.options.qc_dir)
+                    png = write_qc(
+                        image_data(image), lesion_mask, image.affine, self.options.qc_dir / f"{stem}.png",
+                        f"{image_path.name} | {self.release.model}@{self.release.version} | site {site}",
+                    )
+                    written.append(png)
+                result.sites.append(
+                    SiteResult(site, mask_path, written, sidecar, int(stats["count"]), float(stats["total_volume_mm3"]))
                 )
-                written.append(png)
-            result.sites.append(
-                SiteResult(site, mask_path, written, sidecar, int(stats["count"]), float(stats["total_volume_mm3"]))
-            )
         result.seconds = time.perf_counter() - started
         return result
 
