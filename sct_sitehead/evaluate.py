@@ -202,7 +202,7 @@ def plot_dice(summary: list[dict[str, Any]], path: Path) -> Path:
         draw.text((x0, bottom + 8), site, fill="black")
     draw.text((margin, 12), "lesion Dice per site: grey universal head, red the site's own head (95% CI)",
               fill="black")
-    from .nifti import write_atomic
+    from .outputs import write_atomic
 
     write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path

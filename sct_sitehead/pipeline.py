@@ -142,8 +142,8 @@ def make_folder(folder: Path) -> None:
 
 
 def write_text_atomic(text: str, path: Path) -> None:
-    """Write text through a temp file and a rename (:func:`nifti.write_atomic`): never half a file."""
-    from .nifti import write_atomic
+    """Write text through a temp file and a rename (:func:`outputs.write_atomic`): never half a file."""
+    from .outputs import write_atomic
 
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -242,7 +242,8 @@ class Segmenter:
         import numpy as np
 
         from .lesions import lesion_stats
-        from .nifti import image_data, save_like, staged_outputs
+        from .nifti import image_data
+        from .outputs import save_like, staged_outputs
 
         started = time.perf_counter()
         image, native = self.predict(image_path)

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import numpy as np
 
 from .errors import UsageError
-from .nifti import write_atomic
+from .outputs import write_atomic
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sct_sitehead.errors import InputImageError, OutputError
-from sct_sitehead.nifti import image_data, load_image, save_like
+from sct_sitehead.nifti import image_data, load_image
+from sct_sitehead.outputs import save_like
 
 AXIS_CODES = [
     "".join(p) for pair_order in permutations([("R", "L"), ("A", "P"), ("S", "I")]) for p in product(*pair_order)
