@@ -120,3 +120,15 @@ def test_no_sites_or_empty_label_sets_are_refused() -> None:
         build_label_space({})
     with pytest.raises(TrainingError, match=r"\['x'\] have no labels"):
         build_label_space({"x": {}})
+
+
+def test_a_site_added_later_follows_the_grouping_by_meaning():
+    """Under a grouping, a new site's labels go to their groups' channels, not to size ranks."""
+    space = build_label_space(
+        {"a": {"lesion": 0.001, "cord": 0.02}, "b": {"lesion": 0.002}},
+        grouping={"lesion": ["lesion"], "cord": ["cord"]},
+    )
+    grown = LabelSpace.from_json(space.to_json()).with_site("new", {"cord": 0.03, "lesion": 0.001})
+    assert grown.label_map("new") == {"lesion": 0, "cord": 1}
+    ranked = build_label_space({"a": {"lesion": 0.001, "cord": 0.02}}).with_site("new", {"cord": 0.03, "lesion": 0.001})
+    assert ranked.label_map("new") == {"cord": 0, "lesion": 1}

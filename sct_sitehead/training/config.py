@@ -41,7 +41,8 @@ DEFAULTS: dict[str, Any] = {
     },
     # Label sharing: null ranks each site's labels by mean relative size; a dict groups labels by meaning.
     # suffixes: label name -> BIDS derivative suffix(es) for read_bids (null: its defaults, lesion and cord).
-    "labels": {"grouping": None, "suffixes": None},
+    # mode: null (grouping when given, else size), "size", "grouping", or "merged" (one channel per (site, label)).
+    "labels": {"grouping": None, "suffixes": None, "mode": None},
     "train": {
         "patch_size": [48, 48, 48],
         "batch_size": 2,
@@ -60,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
         "resume": True,
         # With a BIDS folder whose participants.tsv has a "split" column, train on these participants only.
         "split": "train",
+        # With a BIDS folder: only these sites / participants (null: all); experiments pick data subsets with them.
+        "sites": None,
+        "subjects": None,
     },
     "head": {
         "steps": 200,
@@ -86,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 _SCHEDULES = ("poly", "cosine")
+#: ``labels.mode`` values; see :func:`.labels.build_label_space`.
+LABEL_MODES = (None, "size", "grouping", "merged")
 
 
 def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -168,5 +174,14 @@ def check_config(config: Mapping[str, Any]) -> None:
             raise TrainingError(f"train.{key} must be >= 1, got {train[key]!r}")
     if not 0.0 <= float(train["lesion_fraction"]) <= 1.0:
         raise TrainingError(f"train.lesion_fraction must be in [0, 1], got {train['lesion_fraction']!r}")
+    labels = config["labels"]
+    if labels["mode"] not in LABEL_MODES:
+        raise TrainingError(f"labels.mode {labels['mode']!r} is not one of {list(LABEL_MODES)}")
+    if labels["mode"] == "grouping" and not labels["grouping"]:
+        raise TrainingError("labels.mode is 'grouping' but labels.grouping is empty; give the groups or another mode")
+    for key in ("sites", "subjects"):
+        chosen = train[key]
+        if chosen is not None and (not isinstance(chosen, list) or not all(isinstance(x, str) for x in chosen)):
+            raise TrainingError(f"train.{key} must be null or a list of names, got {chosen!r}")
     if int(config["head"]["extra"]) < 1 or int(config["head"]["map_width"]) < 1:
         raise TrainingError(f"head.extra and head.map_width must be >= 1, got {config['head']!r}")

@@ -38,12 +38,15 @@ class LabelSpace:
         site_maps: ``{site: {label: channel}}``.
         universal_site: the site whose map the ``universal`` head uses.
         sizes: ``{site: {label: mean relative size}}`` the ranking was made from (for the record).
+        groups: the grouping by meaning the channels follow (``{group: [label, ...]}``, group g = channel g), or
+            None when channels are ranked by size; a site added later is mapped by the same rule.
     """
 
     channels: int
     site_maps: dict[str, dict[str, int]]
     universal_site: str
     sizes: dict[str, dict[str, float]] = field(default_factory=dict)
+    groups: dict[str, list[str]] | None = None
 
     @property
     def sites(self) -> list[str]:
@@ -120,8 +123,11 @@ class LabelSpace:
                 f"site {site!r} has {len(label_sizes)} labels {sorted(label_sizes)} but the backbone has "
                 f"{self.channels} channels; drop labels or retrain the backbone with this site"
             )
-        maps = {**self.site_maps, site: _rank(label_sizes)}
-        return LabelSpace(self.channels, maps, self.universal_site, {**self.sizes, site: dict(label_sizes)})
+        new = _group_maps({site: label_sizes}, self.groups)[site] if self.groups else _rank(label_sizes)
+        maps = {**self.site_maps, site: new}
+        return LabelSpace(
+            self.channels, maps, self.universal_site, {**self.sizes, site: dict(label_sizes)}, self.groups
+        )
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serialisable form, stored in the backbone checkpoint."""
@@ -130,6 +136,7 @@ class LabelSpace:
             "site_maps": self.site_maps,
             "universal_site": self.universal_site,
             "sizes": self.sizes,
+            "groups": self.groups,
         }
 
     @classmethod
@@ -140,6 +147,7 @@ class LabelSpace:
             {s: {k: int(v) for k, v in m.items()} for s, m in data["site_maps"].items()},
             str(data["universal_site"]),
             {s: {k: float(v) for k, v in m.items()} for s, m in data.get("sizes", {}).items()},
+            {g: list(m) for g, m in data["groups"].items()} if data.get("groups") else None,
         )
 
 
@@ -152,6 +160,7 @@ def _rank(label_sizes: Mapping[str, float]) -> dict[str, int]:
 def build_label_space(
     site_label_sizes: Mapping[str, Mapping[str, float]],
     grouping: Mapping[str, Sequence[str]] | None = None,
+    mode: str | None = None,
 ) -> LabelSpace:
     """Assign every site's labels to shared channels.
 
@@ -159,6 +168,10 @@ def build_label_space(
         site_label_sizes: ``{site: {label: mean relative size}}`` (label voxels / image voxels, averaged over the
             site's cases; see :func:`measure_label_sizes`).
         grouping: optional ``{group: [label, ...]}``; group g (in this order) is channel g.
+        mode: None (``grouping`` when given, else size ranking), ``"size"`` (size ranking, ``grouping``
+            ignored), ``"grouping"`` (``grouping`` required) or ``"merged"``: every (site, label) its own channel
+            (sites in name order, each site's labels by decreasing size), the partial-label baseline of Anand
+            et al. 2024.
 
     Returns:
         The :class:`LabelSpace`.
@@ -175,8 +188,16 @@ def build_label_space(
     empty = sorted(site for site, sizes in site_label_sizes.items() if not sizes)
     if empty:
         raise TrainingError(f"site(s) {empty} have no labels; remove them or add their label masks")
-    if grouping:
+    if mode not in (None, "size", "grouping", "merged"):
+        raise TrainingError(f"label mode {mode!r} is not one of None, 'size', 'grouping', 'merged'")
+    if mode == "grouping" and not grouping:
+        raise TrainingError("label mode 'grouping' needs labels.grouping; give the groups or use another mode")
+    groups = None
+    if mode == "merged":
+        maps, channels = _merged_maps(site_label_sizes)
+    elif grouping and mode != "size":
         maps, channels = _group_maps(site_label_sizes, grouping), len(grouping)
+        groups = {group: list(members) for group, members in grouping.items()}
     else:
         maps = {site: _rank(sizes) for site, sizes in site_label_sizes.items()}
         channels = max(len(m) for m in maps.values())
@@ -185,10 +206,21 @@ def build_label_space(
         site_maps=dict(sorted(maps.items())),
         universal_site=_universal_site(site_label_sizes),
         sizes={s: {k: float(v) for k, v in m.items()} for s, m in sorted(site_label_sizes.items())},
+        groups=groups,
     )
     logger.info("label space: %d channels, %s; universal head follows site %s", channels, space.site_maps,
                 space.universal_site)
     return space
+
+
+def _merged_maps(site_label_sizes: Mapping[str, Mapping[str, float]]) -> tuple[dict[str, dict[str, int]], int]:
+    maps: dict[str, dict[str, int]] = {}
+    channels = 0
+    for site in sorted(site_label_sizes):
+        ranked = _rank(site_label_sizes[site])
+        maps[site] = {label: channels + k for label, k in ranked.items()}
+        channels += len(ranked)
+    return maps, channels
 
 
 def _group_maps(

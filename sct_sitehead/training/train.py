@@ -64,12 +64,17 @@ def _samples(data: Path | str | Sequence[Any], config: Mapping[str, Any]) -> lis
     samples, problems = read_bids(Path(data), label_suffixes=config["labels"]["suffixes"])
     if problems:
         logger.warning("%d problem(s) reading %s; the affected files were left out", len(problems), data)
-    split = config["train"]["split"]
+    train = config["train"]
+    split = train["split"]
     chosen = _in_split(Path(data), split) if split else None
-    if chosen is None:
-        return samples
-    kept = [s for s in samples if s.subject in chosen]
-    logger.info("split %r: %d of %d images", split, len(kept), len(samples))
+    kept = samples if chosen is None else [s for s in samples if s.subject in chosen]
+    if chosen is not None:
+        logger.info("split %r: %d of %d images", split, len(kept), len(samples))
+    for key, field in (("sites", "site"), ("subjects", "subject")):
+        if train[key] is not None:
+            wanted = set(train[key])
+            kept = [s for s in kept if getattr(s, field) in wanted]
+            logger.info("train.%s %s: %d images left", key, sorted(wanted), len(kept))
     return kept
 
 
@@ -138,7 +143,7 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
     spec = config["input"]
     cases = _cases(_samples(data, config), spec, out_dir, ctx)
     sizes = measure_label_sizes([(case.site, case.labels) for case in cases])
-    space = build_label_space(sizes, config["labels"]["grouping"])
+    space = build_label_space(sizes, config["labels"]["grouping"], config["labels"]["mode"])
     arch = Arch.from_config(config, space.channels)
     model = UNet(arch)
     mine, targets = _shard(cases, space, ctx)
