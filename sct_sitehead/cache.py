@@ -17,6 +17,7 @@ never from names or URLs in the index.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import env
-from .download import download, remove
+from .download import download, is_remote, remove
 from .errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
 
 if TYPE_CHECKING:
@@ -117,7 +118,11 @@ class Cache:
         if final.is_file():
             return final
         if offline:
-            raise OfflineError(offline_message(asset, self.root))
+            # Offline forbids the network, not the disk: an embedded or local registry's files are still copied in.
+            local = tuple(url for url in asset.urls if not is_remote(url))
+            if not local:
+                raise OfflineError(offline_message(asset, self.root))
+            asset = dataclasses.replace(asset, urls=local)
         allow_http = allow_http or env.allow_plain_http()
         lock = self._lock(asset.sha256)
         self._acquire(lock, asset)

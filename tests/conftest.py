@@ -98,10 +98,16 @@ def tiny_registry(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _restore_package_logger():
-    """The command-line tools configure the package logger; put it back so caplog sees later records."""
+    """The command-line tools configure the package logger (also from module-scoped fixtures); every test starts
+    and ends with the library's own state, no handler and propagating, so caplog sees its records."""
     import logging
 
-    logger = logging.getLogger("sct_sitehead")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
+    def reset() -> None:
+        logger = logging.getLogger("sct_sitehead")
+        logger.handlers[:] = []
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+    reset()
     yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+    reset()

@@ -379,3 +379,23 @@ def test_ort_dir_is_inside_the_cache(cache: Cache) -> None:
 def test_default_root_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCT_SITEHEAD_CACHE", str(tmp_path / "envcache"))
     assert Cache().root == tmp_path / "envcache"
+
+
+def test_offline_still_copies_from_a_local_registry(tmp_path):
+    """-offline forbids the network only: the embedded (local) registry's files still enter the cache."""
+    from sct_sitehead.cache import Cache
+    from sct_sitehead.registry import Asset
+
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"local model bytes")
+    import hashlib
+
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    local = Asset(name="backbone", sha256=digest, size=source.stat().st_size, urls=(str(source),))
+    cache = Cache(tmp_path / "cache")
+    assert cache.fetch(local, offline=True).read_bytes() == b"local model bytes"
+    remote = Asset(name="head", sha256="0" * 64, size=3, urls=("https://example.org/head.onnx",))
+    from sct_sitehead.errors import OfflineError
+
+    with pytest.raises(OfflineError):
+        cache.fetch(remote, offline=True)

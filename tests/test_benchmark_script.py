@@ -1,0 +1,73 @@
+"""bin/benchmark runs end to end on tiny inputs and prints its tables (a check of the script, not a timing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_registry
+
+SCRIPT = REPO / "bin" / "benchmark"
+
+# Each baseline run is a fresh process importing torch and MONAI: a few seconds apiece.
+pytestmark = pytest.mark.slow
+
+
+def table(text: str, first_header: str) -> list[list[str]]:
+    """Rows (cells) of the Markdown table whose header starts with ``| first_header``, separator dropped."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    assert set(rows[1][0]) <= {"-"}, "second line of a Markdown table is its separator"
+    return [rows[0], *rows[2:]]
+
+
+def test_quick_benchmark_prints_tables(tmp_path: Path):
+    pytest.importorskip("torch")
+    pytest.importorskip("monai")
+    registry = write_registry(tmp_path / "registry")
+    out = tmp_path / "report" / "bench.md"
+    command = [
+        sys.executable, str(SCRIPT), "-quick", "-inputs", "sagittal", "-registry", str(registry),
+        "-site", "montreal", "-sites", "montreal,toronto", "-threads", "1", "-device", "cpu",
+        "-work", str(tmp_path / "work"), "-out", str(out), "-help-runs", "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    text = result.stdout
+    assert out.read_text() == text
+    assert "quick mode" in text and "onnxruntime" in text and "threads: 1" in text
+    header, *rows = table(text, "input")
+    assert header[:4] == ["input", "sites", "device", "wall s (ours / baseline)"]
+    assert [(row[0], row[1], row[2]) for row in rows] == [
+        ("sagittal", "montreal", "cpu"), ("sagittal", "montreal,toronto", "cpu")
+    ]
+    for row in rows:
+        ours, baseline = (float(value) for value in row[3].split(" / "))
+        assert ours > 0 and baseline > 0
+        assert float(row[4].rstrip("x")) == pytest.approx(ours / baseline, rel=0.01, abs=0.002)
+        assert 0.0 <= float(row[8]) <= 1.0
+    assert float(rows[0][8]) == 1.0  # montreal's head is voxel-wise: both sliding windows give the same mask
+
+    _, *stages = table(text, "input | sites | device | run")
+    assert {row[3] for row in stages} == {"ours", "baseline"}
+    _, *startup = table(text, "start-up")
+    assert startup[0][0].startswith("`sct_deepseg_lesion -h`") and float(startup[0][1]) > 0
+    assert startup[1][0].startswith("cold start") and float(startup[1][1]) > 0
+    _, *targets = table(text, "target")
+    statuses = {row[0]: row[2] for row in targets}
+    assert statuses["real image, 1 site: wall <= 3 s"].startswith("n/a")
+    assert any(row[0].startswith("sagittal: 2 sites") and row[2].endswith("(quick mode)") for row in targets)
+
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["quick"] is True and raw["model"] == "tiny@1.0.0" and len(raw["rows"]) == 2
+    assert raw["rows"][0]["ours"]["stages"]["network"] > 0
