@@ -19,7 +19,8 @@ from sct_sitehead.nifti import image_data, load_image  # noqa: E402
 from sct_sitehead.spatial import to_model_grid  # noqa: E402
 from sct_sitehead.training import loop  # noqa: E402
 from sct_sitehead.training.augment import augment_batch  # noqa: E402
-from sct_sitehead.training.checkpoint import file_sha256, load_checkpoint, weights_digest  # noqa: E402
+from sct_sitehead.cache import sha256_file as file_sha256  # noqa: E402
+from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest  # noqa: E402
 from sct_sitehead.training.config import load_config  # noqa: E402
 from sct_sitehead.training.data import Case, prepare_cases, sample_batch  # noqa: E402
 from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402

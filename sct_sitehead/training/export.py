@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import TrainingError
-from .checkpoint import file_sha256, load_checkpoint, weights_digest
+from ..cache import sha256_file as file_sha256
+from .checkpoint import load_checkpoint, weights_digest
 from .fuse import FusedHead, fuse_head
 from .heads import Head
 from .labels import UNIVERSAL, LabelSpace
