@@ -108,6 +108,10 @@ def models_install(
     allow_http = env.allow_plain_http()
     path = cache.fetch(release.backbone, offline=False, progress=progress, allow_http=allow_http)
     click.echo(f"backbone {release.backbone.sha256[:12]} {path}")
+    if release.localiser is not None:
+        for asset in (release.localiser.backbone, release.localiser.head):
+            path = cache.fetch(asset, offline=False, progress=progress, allow_http=allow_http)
+            click.echo(f"{asset.name} {asset.sha256[:12]} {path}")
     for head in heads:
         path = cache.fetch(head.asset, offline=False, progress=progress, allow_http=allow_http)
         click.echo(f"{head.site} {head.asset.sha256[:12]} {path}")
@@ -238,16 +242,21 @@ def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique
 @click.option("-config", "sites_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="site profiles JSON (default: the packaged sites.json)")
 @click.option("-holdout", metavar="SUB,SUB", help="source subjects whose anatomy only appears in the test split")
+@click.option("-phantoms", type=click.IntRange(0), default=0, show_default=True,
+              help="procedural phantom anatomies added to the sources (train and val only)")
+@click.option("-test-n", "test_per_site", type=click.IntRange(1), default=None,
+              help="with -holdout: subjects per site drawn from the held-out anatomy (default: left to chance)")
 @verbosity_option
 def simulate(source: Path, out: Path, n_per_site: int, seed: int, sites: str | None, sites_config: Path | None,
-             holdout: str | None) -> None:
+             holdout: str | None, phantoms: int, test_per_site: int | None) -> None:
     """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
     from .cli import parse_sites
     from .simulate import simulate as run_simulation
 
     written = run_simulation(
         source, out, sites_config=sites_config, n_per_site=n_per_site, seed=seed,
-        holdout=parse_sites(holdout) or None, sites=parse_sites(sites) or None,
+        holdout=parse_sites(holdout) or None, sites=parse_sites(sites) or None, phantoms=phantoms,
+        test_per_site=test_per_site,
     )
     click.echo(f"simulated dataset: {written}")
 
@@ -335,9 +344,16 @@ def export(out: Path, backbone: Path, heads: tuple[Path, ...], opset: int, atol:
 @click.option("-replace", is_flag=True, help="replace an already published version with other files")
 @click.option("-sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="ed25519 private key: sign the new index")
+@click.option("-localiser", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="export folder of a cord localiser (train-backbone -config localiser, then export)")
+@click.option("-margin", "margin_mm", type=click.FloatRange(0), default=20.0, show_default=True,
+              help="mm kept around the localised cord for the lesion model")
+@click.option("-cord-margin", "cord_margin_mm", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="lesions further than this (mm) from the localised cord are dropped")
 @verbosity_option
 def publish(export_dir: Path, registry_dir: Path, model: str, version: str, threshold: float, sites: str | None,
-            description: str, make_default: bool, replace: bool, sign_key: Path | None) -> None:
+            description: str, make_default: bool, replace: bool, sign_key: Path | None, localiser: Path | None,
+            margin_mm: float, cord_margin_mm: float) -> None:
     """Add an exported release to the registry folder REGISTRY_DIR (index updated, assets copied)."""
     from .cli import parse_sites
     from .publish import publish as run_publish
@@ -345,7 +361,8 @@ def publish(export_dir: Path, registry_dir: Path, model: str, version: str, thre
     index = run_publish(
         export_dir, registry_dir, model=model, version=version, threshold=threshold,
         sites=parse_sites(sites) or None, description=description, make_default=make_default,
-        replace=replace, sign_key=sign_key,
+        replace=replace, sign_key=sign_key, localiser=localiser, localiser_margin_mm=margin_mm,
+        cord_margin_mm=cord_margin_mm,
     )
     click.echo(f"published {model}@{version} in {index}")
 

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("-model", metavar="NAME[@VERSION]", help="model (default: the registry's default, latest)")
     model.add_argument("-thr", type=float, metavar="T", help="probability threshold (default: from the release)")
+    model.add_argument(
+        "-no-crop", action="store_true",
+        help="run the lesion model on the whole image, not only around the cord the release's localiser finds",
+    )
     model.add_argument("-registry", metavar="URL_OR_PATH", help="registry index (default: the embedded one)")
     model.add_argument("-offline", action="store_true", help="no network at all: use the cache only")
     model.add_argument("-allow-http", action="store_true", help="allow plain http:// to hosts other than loopback")
@@ -167,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"-thr must be between 0 and 1, got {args.thr}")
     check_inputs(args.i)
     plan = plan_outputs(args.i, sites, args.o, args.ofolder)
-    options = Options(threshold=args.thr, soft=args.soft, device=args.device, threads=args.threads, qc_dir=args.qc)
+    options = Options(
+        threshold=args.thr, soft=args.soft, device=args.device, threads=args.threads, qc_dir=args.qc,
+        crop=not args.no_crop,
+    )
     segmenter = Segmenter.open(
         release, sites, cache, options, offline=args.offline or env.offline(), progress=sys.stderr.isatty(),
         allow_http=args.allow_http or env.allow_plain_http(),

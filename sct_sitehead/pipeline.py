@@ -39,6 +39,7 @@ class Options:
     overlap: float = 0.5
     batch_size: int = 4
     qc_dir: Path | None = None
+    crop: bool = True
 
 
 @dataclass
@@ -155,13 +156,18 @@ def write_json_atomic(data: dict, path: Path) -> None:
 class Segmenter:
     """A release's backbone and the requested site heads, loaded once, applied to many images."""
 
-    def __init__(self, release: Release, sites: list[str], paths: dict[str, Path], model, options: Options):
+    def __init__(
+        self, release: Release, sites: list[str], paths: dict[str, Path], model, options: Options, localiser=None
+    ):
         self.release = release
         self.sites = sites
         self.paths = paths
         self.model = model
         self.options = options
+        self.localiser = localiser
         self.heads: dict[str, HeadSpec] = {site: release.head(site) for site in sites}
+        #: What the localiser found on the last image (None: not run or no cord): for the sidecar.
+        self.last_crop: dict | None = None
 
     @classmethod
     def open(
@@ -195,8 +201,20 @@ class Segmenter:
             threads=options.threads,
             optimized_dir=cache.ort_dir(),
         )
-        logger.info("%s@%s on %s, sites: %s", release.model, release.version, model.provider, ", ".join(sites))
-        return cls(release, sites, paths, model, options)
+        localiser = None
+        if release.localiser is not None and options.crop:
+            paths["localiser backbone"] = cache.fetch(release.localiser.backbone, **fetch)
+            paths["localiser head"] = cache.fetch(release.localiser.head, **fetch)
+            localiser = SiteHeadModel(
+                paths["localiser backbone"],
+                {"cord": paths["localiser head"]},
+                device=options.device,
+                threads=options.threads,
+                optimized_dir=cache.ort_dir(),
+            )
+        logger.info("%s@%s on %s, sites: %s%s", release.model, release.version, model.provider, ", ".join(sites),
+                    " (cord localiser on)" if localiser is not None else "")
+        return cls(release, sites, paths, model, options, localiser)
 
     def threshold(self, site: str) -> float:
         return self.options.threshold if self.options.threshold is not None else self.heads[site].threshold
@@ -206,16 +224,42 @@ class Segmenter:
 
         Returns:
             The input nibabel image and ``{site: (K, X, Y, Z) float32}`` with K the site's label count, in the
-            order of the head's ``labels``.
+            order of the head's ``labels``; 0 outside the box the lesion model ran on.
+        """
+        import numpy as np
+
+        image, window, probabilities = self.predict_window(image_path)
+        native: dict[str, np.ndarray] = {}
+        for site, values in probabilities.items():
+            full = np.zeros((values.shape[0], *image.shape[:3]), dtype=np.float32)
+            full[(slice(None), *window)] = values
+            native[site] = full
+        return image, native
+
+    def predict_window(self, image_path: Path) -> tuple[object, tuple[slice, ...], dict[str, np.ndarray]]:
+        """Probabilities for every site on the native voxels the lesion model ran on.
+
+        With a cord localiser (and ``Options.crop``), the lesion model runs only on the box around the found cord,
+        and lesion probabilities away from the cord are set to 0; without one, on the whole image.
+
+        Returns:
+            The input nibabel image, the native window (3 slices) and ``{site: (K, x, y, z) float32}`` on it.
         """
         from .inference import normalize, sliding_window
+        from .localise import localise
         from .nifti import image_data, load_image
         from .spatial import from_model_grid, to_model_grid
 
         spec = self.release.input
         image = load_image(image_path)
         data = image_data(image)
-        volume, grid = to_model_grid(data, image.affine, spec.orientation, spec.spacing)
+        found = None
+        if self.localiser is not None:
+            found = localise(data, image.affine, self.release.localiser, self.localiser)
+        self.last_crop = None if found is None else {"Bbox": [list(pair) for pair in found.bbox]}
+        volume, grid = to_model_grid(
+            data, image.affine, spec.orientation, spec.spacing, bbox=None if found is None else found.bbox
+        )
         del data
         volume = normalize(volume, spec.normalization)
         probabilities = sliding_window(
@@ -226,11 +270,19 @@ class Segmenter:
             batch_size=self.options.batch_size,
             divisor=spec.divisor,
         )
+        del volume
+        near = None if found is None else found.near_on(grid)
+        window = tuple(slice(a, b) for a, b in grid.bbox)
         native: dict[str, np.ndarray] = {}
         for site in self.sites:
-            channels = [label.channel for label in self.heads[site].labels]
-            native[site] = from_model_grid(probabilities[site][channels], grid, order=1)
-        return image, native
+            labels = self.heads[site].labels
+            channels = probabilities.pop(site)[[label.channel for label in labels]]
+            if near is not None:
+                for index, label in enumerate(labels):
+                    if label.name == LESION:
+                        channels[index][~near] = 0.0
+            native[site] = from_model_grid(channels, grid, order=1, window_only=True)
+        return image, window, native
 
     def segment(self, image_path: Path, outputs: dict[str, Path]) -> InputResult:
         """Segment one image and write every site's masks, sidecar and (optionally) soft map and QC picture.
@@ -246,7 +298,7 @@ class Segmenter:
         from .outputs import save_like, staged_outputs
 
         started = time.perf_counter()
-        image, native = self.predict(image_path)
+        image, window, native = self.predict_window(image_path)
         from nibabel.affines import voxel_sizes
 
         # Volumes follow the affine actually used for the geometry, even where pixdim disagrees with it.
@@ -263,16 +315,20 @@ class Segmenter:
                 written: list[Path] = []
                 lesion_mask = None
                 for index, label in enumerate(head.labels):
-                    mask = native[site][index] >= threshold
+                    mask = np.zeros(image.shape[:3], dtype=np.uint8)
+                    mask[window] = native[site][index] >= threshold
                     path = mask_path if label.name == LESION else label_path(mask_path, label.name)
-                    save_like(mask.astype(np.uint8), image, path, dtype=np.uint8)
+                    save_like(mask, image, path, dtype=np.uint8)
                     written.append(path)
                     if label.name == LESION:
-                        lesion_mask = mask
+                        lesion_mask = mask.view(bool)
                         if self.options.soft:
                             soft = soft_path(mask_path)
-                            save_like(native[site][index].astype(np.float32), image, soft, dtype=np.float32)
+                            full = np.zeros(image.shape[:3], dtype=np.float32)
+                            full[window] = native[site][index]
+                            save_like(full, image, soft, dtype=np.float32)
                             written.append(soft)
+                            del full
                 stats = lesion_stats(lesion_mask, zooms)
                 seconds = time.perf_counter() - started
                 sidecar = sidecar_path(mask_path)
@@ -307,6 +363,7 @@ class Segmenter:
             "BackboneSha256": self.release.backbone.sha256,
             "HeadSha256": head.asset.sha256,
             "Threshold": threshold,
+            "CordCrop": self.last_crop,
             "Device": self.model.provider,
             "Seconds": round(seconds, 3),
             "Labels": [{"name": label.name, "value": label.value} for label in head.labels],

@@ -92,9 +92,39 @@ def release_entry(
     }
 
 
-def copy_assets(manifest: dict[str, Any], export_dir: Path, target: Path) -> None:
-    """Copy the ONNX files; an identical file already in place is left alone."""
-    for entry in [manifest["backbone"], *manifest["heads"].values()]:
+def localiser_entry(
+    manifest: dict[str, Any], prefix: str, *, threshold: float, margin_mm: float, cord_margin_mm: float
+) -> dict[str, Any]:
+    """The release's ``localiser`` object from the export manifest of a cord localiser (its ``universal`` head).
+
+    Raises:
+        RegistryError: the export has no universal head with a ``cord`` label.
+    """
+    head = manifest["heads"].get("universal")
+    channels = [label["channel"] for label in (head or {}).get("labels", []) if label["name"] == "cord"]
+    if not channels:
+        raise RegistryError("the localiser export needs a universal head with a 'cord' label; train it on cord masks")
+    backbone = manifest["backbone"]
+    return {
+        "input": manifest["input"],
+        "backbone": {
+            "url": f"{prefix}/{backbone['file']}", "sha256": backbone["sha256"], "size": backbone["size"],
+            "outputs": backbone["outputs"],
+        },
+        "head": {"url": f"{prefix}/{head['file']}", "sha256": head["sha256"], "size": head["size"]},
+        "channel": channels[0],
+        "threshold": threshold,
+        "margin_mm": margin_mm,
+        "cord_margin_mm": cord_margin_mm,
+    }
+
+
+def copy_assets(
+    manifest: dict[str, Any], export_dir: Path, target: Path, *, heads: list[str] | None = None
+) -> None:
+    """Copy the ONNX files (the backbone and ``heads``, default all); an identical file in place is left alone."""
+    chosen = [h for site, h in manifest["heads"].items() if heads is None or site in heads]
+    for entry in [manifest["backbone"], *chosen]:
         source, destination = export_dir / entry["file"], target / entry["file"]
         if destination.is_file() and sha256_file(destination) == entry["sha256"]:
             continue
@@ -117,6 +147,9 @@ def publish(
     make_default: bool = False,
     replace: bool = False,
     sign_key: Path | None = None,
+    localiser: Path | None = None,
+    localiser_margin_mm: float = 20.0,
+    cord_margin_mm: float = 5.0,
 ) -> Path:
     """Add ``model@version`` from ``export_dir`` to the registry in ``registry_dir``.
 
@@ -125,6 +158,9 @@ def publish(
         make_default: make ``model`` the registry's default model.
         replace: allow replacing an already published ``model@version`` whose files differ.
         sign_key: ed25519 private key; the index is signed after writing.
+        localiser: export folder of a cord localiser (``train-backbone -config localiser`` then ``export``): the
+            lesion model then runs only within ``localiser_margin_mm`` of the cord it finds, and lesions further
+            than ``cord_margin_mm`` from that cord are dropped.
 
     Returns:
         The index path.
@@ -150,6 +186,13 @@ def publish(
             f"{model}@{version} is already published with other files; publish a new version, or pass replace"
         )
     copy_assets(manifest, export_dir, registry_dir / model / version)
+    if localiser is not None:
+        loc_manifest = read_export(localiser)
+        entry["localiser"] = localiser_entry(
+            loc_manifest, f"{model}/{version}/localiser", threshold=0.5, margin_mm=localiser_margin_mm,
+            cord_margin_mm=cord_margin_mm,
+        )
+        copy_assets(loc_manifest, localiser, registry_dir / model / version / "localiser", heads=["universal"])
     record["releases"][version] = entry
     record["latest"] = max(record["releases"], key=version_key)
     if make_default or index.get("default_model") not in models:
@@ -173,7 +216,11 @@ def publish(
 
 def _assets_of(release: dict[str, Any]) -> set[tuple[str, str]]:
     heads = release.get("heads", {})
-    return {("backbone", release["backbone"]["sha256"])} | {(site, h["sha256"]) for site, h in heads.items()}
+    assets = {("backbone", release["backbone"]["sha256"])} | {(site, h["sha256"]) for site, h in heads.items()}
+    if "localiser" in release:
+        loc = release["localiser"]
+        assets |= {("localiser backbone", loc["backbone"]["sha256"]), ("localiser head", loc["head"]["sha256"])}
+    return assets
 
 
 def _write_json(data: dict[str, Any], path: Path) -> None:

@@ -87,6 +87,24 @@ class HeadSpec:
 
 
 @dataclass(frozen=True)
+class LocaliserSpec:
+    """The cord localiser of a release: a small backbone + head on a coarse grid that finds the cord.
+
+    The lesion model then runs only on the cord's bounding box grown by ``margin_mm``, and lesion probabilities
+    further than ``cord_margin_mm`` from the found cord are set to 0.
+    """
+
+    input: InputSpec
+    backbone: Asset
+    backbone_outputs: tuple[str, ...]
+    head: Asset
+    channel: int
+    threshold: float
+    margin_mm: float
+    cord_margin_mm: float
+
+
+@dataclass(frozen=True)
 class Release:
     """One version of a model: the input grid, the shared output space, the backbone and the site heads."""
 
@@ -98,6 +116,7 @@ class Release:
     backbone: Asset
     backbone_outputs: tuple[str, ...]
     heads: dict[str, HeadSpec]
+    localiser: LocaliserSpec | None = None
 
     @property
     def spec(self) -> str:
@@ -258,7 +277,6 @@ class Registry:
     def build_release(self, model: str, version: str, raw: dict[str, Any]) -> Release:
         spec = f"{model}@{version}"
         threshold = float(raw["threshold"])
-        raw_input = raw["input"]
         heads = {
             site: HeadSpec(
                 site=site,
@@ -269,21 +287,29 @@ class Registry:
             )
             for site, head in raw["heads"].items()
         }
+        localiser = None
+        if "localiser" in raw:
+            loc = raw["localiser"]
+            localiser = LocaliserSpec(
+                input=input_spec(loc["input"]),
+                backbone=self.build_asset("localiser backbone", loc["backbone"], release=spec),
+                backbone_outputs=tuple(loc["backbone"]["outputs"]),
+                head=self.build_asset("localiser head", loc["head"], release=spec),
+                channel=int(loc["channel"]),
+                threshold=float(loc["threshold"]),
+                margin_mm=float(loc["margin_mm"]),
+                cord_margin_mm=float(loc["cord_margin_mm"]),
+            )
         return Release(
             model=model,
             version=version,
-            input=InputSpec(
-                orientation=raw_input["orientation"],
-                spacing=tuple(float(v) for v in raw_input["spacing"]),  # type: ignore[arg-type]
-                patch_size=tuple(int(v) for v in raw_input["patch_size"]),  # type: ignore[arg-type]
-                divisor=int(raw_input["divisor"]),
-                normalization=dict(raw_input["normalization"]),
-            ),
+            input=input_spec(raw["input"]),
             channels=int(raw["channels"]),
             threshold=threshold,
             backbone=self.build_asset("backbone", raw["backbone"], release=spec),
             backbone_outputs=tuple(raw["backbone"]["outputs"]),
             heads=heads,
+            localiser=localiser,
         )
 
     def build_asset(self, name: str, raw: dict[str, Any], *, release: str, site: str | None = None) -> Asset:
@@ -295,6 +321,17 @@ class Registry:
             release=release,
             site=site,
         )
+
+
+def input_spec(raw: dict[str, Any]) -> InputSpec:
+    """An index's ``input`` object (already schema-checked) as an :class:`InputSpec`."""
+    return InputSpec(
+        orientation=raw["orientation"],
+        spacing=tuple(float(v) for v in raw["spacing"]),  # type: ignore[arg-type]
+        patch_size=tuple(int(v) for v in raw["patch_size"]),  # type: ignore[arg-type]
+        divisor=int(raw["divisor"]),
+        normalization=dict(raw["normalization"]),
+    )
 
 
 def resolve_urls(url: str, base_url: str, mirrors: tuple[str, ...] | list[str]) -> tuple[str, ...]:

@@ -152,17 +152,21 @@ def to_model_grid(
     return volume, grid
 
 
-def from_model_grid(volume: np.ndarray, grid: ModelGrid, order: int = 1) -> np.ndarray:
+def from_model_grid(
+    volume: np.ndarray, grid: ModelGrid, order: int = 1, *, window_only: bool = False
+) -> np.ndarray:
     """Bring a model-grid array back onto the native grid, voxel for voxel aligned with the input image.
 
     Args:
         volume: (X', Y', Z') or (C, X', Y', Z') array on ``grid``.
         grid: from :func:`to_model_grid`.
         order: spline order (0 nearest for label maps, 1 linear for probabilities).
+        window_only: return only the native voxels inside ``grid.bbox`` (a crop's own window), not the whole
+            native grid: what a long field of view needs to stay small in memory.
 
     Returns:
-        (X, Y, Z) or (C, X, Y, Z) C-contiguous array on the native grid: float32 for ``order >= 1``; the input's
-        dtype for ``order == 0``. Voxels outside ``grid.bbox`` are 0.
+        (X, Y, Z) or (C, X, Y, Z) C-contiguous array on the native grid (or its ``grid.bbox`` window): float32
+        for ``order >= 1``; the input's dtype for ``order == 0``. Voxels outside ``grid.bbox`` are 0.
 
     Raises:
         InferenceError: ``volume``'s spatial shape is not ``grid.shape``.
@@ -179,8 +183,9 @@ def from_model_grid(volume: np.ndarray, grid: ModelGrid, order: int = 1) -> np.n
     channels = volume if volume.ndim == 4 else volume[None]
     is_bool = channels.dtype == np.bool_
     dtype = (np.uint8 if is_bool else channels.dtype) if order == 0 else np.float32
-    out = np.zeros((channels.shape[0], *grid.native_shape), dtype=bool if is_bool and order == 0 else dtype)
-    window = (slice(None), *(slice(a, b) for a, b in grid.bbox))
+    shape = tuple(b - a for a, b in grid.bbox) if window_only else grid.native_shape
+    out = np.zeros((channels.shape[0], *shape), dtype=bool if is_bool and order == 0 else dtype)
+    window = (slice(None), *((slice(None),) * 3 if window_only else (slice(a, b) for a, b in grid.bbox)))
     scale = np.asarray(grid.scale)
     offset = np.asarray(grid.offset)
     for index, channel in enumerate(channels):

@@ -44,9 +44,15 @@ def sha256_of(path: Path) -> str:
 
 
 def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                   patch_size: tuple[int, int, int] = (32, 32, 32), receptive_field: bool = False) -> Path:
-    """A registry folder with the tiny ONNX release of ``onnx_factory`` (model ``tiny``, version 1.0.0)."""
-    from onnx_factory import write_tiny_release
+                   patch_size: tuple[int, int, int] = (32, 32, 32), receptive_field: bool = False,
+                   localiser: dict | None = None) -> Path:
+    """A registry folder with the tiny ONNX release of ``onnx_factory`` (model ``tiny``, version 1.0.0).
+
+    ``localiser``: add a cord localiser (the tiny backbone and a head marking voxels brighter than
+    ``level`` z-scores as cord) with these fields of the registry's ``localiser`` object overriding the defaults
+    (spacing 2 mm, margin_mm 6, cord_margin_mm 3); ``level`` sets the head's brightness level (default 1).
+    """
+    from onnx_factory import SLOPE, backbone_model, head_model, write_tiny_release
 
     release_dir = directory / "tiny" / "1.0.0"
     tiny = write_tiny_release(release_dir, receptive_field=receptive_field)
@@ -59,6 +65,27 @@ def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.
                "threshold": tiny["thresholds"][site]}
         for site, path in tiny["heads"].items()
     }
+    def localiser_entry(fields: dict) -> dict:
+        import onnx
+
+        fields = dict(fields)
+        level = float(fields.pop("level", 1.0))
+        folder = release_dir / "localiser"
+        folder.mkdir(parents=True, exist_ok=True)
+        onnx.save(backbone_model(), folder / "backbone.onnx")
+        onnx.save(head_model(("skip0",), [[SLOPE, 0.0]], [-SLOPE * level]), folder / "cord.onnx")
+        spacing = fields.pop("spacing", [2.0, 2.0, 2.0])
+        return {
+            "input": {
+                "orientation": "RAS", "spacing": list(spacing), "patch_size": [32, 32, 32], "divisor": 2,
+                "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]},
+            },
+            "backbone": {**asset(folder / "backbone.onnx"), "outputs": tiny["backbone_outputs"]},
+            "head": asset(folder / "cord.onnx"),
+            "channel": 0, "threshold": 0.5, "margin_mm": 6.0, "cord_margin_mm": 3.0,
+            **fields,
+        }
+
     index = {
         "schema_version": 1,
         "serial": 1,
@@ -81,6 +108,7 @@ def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.
                         "threshold": 0.5,
                         "backbone": {**asset(tiny["backbone"]), "outputs": tiny["backbone_outputs"]},
                         "heads": heads,
+                        **({"localiser": localiser_entry(localiser)} if localiser is not None else {}),
                     }
                 },
             }

@@ -40,7 +40,19 @@ def published(tmp_path_factory, bids_dir: Path) -> dict[str, Path]:
              "-config", "tiny")
     heads = [root / "heads" / f"head-{site}.safetensors" for site in ("montreal", "toronto")]
     sitehead("export", root / "export", "-backbone", backbone, *[x for h in heads for x in ("-head", h)])
-    sitehead("publish", root / "export", root / "registry", "-model", "lesion", "-version", "0.1.0", "-default")
+    localiser = root / "localiser.json"
+    localiser.write_text(json.dumps({
+        "input": {"orientation": "RAS", "spacing": [4.0, 4.0, 4.0], "patch_size": [16, 16, 16], "divisor": 2,
+                  "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]}},
+        "model": {"features": [4, 8]},
+        "labels": {"grouping": {"cord": ["cord"]}, "suffixes": {"cord": ["seg-manual", "seg"]}},
+        "train": {"patch_size": [16, 16, 16], "batch_size": 2, "steps": 10, "lr": 0.01, "warmup_steps": 2,
+                  "device": "cpu", "checkpoint_every": 10, "log_every": 5},
+    }))
+    sitehead("train-backbone", sim, root / "localiser", "-config", localiser)
+    sitehead("export", root / "localiser-export", "-backbone", root / "localiser" / "backbone.safetensors")
+    sitehead("publish", root / "export", root / "registry", "-model", "lesion", "-version", "0.1.0", "-default",
+             "-localiser", root / "localiser-export", "-margin", 15)
     return {"root": root, "sim": sim, "registry": root / "registry" / "registry.json"}
 
 
@@ -51,6 +63,9 @@ def test_published_index_lists_every_head_with_its_strategy(published):
         "universal": "pooled", "montreal": "wider", "toronto": "spatial"
     }
     assert index["serial"] == 1 and index["default_model"] == "lesion"
+    localiser = release["localiser"]
+    assert localiser["input"]["spacing"] == [4.0, 4.0, 4.0] and localiser["margin_mm"] == 15
+    assert (published["registry"].parent / localiser["head"]["url"]).is_file()
 
 
 def test_deploy_cli_runs_the_published_release(published, tmp_path, capsys):
@@ -65,6 +80,11 @@ def test_deploy_cli_runs_the_published_release(published, tmp_path, capsys):
         assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
     assert list(out.glob("*_cordseg_montreal.nii.gz")), "montreal annotates the cord: its head writes it too"
     assert not list(out.glob("*_cordseg_toronto.nii.gz")), "toronto annotates lesions only"
+    sidecar = json.loads(next(out.glob("*_lesionseg_montreal.json")).read_text())
+    # The localiser ran (10 training steps: it may or may not find the cord); a box, when found, is in the image.
+    assert sidecar["CordCrop"] is None or all(
+        0 <= a < b <= n for (a, b), n in zip(sidecar["CordCrop"]["Bbox"], source.shape)
+    )
 
 
 def test_evaluate_writes_tables_and_plot(published, tmp_path):

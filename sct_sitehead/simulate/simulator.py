@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import time
 import zlib
 from collections.abc import Sequence
@@ -166,6 +167,8 @@ def simulate(
     holdout: Sequence[str] | None = None,
     sites: Sequence[str] | None = None,
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    phantoms: int = 0,
+    test_per_site: int | None = None,
 ) -> Path:
     """Write a simulated multi-site lesion dataset.
 
@@ -180,6 +183,11 @@ def simulate(
             subjects are then split between train and val only.
         sites: names of the sites to simulate (default: all in the config).
         split_fractions: train, val, test fractions for subjects of anatomy not held out.
+        phantoms: procedural phantom anatomies added to the sources (:mod:`.phantom_sources`); they are never
+            held out, so the test split keeps only real anatomy when ``holdout`` is given.
+        test_per_site: with ``holdout``, the first this many subjects of each site are drawn from the held-out
+            anatomy (the test split) and the others from the rest; None draws every subject from all sources, so
+            the test split's size per site is left to chance.
 
     Returns:
         ``out``.
@@ -202,8 +210,15 @@ def simulate(
         )
     staging = _staging_folder(out)
     started = time.perf_counter()
+    extra = tempfile.TemporaryDirectory(prefix="sct_sitehead-phantoms-") if phantoms else None
     try:
-        rows, subjects = _simulate_all(samples, profiles, staging, n_per_site, seed, holdout, split_fractions)
+        if extra is not None:
+            from .phantom_sources import write_phantom_sources
+
+            samples = samples + _sources(write_phantom_sources(Path(extra.name) / "phantoms", phantoms, seed=seed))
+        rows, subjects = _simulate_all(
+            samples, profiles, staging, n_per_site, seed, holdout, split_fractions, test_per_site
+        )
         _write_dataset_files(staging, source, rows, subjects, profiles, n_per_site, seed, holdout, split_fractions)
         if out.exists():
             out.rmdir()
@@ -211,6 +226,9 @@ def simulate(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        if extra is not None:
+            extra.cleanup()
     logger.info("simulated %d subjects at %d sites into %s in %.1f s", len(rows), len(profiles), out,
                 time.perf_counter() - started)
     return out
@@ -251,7 +269,7 @@ def _staging_folder(out: Path) -> Path:
 
 def _simulate_all(
     samples: list[Sample], profiles: list[Site], root: Path, n_per_site: int, seed: int,
-    holdout: list[str], split_fractions: tuple[float, float, float],
+    holdout: list[str], split_fractions: tuple[float, float, float], test_per_site: int | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     anatomies: dict[Path, Anatomy] = {}
     rows: list[dict[str, str]] = []
@@ -266,7 +284,8 @@ def _simulate_all(
         chosen = []
         for number in range(1, n_per_site + 1):
             rng = subject_rng(seed, site.name, number)
-            sample = eligible[int(rng.integers(len(eligible)))]
+            pool = _pool(eligible, holdout, test_per_site, number)
+            sample = pool[int(rng.integers(len(pool)))]
             if sample.image not in anatomies:
                 anatomies[sample.image] = load_anatomy(sample)
             started = time.perf_counter()
@@ -280,6 +299,16 @@ def _simulate_all(
         splits = _splits(chosen, holdout, split_fractions, split_rng)
         rows.extend({"participant_id": p, "site": site.name, "source": s.stem, "split": splits[p]} for p, s in chosen)
     return rows, subjects
+
+
+def _pool(eligible: list[Sample], holdout: list[str], test_per_site: int | None, number: int) -> list[Sample]:
+    """The sources subject ``number`` (1-based) of a site may come from."""
+    if not holdout or test_per_site is None:
+        return eligible
+    held = [s for s in eligible if s.subject in holdout]
+    rest = [s for s in eligible if s.subject not in holdout]
+    wanted = held if number <= test_per_site else rest
+    return wanted or eligible
 
 
 def _splits(
@@ -357,7 +386,9 @@ def _write_dataset_files(
         })
     _write_json(root / "simulation.json", {
         "generator": {"name": "sct_sitehead.simulate", "version": __version__},
-        "source": source.name, "seed": seed, "n_per_site": n_per_site, "holdout": holdout,
+        "source": source.name,
+        "phantom_subjects": sum(1 for s in subjects.values() if s["source"].startswith("sub-phantom")),
+        "seed": seed, "n_per_site": n_per_site, "holdout": holdout,
         "split_fractions": list(split_fractions),
         "sites": {site.name: site.as_dict() for site in profiles},
         "subjects": subjects,

@@ -1,0 +1,90 @@
+"""Procedural phantoms written as a source dataset for :func:`simulate`: more cord anatomies than real scans give.
+
+A handful of real scans with cord masks is little anatomy to learn from: a lesion model trained on two or three
+cords learns those cords. Phantoms add cords of other sizes and shapes (cervical to thoracic level, tilted, any
+contrast the phantom knows), which :func:`simulate` then deforms, fills with lesions and acquires like any source.
+They never carry lesions of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OutputError, UsageError
+from .phantom import INTENSITIES, make_phantom
+
+logger = logging.getLogger(__name__)
+
+#: Field of view (mm) of each phantom source: larger than any site's, so the simulator can place its own.
+FOV_MM = (80.0, 80.0, 128.0)
+SPACING_MM = 0.8
+ORIENTATIONS = ("RAS", "LAS", "RPI", "PSR")
+#: Cord levels (world z, mm; 0 = cervical enlargement) the phantoms are centred on.
+Z_RANGE_MM = (-300.0, 120.0)
+
+
+def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: tuple[str, ...] | None = None) -> Path:
+    """Write ``n`` phantom anatomies as a BIDS dataset with cord masks in ``derivatives/labels``.
+
+    Subjects are ``sub-phantom01``... with site ``phantom``; contrasts cycle through ``contrasts`` (default: every
+    contrast the phantom knows). Deterministic by ``seed``.
+
+    Raises:
+        UsageError: ``n`` < 1 or an unknown contrast.
+        OutputError: ``out`` is not empty or cannot be written.
+    """
+    import nibabel as nib
+
+    out = Path(out)
+    contrasts = tuple(contrasts or sorted(INTENSITIES))
+    if n < 1:
+        raise UsageError(f"phantom sources: n is {n}; use 1 or more")
+    unknown = [c for c in contrasts if c not in INTENSITIES]
+    if unknown:
+        raise UsageError(f"phantom sources: contrasts {unknown} unknown; pick among {sorted(INTENSITIES)}")
+    if out.exists() and any(out.iterdir()):
+        raise OutputError(f"{out} is not empty; give a new folder for the phantom sources")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    rng = np.random.default_rng([int(seed), 7])
+    shape = tuple(int(round(f / SPACING_MM)) for f in FOV_MM)
+    rows = ["participant_id\tsite\tsource"]
+    try:
+        for number in range(1, n + 1):
+            contrast = contrasts[(number - 1) % len(contrasts)]
+            subject = f"sub-phantom{number:02d}"
+            center = (float(rng.uniform(-4, 4)), float(rng.uniform(-4, 4)), float(rng.uniform(*Z_RANGE_MM)))
+            orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
+            axis_shape = shape if orientation != "PSR" else (shape[1], shape[2], shape[0])
+            phantom = make_phantom(
+                axis_shape, (SPACING_MM,) * 3, orientation=orientation, contrast=contrast, n_lesions=0,
+                seed=int(rng.integers(1 << 30)), oblique_deg=float(rng.uniform(-15, 15)), center=center,
+            )
+            stem = f"{subject}_{contrast}"
+            anat = staging / subject / "anat"
+            labels = staging / "derivatives" / "labels" / subject / "anat"
+            anat.mkdir(parents=True)
+            labels.mkdir(parents=True)
+            nib.save(phantom.image, anat / f"{stem}.nii.gz")
+            nib.save(phantom.cord, labels / f"{stem}_seg-manual.nii.gz")
+            rows.append(f"{subject}\tphantom\tsct_sitehead phantom (z {center[2]:.0f} mm, {orientation})")
+            logger.info("%s: %s at z %.0f mm, %s", subject, contrast, center[2], orientation)
+        (staging / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+        (staging / "dataset_description.json").write_text(json.dumps({
+            "Name": "sct_sitehead phantom anatomy", "BIDSVersion": "1.8.0", "DatasetType": "raw",
+        }, indent=2) + "\n", encoding="utf-8")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"cannot write phantom sources into {out}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,122 @@
+"""The cord localiser: box and lesion region from a coarse cord mask, and the deploy path with and without it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from conftest import write_registry
+
+from sct_sitehead.cli import main
+from sct_sitehead.localise import keep_main_pieces, localise, native_bbox
+from sct_sitehead.registry import InputSpec, LocaliserSpec
+from sct_sitehead.spatial import to_model_grid
+
+
+def two_blobs(path: Path) -> Path:
+    """Noisy 64 x 64 x 48 mm image: a large bright blob (the "cord" with its lesion) and a small one far away."""
+    rng = np.random.default_rng(1)
+    data = rng.normal(100, 5, (64, 64, 48))
+    # 1728 voxels, more than the 0.5% the normalisation clips: bright after z-scoring, noise is not.
+    data[26:38, 26:38, 18:30] = 400
+    data[2:5, 2:5, 2:5] = 400  # 27 voxels, far away: a piece too small to be the cord
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    image = nib.Nifti1Image(data.astype(np.int16), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, path)
+    return path
+
+
+def test_keep_main_pieces_drops_small_pieces_only():
+    mask = np.zeros((20, 20, 20), dtype=bool)
+    mask[2:10, 2:10, 2:10] = True  # 512
+    mask[15:18, 15:18, 15:18] = True  # 27 < 0.2 * 512
+    mask[12:17, 2:7, 2:7] = True  # 125 >= 0.2 * 512
+    kept = keep_main_pieces(mask)
+    assert kept[5, 5, 5] and kept[14, 4, 4] and not kept[16, 16, 16]
+    assert kept.sum() == 512 + 125
+
+
+def test_native_bbox_maps_through_grids_and_adds_margin():
+    # Native grid: LAS at 0.5 x 0.5 x 2 mm; the localiser grid is RAS at 2 mm.
+    native_affine = np.array([[-0.5, 0, 0, 20.0], [0, 0.5, 0, -10.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]])
+    native_shape = (80, 80, 30)
+    data = np.zeros(native_shape, dtype=np.float32)
+    _, grid = to_model_grid(data, native_affine, "RAS", (2.0, 2.0, 2.0))
+    mask = np.zeros(grid.shape, dtype=bool)
+    mask[8:12, 9:11, 5:10] = True
+    box = native_bbox(mask, grid, native_affine, native_shape, margin_mm=4.0)
+    # Every native voxel centre whose world position falls inside the mask's coarse voxels is inside the box.
+    index = np.argwhere(np.ones(native_shape, dtype=bool))
+    world = index @ native_affine[:3, :3].T + native_affine[:3, 3]
+    coarse = (world - grid.affine[:3, 3]) @ np.linalg.inv(grid.affine[:3, :3]).T
+    rounded = np.rint(coarse).astype(int)
+    inside = np.all((rounded >= 0) & (rounded < grid.shape), axis=1)
+    hits = index[inside][mask[tuple(rounded[inside].T)]]
+    for axis, (a, b) in enumerate(box):
+        assert a <= hits[:, axis].min() and hits[:, axis].max() < b
+        # the margin: 4 mm = 8 native voxels in x and y, 2 in z (clipped at the image edge)
+        per_mm = (2.0, 2.0, 0.5)[axis]
+        assert hits[:, axis].min() - a <= 4.0 * per_mm + 2 or a == 0
+        assert b - hits[:, axis].max() <= 4.0 * per_mm + 3 or b == native_shape[axis]
+
+
+def test_localise_returns_none_when_no_cord():
+    spec = LocaliserSpec(
+        input=InputSpec("RAS", (2.0, 2.0, 2.0), (16, 16, 16), 2, {"method": "zscore"}),
+        backbone=None, backbone_outputs=(), head=None, channel=0, threshold=0.5, margin_mm=5.0, cord_margin_mm=2.0,
+    )
+
+    def nothing(batch):
+        return {"cord": np.zeros((batch.shape[0], 1, *batch.shape[2:]), dtype=np.float32)}
+
+    data = np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32)
+    assert localise(data, np.eye(4), spec, nothing) is None
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_cli_with_localiser_runs_near_the_cord_only(tmp_path, capsys, crop):
+    registry = write_registry(tmp_path / "registry", localiser={})
+    image = two_blobs(tmp_path / "img.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    argv = ["-i", image, "-site", "universal", "-registry", registry, "-o", out] + ([] if crop else ["-no-crop"])
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    mask = np.asarray(nib.load(out).dataobj)
+    sidecar = json.loads(out.with_name("out.json").read_text())
+    assert mask[30:34, 30:34, 22:26].all()  # the lesion in the cord: found either way
+    if crop:
+        assert not mask[2:5, 2:5, 2:5].any()  # far from the cord: not looked at
+        box = sidecar["CordCrop"]["Bbox"]
+        assert all(a > 5 and b < n - 5 for (a, b), n in zip(box, mask.shape))
+        assert all(a <= 26 and b >= 38 for (a, b) in box[:2]) and box[2][0] <= 18 and box[2][1] >= 30
+    else:
+        assert mask[2:5, 2:5, 2:5].all()
+        assert sidecar["CordCrop"] is None
+
+
+def test_lesions_away_from_the_cord_are_dropped_inside_the_box(tmp_path, capsys):
+    # A second bright blob inside the crop box (margin 20 mm) but 12 mm from the cord (cord margin 3 mm).
+    registry = write_registry(tmp_path / "registry", localiser={"margin_mm": 20.0})
+    path = two_blobs(tmp_path / "img.nii.gz")
+    image = nib.load(path)
+    data = np.asarray(image.dataobj).copy()
+    data[46:49, 30:33, 22:25] = 400
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run(["-i", path, "-site", "universal", "-registry", registry, "-o", out], capsys)
+    assert code == 0, err
+    mask = np.asarray(nib.load(out).dataobj)
+    box = json.loads(out.with_name("out.json").read_text())["CordCrop"]["Bbox"]
+    assert box[0][1] > 49  # the blob is inside the box ...
+    assert mask[30:34, 30:34, 22:26].all() and not mask[46:49, 30:33, 22:25].any()  # ... but not a lesion
