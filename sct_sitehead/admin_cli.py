@@ -6,6 +6,7 @@ commands never import torch.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import traceback
@@ -344,6 +345,8 @@ def export(out: Path, backbone: Path, heads: tuple[Path, ...], opset: int, atol:
 @click.option("-replace", is_flag=True, help="replace an already published version with other files")
 @click.option("-sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="ed25519 private key: sign the new index")
+@click.option("-thresholds", "thresholds_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="per-head thresholds from tune-thresholds (JSON)")
 @click.option("-localiser", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="export folder of a cord localiser (train-backbone -config localiser, then export)")
 @click.option("-margin", "margin_mm", type=click.FloatRange(0), default=20.0, show_default=True,
@@ -352,14 +355,23 @@ def export(out: Path, backbone: Path, heads: tuple[Path, ...], opset: int, atol:
               help="lesions further than this (mm) from the localised cord are dropped")
 @verbosity_option
 def publish(export_dir: Path, registry_dir: Path, model: str, version: str, threshold: float, sites: str | None,
-            description: str, make_default: bool, replace: bool, sign_key: Path | None, localiser: Path | None,
-            margin_mm: float, cord_margin_mm: float) -> None:
+            description: str, make_default: bool, replace: bool, sign_key: Path | None,
+            thresholds_file: Path | None, localiser: Path | None, margin_mm: float, cord_margin_mm: float) -> None:
     """Add an exported release to the registry folder REGISTRY_DIR (index updated, assets copied)."""
     from .cli import parse_sites
     from .publish import publish as run_publish
 
+    head_thresholds = None
+    if thresholds_file is not None:
+        try:
+            tuned = json.loads(thresholds_file.read_text(encoding="utf-8"))["heads"]
+            head_thresholds = {head: float(row["threshold"]) for head, row in tuned.items()}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise click.BadParameter(f"{thresholds_file}: not a tune-thresholds file ({exc})",
+                                     param_hint="-thresholds") from None
     index = run_publish(
         export_dir, registry_dir, model=model, version=version, threshold=threshold,
+        head_thresholds=head_thresholds,
         sites=parse_sites(sites) or None, description=description, make_default=make_default,
         replace=replace, sign_key=sign_key, localiser=localiser, localiser_margin_mm=margin_mm,
         cord_margin_mm=cord_margin_mm,
@@ -376,11 +388,12 @@ def publish(export_dir: Path, registry_dir: Path, model: str, version: str, thre
 @click.option("-controls", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="BIDS folder of healthy controls (pathology HC): count false-positive lesions per head")
 @click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
+@click.option("-no-crop", "no_crop", is_flag=True, help="whole images, without the release's cord localiser")
 @registry_option
 @offline_option
 @verbosity_option
 def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str | None, controls: Path | None,
-             threads: int | None, registry: str | None, offline: bool) -> None:
+             threads: int | None, no_crop: bool, registry: str | None, offline: bool) -> None:
     """Evaluate every head of a release on the labelled SPLIT of DATASET: per site and pooled, with 95% CIs."""
     from . import evaluate as ev
     from .cli import parse_sites
@@ -390,7 +403,7 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
     index, cache = open_registry(registry, offline)
     name, version = parse_model_spec(model) if model else (None, None)
     release = index.release(name, version)
-    segmenter = Segmenter.open(release, sorted(release.heads), cache, Options(threads=threads),
+    segmenter = Segmenter.open(release, sorted(release.heads), cache, Options(threads=threads, crop=not no_crop),
                                offline=offline or env.offline(), progress=False)
     out.mkdir(parents=True, exist_ok=True)
     cases = ev.find_cases(dataset, split, parse_sites(sites) or None)
@@ -400,7 +413,8 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
     ev.write_csv(ev.summarize_rows(rows), out / "summary_all_heads.tsv")
     ev.write_csv(summary, out / "summary.tsv")
     ev.plot_dice(summary, out / "dice.png")
-    report = [f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases)\n",
+    how = "cord localiser on" if segmenter.localiser is not None else "whole images"
+    report = [f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases, {how})\n",
               ev.markdown_table(summary)]
     if controls is not None:
         control_rows = ev.check_controls(segmenter, ev.healthy_controls(controls))
@@ -410,6 +424,36 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
                       f"{len(segmenter.sites)} heads, {len(flagged)} with a predicted lesion.\n")
     write_text_atomic("\n".join(report), out / "report.md")
     click.echo("".join(report))
+
+
+@cli.command("tune-thresholds")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="JSON file to write")
+@click.option("-model", "model", metavar="NAME[@VERSION]", help="model (default: the registry's default)")
+@click.option("-split", default="val", show_default=True, help="participants.tsv split to tune on (never test)")
+@click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
+@registry_option
+@offline_option
+@verbosity_option
+def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, threads: int | None,
+                    registry: str | None, offline: bool) -> None:
+    """Each head's threshold with the best mean Dice on its site's SPLIT cases; for `publish -thresholds`."""
+    from . import evaluate as ev
+    from .pipeline import Options, Segmenter, write_json_atomic
+    from .registry import parse_model_spec
+
+    if split == "test":
+        raise click.BadParameter("tuning on the test split would leak it into the results; use val", param_hint="-split")
+    index, cache = open_registry(registry, offline)
+    name, version = parse_model_spec(model) if model else (None, None)
+    release = index.release(name, version)
+    segmenter = Segmenter.open(release, sorted(release.heads), cache, Options(threads=threads),
+                               offline=offline or env.offline(), progress=False)
+    tuned = ev.tune_thresholds(segmenter, ev.find_cases(dataset, split))
+    write_json_atomic({"model": release.spec, "split": split, "heads": tuned}, out)
+    for head, row in sorted(tuned.items()):
+        click.echo(f"{head}: threshold {row['threshold']:.2f} (Dice {row['dice']:.3f}; {row['dice_at_0.5']:.3f} at "
+                   f"0.5; {row['cases']} cases)")
 
 
 def main(argv: list[str] | None = None) -> int:

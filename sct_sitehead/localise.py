@@ -57,6 +57,21 @@ class Localised:
         ).view(bool)
 
 
+def one_window(
+    shape: tuple[int, ...], patch_size: tuple[int, ...], divisor: int, *, max_patches: int = 3
+) -> tuple[int, int, int]:
+    """The window to run a network with: the whole volume in one piece where it fits.
+
+    A coarse image or a crop around the cord is small, so one network pass over all of it replaces the
+    overlapping patches (at overlap 0.5, each voxel computed about 8 times) a whole image needs. Each axis is the
+    volume's size rounded up to ``divisor``, at least the release's patch and at most ``max_patches`` patches, so
+    a long field of view (a whole spine) still goes in overlapping windows of bounded memory.
+    """
+    return tuple(
+        min(max(-(-int(n) // divisor) * divisor, int(p)), max_patches * int(p)) for n, p in zip(shape, patch_size)
+    )  # type: ignore[return-value]
+
+
 def keep_main_pieces(mask: np.ndarray, min_fraction: float = MIN_PIECE_FRACTION) -> np.ndarray:
     """``mask`` without the connected pieces (26-connectivity) smaller than ``min_fraction`` of the largest."""
     from scipy import ndimage
@@ -117,7 +132,8 @@ def localise(
     inp = spec.input
     volume, grid = to_model_grid(data, affine, inp.orientation, inp.spacing)
     volume = normalize(volume, inp.normalization)
-    outputs = sliding_window(volume, model, inp.patch_size, overlap=0.25, batch_size=batch_size, divisor=inp.divisor)
+    patch = one_window(volume.shape, inp.patch_size, inp.divisor, max_patches=2)
+    outputs = sliding_window(volume, model, patch, overlap=0.25, batch_size=batch_size, divisor=inp.divisor)
     (probabilities,) = outputs.values()
     cord = probabilities[spec.channel] >= spec.threshold
     if not cord.any():

@@ -246,7 +246,7 @@ class Segmenter:
             The input nibabel image, the native window (3 slices) and ``{site: (K, x, y, z) float32}`` on it.
         """
         from .inference import normalize, sliding_window
-        from .localise import localise
+        from .localise import localise, one_window
         from .nifti import image_data, load_image
         from .spatial import from_model_grid, to_model_grid
 
@@ -262,12 +262,13 @@ class Segmenter:
         )
         del data
         volume = normalize(volume, spec.normalization)
+        patch = spec.patch_size if found is None else one_window(volume.shape, spec.patch_size, spec.divisor)
         probabilities = sliding_window(
             volume,
             self.model,
-            spec.patch_size,
+            patch,
             overlap=self.options.overlap,
-            batch_size=self.options.batch_size,
+            batch_size=self.options.batch_size if patch == tuple(spec.patch_size) else 1,
             divisor=spec.divisor,
         )
         del volume

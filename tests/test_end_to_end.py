@@ -99,6 +99,26 @@ def test_evaluate_writes_tables_and_plot(published, tmp_path):
     assert "| montreal | montreal |" in (report / "report.md").read_text()
 
 
+def test_tuned_thresholds_are_published(published, tmp_path):
+    """tune-thresholds picks each head's threshold on the val split; publish -thresholds puts them in the index."""
+    tuned = tmp_path / "thresholds.json"
+    # The tiny dataset has few val subjects; any split but test will do here.
+    sitehead("tune-thresholds", published["sim"], "-o", tuned, "-split", "train", "-registry", published["registry"],
+             "-threads", 1)
+    heads = json.loads(tuned.read_text())["heads"]
+    assert set(heads) == {"universal", "montreal", "toronto"}
+    assert all(0 < row["threshold"] < 1 and row["dice"] >= row["dice_at_0.5"] for row in heads.values())
+    registry = tmp_path / "registry"
+    root = published["root"]
+    sitehead("publish", root / "export", registry, "-model", "lesion", "-version", "0.1.0", "-thresholds", tuned)
+    release = json.loads((registry / "registry.json").read_text())["models"]["lesion"]["releases"]["0.1.0"]
+    assert {site: head["threshold"] for site, head in release["heads"].items()} == {
+        head: row["threshold"] for head, row in heads.items()
+    }
+    assert admin_cli.main(["tune-thresholds", str(published["sim"]), "-o", str(tuned), "-split", "test",
+                           "-registry", str(published["registry"])]) == 2
+
+
 def test_adding_a_site_changes_no_other_head(published, tmp_path):
     """Publishing a release with one more site keeps the backbone and every other head byte for byte."""
     root = published["root"]

@@ -120,3 +120,11 @@ def test_lesions_away_from_the_cord_are_dropped_inside_the_box(tmp_path, capsys)
     box = json.loads(out.with_name("out.json").read_text())["CordCrop"]["Bbox"]
     assert box[0][1] > 49  # the blob is inside the box ...
     assert mask[30:34, 30:34, 22:26].all() and not mask[46:49, 30:33, 22:25].any()  # ... but not a lesion
+
+
+def test_one_window_covers_small_volumes_in_one_piece_and_bounds_long_ones():
+    from sct_sitehead.localise import one_window
+
+    assert one_window((50, 70, 140), (64, 64, 64), 16) == (64, 80, 144)
+    assert one_window((40, 40, 900), (64, 64, 64), 16) == (64, 64, 192)
+    assert one_window((73, 64, 64), (64, 64, 64), 8, max_patches=2) == (80, 64, 64)
