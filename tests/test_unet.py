@@ -83,7 +83,7 @@ def test_config_rejects_unknown_keys_and_bad_divisors() -> None:
         load_config("no-such-config")
 
 
-@pytest.mark.parametrize("name", ["tiny", "smoke", "release"])
+@pytest.mark.parametrize("name", ["tiny", "smoke", "release", "localiser", "localiser_smoke"])
 def test_shipped_configs_load(name: str) -> None:
     config = load_config(name)
     assert config["input"]["normalization"] == {"method": "zscore", "clip_percentiles": [0.5, 99.5]}
