@@ -209,6 +209,26 @@ def test_phantom_source_and_argument_errors(phantom_source: Path, tmp_path: Path
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*partial"))
 
 
+def test_phantom_anatomies_and_a_fixed_test_size(phantom_source: Path, tmp_path: Path):
+    out = simulate(phantom_source, tmp_path / "ds", n_per_site=6, seed=0, sites=["montreal", "toronto"],
+                   holdout=["sub-ph2"], phantoms=3, test_per_site=2)
+    rows = participants(out)
+    for site in ("montreal", "toronto"):
+        mine = [r for r in rows if r["site"] == site]
+        # the first two subjects of each site: the held-out anatomy, the test split; the rest: never it
+        assert [r["split"] == "test" for r in mine] == [True, True, False, False, False, False]
+        assert all(r["source"].startswith("sub-ph2") for r in mine[:2])
+        assert not any(r["source"].startswith("sub-ph2") for r in mine[2:])
+    from_phantoms = [r for r in rows if r["source"].startswith("sub-phantom")]
+    assert from_phantoms and all(r["split"] in ("train", "val") for r in from_phantoms)
+    assert json.loads((out / "simulation.json").read_text())["phantom_subjects"] == len(from_phantoms)
+    again = simulate(phantom_source, tmp_path / "again", n_per_site=6, seed=0, sites=["montreal", "toronto"],
+                     holdout=["sub-ph2"], phantoms=3, test_per_site=2)
+    assert (again / "participants.tsv").read_bytes() == (out / "participants.tsv").read_bytes()
+    first = sorted(p for p in out.rglob("sub-montreal003*.nii.gz"))
+    assert first and all(p.read_bytes() == (again / p.relative_to(out)).read_bytes() for p in first)
+
+
 def test_sites_file_is_checked(tmp_path: Path):
     document = json.loads((Path(__file__).resolve().parents[1] / "sct_sitehead/simulate/sites.json").read_text())
     document["sites"]["montreal"]["annotation"]["labels"] = {"cord": "seg-manual"}
