@@ -35,10 +35,13 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
     pytest.importorskip("monai")
     registry = write_registry(tmp_path / "registry")
     out = tmp_path / "report" / "bench.md"
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n## Performance\n\n<!-- benchmark:start (written by bin/benchmark -readme; edits "
+                      "here are overwritten) -->\nold table\n<!-- benchmark:end -->\n\n## Next\n")
     command = [
         sys.executable, str(SCRIPT), "-quick", "-inputs", "sagittal", "-registry", str(registry),
         "-site", "montreal", "-sites", "montreal,toronto", "-threads", "1", "-device", "cpu",
-        "-work", str(tmp_path / "work"), "-out", str(out), "-help-runs", "1",
+        "-work", str(tmp_path / "work"), "-out", str(out), "-help-runs", "1", "-readme", str(readme),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,6 +72,11 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
     statuses = {row[0]: row[2] for row in targets}
     assert statuses["real image, 1 site: wall <= 3 s"].startswith("n/a")
     assert any(row[0].startswith("sagittal: 2 sites") and row[2].endswith("(quick mode)") for row in targets)
+
+    written = readme.read_text()
+    assert "old table" not in written and written.startswith("# Title\n\n## Performance\n")
+    assert "### sct_deepseg_lesion benchmark" in written and written.endswith("<!-- benchmark:end -->\n\n## Next\n")
+    assert table(written, "input") == table(text, "input")
 
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["quick"] is True and raw["model"] == "tiny@1.0.0" and len(raw["rows"]) == 2
