@@ -35,6 +35,8 @@ def test_wheel_lists_the_embedded_registry_and_its_models(wheel: Path):
     for model in index["models"].values():
         for release in model["releases"].values():
             assets = [release["backbone"], *release["heads"].values()]
+            if "localiser" in release:
+                assets += [release["localiser"]["backbone"], release["localiser"]["head"]]
             for asset in assets:
                 assert f"sct_sitehead/models/{asset['url']}" in names
     assert not [n for n in names if "torch" in n.lower()]
