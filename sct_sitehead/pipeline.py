@@ -330,7 +330,8 @@ class Segmenter:
                             save_like(full, image, soft, dtype=np.float32)
                             written.append(soft)
                             del full
-                stats = lesion_stats(lesion_mask, zooms)
+                # Outside the window the mask is 0: counting there would only cost time (a whole spine: 72 M voxels).
+                stats = lesion_stats(lesion_mask[window], zooms)
                 seconds = time.perf_counter() - started
                 sidecar = sidecar_path(mask_path)
                 write_json_atomic(self.sidecar(site, image_path, written, threshold, stats, seconds), sidecar)

@@ -34,11 +34,12 @@ def two_blobs(path: Path) -> Path:
 def test_keep_main_pieces_drops_small_pieces_only():
     mask = np.zeros((20, 20, 20), dtype=bool)
     mask[2:10, 2:10, 2:10] = True  # 512
-    mask[15:18, 15:18, 15:18] = True  # 27 < 0.2 * 512
-    mask[12:17, 2:7, 2:7] = True  # 125 >= 0.2 * 512
+    mask[15:18, 15:18, 15:18] = True  # 27 < 0.5 * 512
+    mask[12:19, 2:8, 2:8] = True  # 252 < 0.5 * 512
+    mask[2:10, 12:19, 12:17] = True  # 280 >= 0.5 * 512
     kept = keep_main_pieces(mask)
-    assert kept[5, 5, 5] and kept[14, 4, 4] and not kept[16, 16, 16]
-    assert kept.sum() == 512 + 125
+    assert kept[5, 5, 5] and kept[5, 15, 14] and not kept[16, 16, 16] and not kept[14, 4, 4]
+    assert kept.sum() == 512 + 280
 
 
 def test_native_bbox_maps_through_grids_and_adds_margin():
