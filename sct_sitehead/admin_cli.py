@@ -349,7 +349,7 @@ def export(out: Path, backbone: Path, heads: tuple[Path, ...], opset: int, atol:
               help="per-head thresholds from tune-thresholds (JSON)")
 @click.option("-localiser", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="export folder of a cord localiser (train-backbone -config localiser, then export)")
-@click.option("-margin", "margin_mm", type=click.FloatRange(0), default=20.0, show_default=True,
+@click.option("-margin", "margin_mm", type=click.FloatRange(0), default=12.0, show_default=True,
               help="mm kept around the localised cord for the lesion model")
 @click.option("-cord-margin", "cord_margin_mm", type=click.FloatRange(0), default=5.0, show_default=True,
               help="lesions further than this (mm) from the localised cord are dropped")

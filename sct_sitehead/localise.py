@@ -59,6 +59,11 @@ class Localised:
         ).view(bool)
 
 
+#: Smallest window, as a fraction of the release's patch: the network is trained on patches of about this size
+#: (the release: 48³ training patches, 64³ inference patches), so a crop is not padded up to a full patch.
+MIN_WINDOW_FRACTION = 0.75
+
+
 def one_window(
     shape: tuple[int, ...], patch_size: tuple[int, ...], divisor: int, *, max_patches: int = 3
 ) -> tuple[int, int, int]:
@@ -66,11 +71,15 @@ def one_window(
 
     A coarse image or a crop around the cord is small, so one network pass over all of it replaces the
     overlapping patches (at overlap 0.5, each voxel computed about 8 times) a whole image needs. Each axis is the
-    volume's size rounded up to ``divisor``, at least the release's patch and at most ``max_patches`` patches, so
-    a long field of view (a whole spine) still goes in overlapping windows of bounded memory.
+    volume's size rounded up to ``divisor``, at least ``MIN_WINDOW_FRACTION`` of the release's patch (also rounded
+    up to ``divisor``) and at most ``max_patches`` patches, so a long field of view (a whole spine) still goes in
+    overlapping windows of bounded memory.
     """
+    def up(value: float) -> int:
+        return -(-int(value) // divisor) * divisor
+
     return tuple(
-        min(max(-(-int(n) // divisor) * divisor, int(p)), max_patches * int(p)) for n, p in zip(shape, patch_size)
+        min(max(up(n), up(MIN_WINDOW_FRACTION * int(p))), max_patches * int(p)) for n, p in zip(shape, patch_size)
     )  # type: ignore[return-value]
 
 

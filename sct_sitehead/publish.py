@@ -148,7 +148,7 @@ def publish(
     replace: bool = False,
     sign_key: Path | None = None,
     localiser: Path | None = None,
-    localiser_margin_mm: float = 20.0,
+    localiser_margin_mm: float = 12.0,
     cord_margin_mm: float = 5.0,
 ) -> Path:
     """Add ``model@version`` from ``export_dir`` to the registry in ``registry_dir``.

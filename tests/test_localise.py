@@ -127,5 +127,6 @@ def test_one_window_covers_small_volumes_in_one_piece_and_bounds_long_ones():
     from sct_sitehead.localise import one_window
 
     assert one_window((50, 70, 140), (64, 64, 64), 16) == (64, 80, 144)
-    assert one_window((40, 40, 900), (64, 64, 64), 16) == (64, 64, 192)
+    assert one_window((40, 40, 900), (64, 64, 64), 16) == (48, 48, 192)  # not below 3/4 of a patch
+    assert one_window((10, 10, 10), (64, 64, 64), 16) == (48, 48, 48)
     assert one_window((73, 64, 64), (64, 64, 64), 8, max_patches=2) == (80, 64, 64)
