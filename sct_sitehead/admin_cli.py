@@ -379,6 +379,21 @@ def publish(export_dir: Path, registry_dir: Path, model: str, version: str, thre
     click.echo(f"published {model}@{version} in {index}")
 
 
+def open_all_heads(
+    registry: str | None, offline: bool, model: str | None, threads: int | None, *, crop: bool = True
+):
+    """The release (``model``, default: the registry's default) and a Segmenter over every one of its heads."""
+    from .pipeline import Options, Segmenter
+    from .registry import parse_model_spec
+
+    index, cache = open_registry(registry, offline)
+    name, version = parse_model_spec(model) if model else (None, None)
+    release = index.release(name, version)
+    segmenter = Segmenter.open(release, sorted(release.heads), cache, Options(threads=threads, crop=crop),
+                               offline=offline or env.offline(), progress=False)
+    return release, segmenter
+
+
 @cli.command("evaluate")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="report folder")
@@ -397,14 +412,9 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
     """Evaluate every head of a release on the labelled SPLIT of DATASET: per site and pooled, with 95% CIs."""
     from . import evaluate as ev
     from .cli import parse_sites
-    from .pipeline import Options, Segmenter, write_text_atomic
-    from .registry import parse_model_spec
+    from .pipeline import write_text_atomic
 
-    index, cache = open_registry(registry, offline)
-    name, version = parse_model_spec(model) if model else (None, None)
-    release = index.release(name, version)
-    segmenter = Segmenter.open(release, sorted(release.heads), cache, Options(threads=threads, crop=not no_crop),
-                               offline=offline or env.offline(), progress=False)
+    release, segmenter = open_all_heads(registry, offline, model, threads, crop=not no_crop)
     out.mkdir(parents=True, exist_ok=True)
     cases = ev.find_cases(dataset, split, parse_sites(sites) or None)
     rows = ev.evaluate_release(segmenter, cases)
@@ -439,16 +449,13 @@ def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, thr
                     registry: str | None, offline: bool) -> None:
     """Each head's threshold with the best mean Dice on its site's SPLIT cases; for `publish -thresholds`."""
     from . import evaluate as ev
-    from .pipeline import Options, Segmenter, write_json_atomic
-    from .registry import parse_model_spec
+    from .pipeline import write_json_atomic
 
     if split == "test":
-        raise click.BadParameter("tuning on the test split would leak it into the results; use val", param_hint="-split")
-    index, cache = open_registry(registry, offline)
-    name, version = parse_model_spec(model) if model else (None, None)
-    release = index.release(name, version)
-    segmenter = Segmenter.open(release, sorted(release.heads), cache, Options(threads=threads),
-                               offline=offline or env.offline(), progress=False)
+        raise click.BadParameter(
+            "tuning on the test split would leak it into the results; use val", param_hint="-split"
+        )
+    release, segmenter = open_all_heads(registry, offline, model, threads)
     tuned = ev.tune_thresholds(segmenter, ev.find_cases(dataset, split))
     write_json_atomic({"model": release.spec, "split": split, "heads": tuned}, out)
     for head, row in sorted(tuned.items()):

@@ -83,6 +83,11 @@ def score_case(prediction, reference, zooms) -> dict[str, float]:
     return row
 
 
+def lesion_index(segmenter, head: str) -> int:
+    """Position of the ``lesion`` label among ``head``'s outputs (as :meth:`Segmenter.predict` returns them)."""
+    return [label.name for label in segmenter.heads[head].labels].index("lesion")
+
+
 def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
     """One row per (case, head): the case's site, subject, head and every metric."""
     import nibabel as nib
@@ -95,7 +100,7 @@ def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
         reference = np.asanyarray(nib.load(case.reference).dataobj) > 0
         zooms = voxel_sizes(image.affine)
         for head in segmenter.sites:
-            lesion = [label.name for label in segmenter.heads[head].labels].index("lesion")
+            lesion = lesion_index(segmenter, head)
             prediction = probabilities[head][lesion] >= segmenter.threshold(head)
             rows.append({"site": case.site, "subject": case.subject, "head": head,
                          **score_case(prediction, reference, zooms)})
@@ -131,7 +136,7 @@ def tune_thresholds(segmenter, cases: list[Case], thresholds=THRESHOLDS) -> dict
         for head in segmenter.sites:
             if head not in ("universal", case.site):
                 continue
-            lesion = [label.name for label in segmenter.heads[head].labels].index("lesion")
+            lesion = lesion_index(segmenter, head)
             values = probabilities[head][lesion]
             sums[head] += [dice(values >= t, reference) for t in thresholds]
             counts[head] += 1
@@ -260,7 +265,7 @@ def check_controls(segmenter, images: list[Path]) -> list[dict[str, Any]]:
     for path in images:
         image, probabilities = segmenter.predict(path)
         for head in segmenter.sites:
-            lesion = [label.name for label in segmenter.heads[head].labels].index("lesion")
+            lesion = lesion_index(segmenter, head)
             mask = probabilities[head][lesion] >= segmenter.threshold(head)
             stats = lesion_stats(mask, tuple(voxel_sizes(image.affine)))
             rows.append({"image": path.name, "head": head, "lesions": int(stats["count"]),

@@ -52,6 +52,11 @@ def read_index(path: Path, model: str) -> dict[str, Any]:
     return index
 
 
+def asset_entry(item: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """An export manifest's file as a registry asset: url (relative to the index), sha256 and size."""
+    return {"url": f"{prefix}/{item['file']}", "sha256": item["sha256"], "size": item["size"]}
+
+
 def release_entry(
     manifest: dict[str, Any],
     prefix: str,
@@ -66,13 +71,7 @@ def release_entry(
     for site, head in sorted(manifest["heads"].items()):
         if sites is not None and site not in sites and site != "universal":
             continue
-        entry = {
-            "url": f"{prefix}/{head['file']}",
-            "sha256": head["sha256"],
-            "size": head["size"],
-            "strategy": head["strategy"],
-            "labels": head["labels"],
-        }
+        entry = {**asset_entry(head, prefix), "strategy": head["strategy"], "labels": head["labels"]}
         if site in head_thresholds:
             entry["threshold"] = head_thresholds[site]
         heads[site] = entry
@@ -82,12 +81,7 @@ def release_entry(
         "input": manifest["input"],
         "channels": manifest["channels"],
         "threshold": threshold,
-        "backbone": {
-            "url": f"{prefix}/{backbone['file']}",
-            "sha256": backbone["sha256"],
-            "size": backbone["size"],
-            "outputs": backbone["outputs"],
-        },
+        "backbone": {**asset_entry(backbone, prefix), "outputs": backbone["outputs"]},
         "heads": heads,
     }
 
@@ -107,11 +101,8 @@ def localiser_entry(
     backbone = manifest["backbone"]
     return {
         "input": manifest["input"],
-        "backbone": {
-            "url": f"{prefix}/{backbone['file']}", "sha256": backbone["sha256"], "size": backbone["size"],
-            "outputs": backbone["outputs"],
-        },
-        "head": {"url": f"{prefix}/{head['file']}", "sha256": head["sha256"], "size": head["size"]},
+        "backbone": {**asset_entry(backbone, prefix), "outputs": backbone["outputs"]},
+        "head": asset_entry(head, prefix),
         "channel": channels[0],
         "threshold": threshold,
         "margin_mm": margin_mm,

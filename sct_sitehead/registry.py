@@ -96,7 +96,6 @@ class LocaliserSpec:
 
     input: InputSpec
     backbone: Asset
-    backbone_outputs: tuple[str, ...]
     head: Asset
     channel: int
     threshold: float
@@ -293,7 +292,6 @@ class Registry:
             localiser = LocaliserSpec(
                 input=input_spec(loc["input"]),
                 backbone=self.build_asset("localiser backbone", loc["backbone"], release=spec),
-                backbone_outputs=tuple(loc["backbone"]["outputs"]),
                 head=self.build_asset("localiser head", loc["head"], release=spec),
                 channel=int(loc["channel"]),
                 threshold=float(loc["threshold"]),

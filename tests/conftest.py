@@ -37,6 +37,17 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pyt
     monkeypatch.setenv("SCT_SITEHEAD_TRUST_DIR", str(tmp_path_factory.mktemp("trust")))
 
 
+def save_image(path: Path, data, affine, *, sform_code: int = 1) -> Path:
+    """Write ``data`` as a NIfTI image with ``affine`` as qform (code 1) and sform (``sform_code``)."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=sform_code)
+    nib.save(image, path)
+    return path
+
+
 def sha256_of(path: Path) -> str:
     import hashlib
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_registry
+from conftest import save_image, write_registry
 from test_faults import assert_cache_sound, holder_of, inject_read_only
 
 import sct_sitehead
@@ -132,12 +132,7 @@ def blob_image(path: Path, shape=(40, 36, 24)) -> Path:
     data = rng.normal(100, 5, shape)
     centre = [n // 2 for n in shape]
     data[tuple(slice(c - 4, c + 4) for c in centre)] = 400
-    affine = np.diag([0.9, 0.9, 1.5, 1.0])
-    image = nib.Nifti1Image(data.astype(np.int16), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=2)
-    nib.save(image, path)
-    return path
+    return save_image(path, data.astype(np.int16), np.diag([0.9, 0.9, 1.5, 1.0]), sform_code=2)
 
 
 def child_environment(cache: Path) -> dict[str, str]:

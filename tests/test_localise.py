@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import write_registry
+from conftest import save_image, write_registry
 
 from sct_sitehead.cli import main
 from sct_sitehead.localise import keep_main_pieces, localise, native_bbox
@@ -23,12 +23,7 @@ def two_blobs(path: Path) -> Path:
     # 1728 voxels, more than the 0.5% the normalisation clips: bright after z-scoring, noise is not.
     data[26:38, 26:38, 18:30] = 400
     data[2:5, 2:5, 2:5] = 400  # 27 voxels, far away: a piece too small to be the cord
-    affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    image = nib.Nifti1Image(data.astype(np.int16), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    nib.save(image, path)
-    return path
+    return save_image(path, data.astype(np.int16), np.eye(4))
 
 
 def test_keep_main_pieces_drops_small_pieces_only():
@@ -69,7 +64,7 @@ def test_native_bbox_maps_through_grids_and_adds_margin():
 def test_localise_returns_none_when_no_cord():
     spec = LocaliserSpec(
         input=InputSpec("RAS", (2.0, 2.0, 2.0), (16, 16, 16), 2, {"method": "zscore"}),
-        backbone=None, backbone_outputs=(), head=None, channel=0, threshold=0.5, margin_mm=5.0, cord_margin_mm=2.0,
+        backbone=None, head=None, channel=0, threshold=0.5, margin_mm=5.0, cord_margin_mm=2.0,
     )
 
     def nothing(batch):

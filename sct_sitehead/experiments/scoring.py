@@ -72,7 +72,7 @@ def evaluate_model(
                 reference = np.asanyarray(nib.load(case.reference).dataobj) > 0
                 zooms = voxel_sizes(image.affine)
                 for head in heads:
-                    lesion = [label.name for label in segmenter.heads[head].labels].index("lesion")
+                    lesion = ev.lesion_index(segmenter, head)
                     prediction = probabilities[head][lesion] >= segmenter.threshold(head)
                     rows.append({"model": key, "head": head, "site": case.site, "subject": case.subject,
                                  **ev.score_case(prediction, reference, zooms)})

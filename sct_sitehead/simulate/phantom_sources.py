@@ -8,7 +8,6 @@ They never carry lesions of their own.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 
 from ..errors import OutputError, UsageError
 from .phantom import INTENSITIES, make_phantom
+from .simulator import _staging_folder, _write_json
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,7 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: tuple[
     unknown = [c for c in contrasts if c not in INTENSITIES]
     if unknown:
         raise UsageError(f"phantom sources: contrasts {unknown} unknown; pick among {sorted(INTENSITIES)}")
-    if out.exists() and any(out.iterdir()):
-        raise OutputError(f"{out} is not empty; give a new folder for the phantom sources")
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = _staging_folder(out)
     rng = np.random.default_rng([int(seed), 7])
     shape = tuple(int(round(f / SPACING_MM)) for f in FOV_MM)
     rows = ["participant_id\tsite\tsource"]
@@ -75,9 +72,9 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: tuple[
             rows.append(f"{subject}\tphantom\tsct_sitehead phantom (z {center[2]:.0f} mm, {orientation})")
             logger.info("%s: %s at z %.0f mm, %s", subject, contrast, center[2], orientation)
         (staging / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-        (staging / "dataset_description.json").write_text(json.dumps({
+        _write_json(staging / "dataset_description.json", {
             "Name": "sct_sitehead phantom anatomy", "BIDSVersion": "1.8.0", "DatasetType": "raw",
-        }, indent=2) + "\n", encoding="utf-8")
+        })
         if out.exists():
             out.rmdir()
         staging.rename(out)
