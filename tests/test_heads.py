@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from sct_sitehead.errors import TrainingError  # noqa: E402
 from sct_sitehead.training.config import load_config  # noqa: E402
-from sct_sitehead.training.fuse import fuse_head  # noqa: E402
+from sct_sitehead.training.fuse import FoldedStage, fuse_head  # noqa: E402
 from sct_sitehead.training.heads import Head, build_head, widen  # noqa: E402
 from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
 from sct_sitehead.training.unet import Arch, UNet  # noqa: E402
@@ -22,9 +22,14 @@ def _one_thread() -> None:
     torch.manual_seed(0)
 
 
-def _trained_like(head_stages: int = 1, channels: int = 2) -> tuple[UNet, dict]:
-    """A U-Net whose universal head has non-trivial weights, and its features on a random image."""
-    model = UNet(Arch(features=(4, 8, 16), channels=channels, head_stages=head_stages)).eval()
+def _trained_like(head_stages: int = 1, channels: int = 2, final: tuple[int, int] = (1, 1)) -> tuple[UNet, dict]:
+    """A U-Net whose universal head has non-trivial weights, and its features on a random image.
+
+    ``final``: (kernel, convolutions) of the last decoder stage; (1, 1) is the release's.
+    """
+    arch = Arch(features=(4, 8, 16), channels=channels, head_stages=head_stages, final_kernel=final[0],
+                final_convs=final[1])
+    model = UNet(arch).eval()
     with torch.no_grad():
         for parameter in model.head.parameters():
             parameter.add_(0.2 * torch.randn_like(parameter))
@@ -111,10 +116,11 @@ def test_unknown_strategy_and_double_widening_are_refused() -> None:
         Head(model.arch, spatial=True)
 
 
+@pytest.mark.parametrize("final", [(3, 2), (1, 1)])
 @pytest.mark.parametrize("head_stages", [1, 2])
 @pytest.mark.parametrize("strategy", ["finetune", "wider", "spatial"])
-def test_fused_export_copy_computes_the_same_head(head_stages: int, strategy: str) -> None:
-    model, features = _trained_like(head_stages, channels=3)
+def test_fused_export_copy_computes_the_same_head(head_stages: int, strategy: str, final: tuple[int, int]) -> None:
+    model, features = _trained_like(head_stages, channels=3, final=final)
     head = build_head(strategy, model.head, load_config("tiny")).eval()
     with torch.no_grad():
         for parameter in head.parameters():  # so zero-initialised blocks cannot hide a wrong layout
@@ -122,6 +128,8 @@ def test_fused_export_copy_computes_the_same_head(head_stages: int, strategy: st
         fused = fuse_head(head)
         assert torch.allclose(fused(features), head(features), atol=1e-6)
     assert len(list(fused.modules())) < len(list(head.modules())) or strategy == "finetune"
+    # A final stage of one 1x1x1 convolution has its upsampling folded in: no upsampled tensor, no concatenation.
+    assert isinstance(fused.stages[-1], FoldedStage) == (final == (1, 1))
 
 
 def test_head_rebuilds_from_its_description() -> None:

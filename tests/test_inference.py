@@ -162,6 +162,21 @@ def test_onnx_model_computes_the_known_functions(model):
     assert model.head_inputs == {"universal": ["skip0", "dec1"], "montreal": ["skip0"], "toronto": ["dec1"]}
 
 
+def test_heads_side_by_side_compute_what_they_compute_one_after_the_other(release, model):
+    """With 2 threads and several heads, heads run two at a time on a thread each: same outputs."""
+    side_by_side = SiteHeadModel(release["backbone"], release["heads"], device="cpu", threads=2)
+    assert side_by_side._head_workers == 2 and model._head_workers == 1
+    single = SiteHeadModel(release["backbone"], {"montreal": release["heads"]["montreal"]}, device="cpu", threads=2)
+    assert single._head_workers == 1
+    batch = np.random.default_rng(1).normal(scale=2.0, size=(2, 1, 8, 6, 4)).astype(np.float32)
+    for _ in range(3):  # the thread pool is made once and reused
+        got, want = side_by_side(batch), model(batch)
+        assert list(got) == list(want)
+        for site in want:
+            np.testing.assert_array_equal(got[site], want[site])
+    np.testing.assert_array_equal(single(batch)["montreal"], want["montreal"])
+
+
 def test_sliding_window_with_the_onnx_bright_voxel_detector_equals_whole_volume(model):
     rng = np.random.default_rng(1)
     volume = rng.normal(scale=0.3, size=(36, 28, 22)).astype(np.float32)
