@@ -189,7 +189,9 @@ def _positive_ints(values: Sequence[int], name: str) -> tuple[int, int, int]:
     return ints  # type: ignore[return-value]
 
 
-def normalize(volume: np.ndarray, spec: Mapping[str, Any] | Any) -> np.ndarray:
+def normalize(
+    volume: np.ndarray, spec: Mapping[str, Any] | Any, reference: np.ndarray | None = None
+) -> np.ndarray:
     """Intensity normalisation of DESIGN.md, on the model grid, in float32.
 
     ``zscore``: clip to the image's ``clip_percentiles`` (default: no clipping), then ``(x - mean) / std`` of the
@@ -199,6 +201,8 @@ def normalize(volume: np.ndarray, spec: Mapping[str, Any] | Any) -> np.ndarray:
         volume: (X, Y, Z) array.
         spec: ``{"method": "zscore", "clip_percentiles": [low, high]}`` (a mapping, or an object with those
             attributes).
+        reference: where the percentiles, mean and standard deviation are taken (default: ``volume``): for a
+            crop, a sample of the whole image (the statistics the model was trained with), not the crop's own.
 
     Returns:
         (X, Y, Z) float32 array, a new one.
@@ -216,20 +220,28 @@ def normalize(volume: np.ndarray, spec: Mapping[str, Any] | Any) -> np.ndarray:
     clip = _field(spec, "clip_percentiles", None)
     low_q, high_q = (0.0, 100.0) if clip is None else _percentile_pair(clip)
     volume = np.asarray(volume, dtype=np.float32)
-    if volume.size == 0:
+    source = volume if reference is None else np.asarray(reference, dtype=np.float32)
+    if volume.size == 0 or source.size == 0:
         raise InputImageError("cannot normalise an empty volume; check the input image")
-    low, high = (float(v) for v in np.percentile(volume, [low_q, high_q]))
+    low, high = (float(v) for v in np.percentile(source, [low_q, high_q]))
     if not high > low:
         raise InputImageError(
             f"image intensities between percentiles {low_q:g} and {high_q:g} are all {low:g}: nothing to segment; "
             "check that the right image was given"
         )
+    mean, std = _clipped_moments(source, low, high)
     out = np.clip(volume, low, high, dtype=np.float32)
-    mean = out.sum(dtype=np.float64) / out.size
     out -= np.float32(mean)
-    std = math.sqrt(float(np.square(out).sum(dtype=np.float64)) / out.size)
     out *= np.float32(1.0 / std)
     return out
+
+
+def _clipped_moments(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    """Mean and standard deviation of ``values`` clipped to [low, high], accumulated in float64."""
+    clipped = np.clip(values, low, high, dtype=np.float32)
+    mean = clipped.sum(dtype=np.float64) / clipped.size
+    clipped -= np.float32(mean)
+    return mean, math.sqrt(float(np.square(clipped).sum(dtype=np.float64)) / clipped.size)
 
 
 def _field(spec: Mapping[str, Any] | Any, name: str, default: Any) -> Any:

@@ -243,6 +243,18 @@ def test_zscore_with_clipping():
     np.testing.assert_allclose(unclipped, (volume - volume.mean()) / volume.astype(np.float64).std(), atol=1e-4)
 
 
+def test_a_crop_is_normalised_with_the_statistics_of_its_whole_image():
+    rng = np.random.default_rng(4)
+    whole = rng.gamma(2.0, 100.0, size=(40, 30, 20)).astype(np.float32)
+    whole[15:25, 10:20, :] += 600.0  # a bright structure: the crop's own statistics differ a lot
+    spec = {"method": "zscore", "clip_percentiles": [0.5, 99.5]}
+    crop = (slice(12, 28), slice(8, 22), slice(None))
+    np.testing.assert_allclose(normalize(whole[crop], spec, reference=whole), normalize(whole, spec)[crop], atol=1e-5)
+    assert abs(float(normalize(whole[crop], spec).mean())) < 1e-4  # on its own, the crop is centred on itself
+    with pytest.raises(InputImageError, match="are all"):
+        normalize(whole, spec, reference=np.ones((4, 4, 4), dtype=np.float32))
+
+
 def test_normalize_errors():
     volume = np.random.default_rng(4).random((5, 5, 5)).astype(np.float32)
     with pytest.raises(RegistryError, match="not supported.*zscore"):
