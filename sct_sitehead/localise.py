@@ -62,11 +62,9 @@ class Localised:
         ).view(bool)
 
 
-#: Smallest window, as a fraction of the release's patch. A whole patch: with :func:`fill_window`, a crop then
-#: sees at least the context a sliding window's patch sees. Measured on the test split (82 lesions, own heads),
-#: lesions found in the crop before the cord rule: 51% with 3/4 of a patch, 66% with a whole patch (whole images:
-#: 63%).
-MIN_WINDOW_FRACTION = 1.0
+#: Smallest window, as a fraction of the release's patch: the network is trained on patches of about this size
+#: (the release: 48³ training patches, 64³ inference patches), so a crop is not padded up to a full patch.
+MIN_WINDOW_FRACTION = 0.75
 
 
 def one_window(
@@ -88,16 +86,34 @@ def one_window(
     )  # type: ignore[return-value]
 
 
+def crop_window(size: int, whole: int, patch: int, divisor: int) -> int:
+    """The window along one model axis for a crop of ``size`` voxels of an image ``whole`` voxels long.
+
+    Where the whole image is no longer than a patch, it is what a whole-image run puts in one patch, and so is
+    the crop: the whole axis in one patch. Cropping there saves nothing, and a smaller window than the
+    whole-image run's changes what the network sees (measured on the test split, whose images are a patch or less
+    along most axes: lesions found before the cord rule 51% with crops, 66% with whole axes; whole images: 63%).
+    Elsewhere, :func:`one_window`.
+    """
+    if whole <= patch:
+        return -(-int(patch) // divisor) * divisor
+    return one_window((size,) * 3, (patch,) * 3, divisor)[0]
+
+
 def fill_window(
     bbox: Bbox, affine: np.ndarray, shape: tuple[int, ...], orientation: str, spacing: tuple[float, ...],
     patch_size: tuple[int, ...], divisor: int,
-) -> Bbox:
-    """``bbox`` grown with image voxels until its model grid fills the window :func:`one_window` gives it.
+) -> tuple[Bbox, tuple[int, int, int]]:
+    """``bbox`` grown with image voxels until its model grid fills its window, and that window.
 
-    A crop's window is rounded up to the network's divisor and to at least a patch, so a 49-voxel crop runs in a
-    64-voxel window. The voxels it lacks are taken from the image around the crop, not from constant padding, so
-    the window holds what a sliding window's patch would. Growth is split between both sides, and what one side
-    lacks (the image's edge) goes to the other.
+    A crop's window is rounded up to the network's divisor (and to at least 3/4 of a patch), so a 49-voxel crop
+    runs in a 64-voxel window; along an axis where the whole image fits in a patch, the window is a patch and the
+    crop the whole axis (:func:`crop_window`). The voxels a window lacks are taken from the image around the
+    crop, not from constant padding. Growth is split between both sides, and what one side lacks (the image's
+    edge) goes to the other.
+
+    Returns:
+        The grown native box and the window (model axes) to run it in.
     """
     import nibabel.orientations as nio
     from nibabel.affines import voxel_sizes
@@ -105,6 +121,7 @@ def fill_window(
     to_model = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(orientation.upper())))
     native_mm = voxel_sizes(affine)
     grown = [list(pair) for pair in bbox]
+    window = [0, 0, 0]
     for axis, (model_axis, _) in enumerate(to_model.astype(int)):
         ratio = native_mm[axis] / float(spacing[model_axis])
 
@@ -112,8 +129,11 @@ def fill_window(
             return max(1, int(round(extent * ratio)))
 
         start, stop = grown[axis]
-        size = model_size(stop - start)
-        target = one_window((size,) * 3, (patch_size[model_axis],) * 3, divisor)[0]
+        size, whole, patch = model_size(stop - start), model_size(int(shape[axis])), int(patch_size[model_axis])
+        target = window[model_axis] = crop_window(size, whole, patch, divisor)
+        if whole <= patch:
+            grown[axis] = [0, int(shape[axis])]
+            continue
         if target <= size:  # already fills its windows (a long field of view runs in several)
             continue
         extra = int((target - size) / ratio)
@@ -122,7 +142,7 @@ def fill_window(
         low = min(start, extra // 2 + max(0, stop + extra - extra // 2 - int(shape[axis])))
         high = min(int(shape[axis]) - stop, extra - low)
         grown[axis] = [start - low, stop + high]
-    return tuple((a, b) for a, b in grown)  # type: ignore[return-value]
+    return tuple((a, b) for a, b in grown), tuple(window)  # type: ignore[return-value]
 
 
 def keep_main_pieces(mask: np.ndarray, min_fraction: float = MIN_PIECE_FRACTION) -> np.ndarray:

@@ -296,7 +296,7 @@ class Segmenter:
         ``{site: (K, x', y', z') float32}``, channels in the order of the head's ``labels``.
         """
         from .inference import normalize, sliding_window
-        from .localise import fill_window, localise, one_window
+        from .localise import fill_window, localise
         from .nifti import image_data, load_image
         from .spatial import to_model_grid
 
@@ -306,16 +306,16 @@ class Segmenter:
         found = None
         if self.localiser is not None:
             found = localise(data, image.affine, self.release.localiser, self.localiser)
-        bbox = None
+        bbox, window = None, tuple(spec.patch_size)
         if found is not None:
-            bbox = fill_window(found.bbox, image.affine, data.shape, spec.orientation, spec.spacing, spec.patch_size,
-                               spec.divisor)
+            bbox, window = fill_window(found.bbox, image.affine, data.shape, spec.orientation, spec.spacing,
+                                       spec.patch_size, spec.divisor)
         self.last_crop = None if bbox is None else {"Bbox": [list(pair) for pair in bbox]}
         volume, grid = to_model_grid(data, image.affine, spec.orientation, spec.spacing, bbox=bbox)
         del data
         # A crop is normalised with the whole image's statistics, as in training, not with its own.
         volume = normalize(volume, spec.normalization, reference=None if found is None else found.sample)
-        patch = spec.patch_size if found is None else one_window(volume.shape, spec.patch_size, spec.divisor)
+        patch = window
         probabilities = sliding_window(
             volume,
             self.model,

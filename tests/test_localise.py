@@ -11,7 +11,7 @@ import pytest
 from conftest import save_image, write_registry
 
 from sct_sitehead.cli import main
-from sct_sitehead.localise import fill_window, keep_main_pieces, localise, native_bbox, one_window
+from sct_sitehead.localise import crop_window, fill_window, keep_main_pieces, localise, native_bbox, one_window
 from sct_sitehead.registry import InputSpec, LocaliserSpec
 from sct_sitehead.spatial import to_model_grid
 
@@ -40,21 +40,27 @@ def test_keep_main_pieces_drops_small_pieces_only():
 @pytest.mark.parametrize("bbox", [((30, 50), (36, 52), (10, 14)), ((0, 12), (70, 80), (0, 30)), ((5, 9), (0, 80), (3, 5))])
 def test_crop_is_filled_with_image_up_to_its_window(bbox):
     """The crop grows (through a reoriented, anisotropic grid) until its model grid fills its window, never past
-    it and never past the image; at an edge, the other side takes the growth."""
+    it and never past the image; at an edge, the other side takes the growth. Along an axis where the whole image
+    fits in a patch, the crop is the whole axis and its window a patch, as for the whole image."""
     affine = np.array([[-0.7, 0, 0, 20.0], [0, 0, 2.5, -10.0], [0, 0.7, 0, -30.0], [0, 0, 0, 1]])  # LSA-like
     shape, patch, divisor = (80, 80, 30), (32, 32, 32), 16
     data = np.zeros(shape, dtype=np.float32)
     before = to_model_grid(data, affine, "RAS", (1.0, 1.0, 1.0), bbox=bbox)[1].shape
-    grown = fill_window(bbox, affine, shape, "RAS", (1.0, 1.0, 1.0), patch, divisor)
+    grown, window = fill_window(bbox, affine, shape, "RAS", (1.0, 1.0, 1.0), patch, divisor)
     after = to_model_grid(data, affine, "RAS", (1.0, 1.0, 1.0), bbox=grown)[1].shape
-    window = one_window(before, patch, divisor)
-    assert one_window(after, patch, divisor) == window
+    full = to_model_grid(data, affine, "RAS", (1.0, 1.0, 1.0))[1].shape  # (56, 75, 56): no axis fits in 32
+    assert window == tuple(one_window(before, patch, divisor))
     for axis, ((a, b), (c, d)) in enumerate(zip(bbox, grown)):
         assert 0 <= c <= a and b <= d <= shape[axis]
     # Filled to within a native voxel (2.5 mm here) of the window, or to the whole image where it is smaller.
-    full = to_model_grid(data, affine, "RAS", (1.0, 1.0, 1.0))[1].shape
     assert all(min(size - 3, n_full) <= n_after <= size for n_after, size, n_full in zip(after, window, full))
     assert after != before
+    # A patch of 64 holds the whole image along native x and y (56 mm each; model axes 0 and 2), not along native
+    # z (75 mm, model axis 1): x and y are taken whole, in a window of a patch.
+    grown, window = fill_window(bbox, affine, shape, "RAS", (1.0, 1.0, 1.0), (64, 64, 64), divisor)
+    assert grown[0] == (0, 80) and grown[1] == (0, 80)
+    assert window[0] == window[2] == 64 and window[1] == one_window(before, (64, 64, 64), divisor)[1]
+    assert crop_window(20, 56, 64, 16) == 64 and crop_window(20, 200, 64, 16) == 48
 
 
 def test_native_bbox_maps_through_grids_and_adds_margin():
@@ -142,6 +148,6 @@ def test_one_window_covers_small_volumes_in_one_piece_and_bounds_long_ones():
     from sct_sitehead.localise import one_window
 
     assert one_window((50, 70, 140), (64, 64, 64), 16) == (64, 80, 144)
-    assert one_window((40, 40, 900), (64, 64, 64), 16) == (64, 64, 192)  # not below a whole patch
-    assert one_window((10, 10, 10), (64, 64, 64), 16) == (64, 64, 64)
+    assert one_window((40, 40, 900), (64, 64, 64), 16) == (48, 48, 192)  # not below 3/4 of a patch
+    assert one_window((10, 10, 10), (64, 64, 64), 16) == (48, 48, 48)
     assert one_window((73, 64, 64), (64, 64, 64), 8, max_patches=2) == (80, 64, 64)
