@@ -306,16 +306,15 @@ class Segmenter:
         found = None
         if self.localiser is not None:
             found = localise(data, image.affine, self.release.localiser, self.localiser)
-        bbox, window = None, tuple(spec.patch_size)
+        bbox, patch = None, tuple(spec.patch_size)
         if found is not None:
-            bbox, window = fill_window(found.bbox, image.affine, data.shape, spec.orientation, spec.spacing,
-                                       spec.patch_size, spec.divisor)
+            bbox, patch = fill_window(found.bbox, image.affine, data.shape, spec.orientation, spec.spacing,
+                                      spec.patch_size, spec.divisor)
         self.last_crop = None if bbox is None else {"Bbox": [list(pair) for pair in bbox]}
         volume, grid = to_model_grid(data, image.affine, spec.orientation, spec.spacing, bbox=bbox)
         del data
         # A crop is normalised with the whole image's statistics, as in training, not with its own.
         volume = normalize(volume, spec.normalization, reference=None if found is None else found.sample)
-        patch = window
         probabilities = sliding_window(
             volume,
             self.model,
@@ -389,7 +388,9 @@ class Segmenter:
                 plans.append((site, threshold, mask_path, written, jobs))
             del outputs_on_grid
             for site, threshold, mask_path, written, jobs in plans:
-                lesions = [job.result() for lesion, job in jobs if lesion][0]
+                found = [job.result() for lesion, job in jobs if lesion]
+                # A head without a lesion label (none in the releases so far) has no lesion to count.
+                lesions = found[0] if found else np.zeros([s.stop - s.start for s in window], dtype=bool)
                 # Outside the window the mask is 0: counting there would only cost time (a whole spine: 72 M voxels).
                 stats = lesion_stats(lesions, zooms)
                 seconds = time.perf_counter() - started

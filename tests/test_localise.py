@@ -37,7 +37,9 @@ def test_keep_main_pieces_drops_small_pieces_only():
     assert kept.sum() == 512 + 280
 
 
-@pytest.mark.parametrize("bbox", [((30, 50), (36, 52), (10, 14)), ((0, 12), (70, 80), (0, 30)), ((5, 9), (0, 80), (3, 5))])
+@pytest.mark.parametrize(
+    "bbox", [((30, 50), (36, 52), (10, 14)), ((0, 12), (70, 80), (0, 30)), ((5, 9), (0, 80), (3, 5))]
+)
 def test_crop_is_filled_with_image_up_to_its_window(bbox):
     """The crop grows (through a reoriented, anisotropic grid) until its model grid fills its window, never past
     it and never past the image; at an edge, the other side takes the growth. Along an axis where the whole image
