@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,26 @@ def test_quick_run_writes_the_whole_report_and_resumes(tmp_path: Path, bids_dir:
     assert main(argv) == 0  # every step found done
     assert backbone.stat().st_mtime_ns == before
     assert main([*argv[:-4], "-config", "smoke", "-v", "0"]) == 2  # another config in the same work folder
+
+
+def test_git_version_ignores_the_report_folder_being_written(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from sct_sitehead.experiments.runner import version_of_git
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "a.py").write_text("x = 1\n")
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, env={**os.environ, **env})
+    out = repo / "reports" / "experiment"
+    out.mkdir(parents=True)
+    (out / "report.md").write_text("new\n")
+    assert version_of_git(repo, out)["dirty"] is False and version_of_git(repo)["dirty"] is True
+    assert len(version_of_git(repo, out)["commit"]) == 40
+    (repo / "src" / "a.py").write_text("x = 2\n")
+    assert version_of_git(repo, out)["dirty"] is True

@@ -147,8 +147,8 @@ def run_experiment(settings: Settings, *, plan_only: bool = False, verbosity: in
     runner.write_json({
         "settings": settings.as_dict(), "base_config": base, "jobs": runner.job_configs(settings, keys),
         "seeds": {c.name: list(c.seeds) for c in plan.comparisons}, "data": {"splits": splits},
-        "git": runner.version_of_git(REPO), "sct_sitehead": __version__, "python": platform.python_version(),
-        "torch": _torch_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": runner.version_of_git(REPO, settings.out), "sct_sitehead": __version__,
+        "python": platform.python_version(), "torch": _torch_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "plan": [dataclasses.asdict(m) for m in plan.models],
     }, out / "configs_used.json")
     path = out / "report.md"
@@ -193,7 +193,7 @@ def document(settings: Settings, plan: Plan, base: Mapping[str, Any], splits: Ma
              entries: Mapping[str, Sequence[Mapping[str, Any]]], cost_rows: Sequence[Mapping[str, Any]],
              costs: Mapping[str, Mapping[str, Any]]) -> str:
     """``report.md``."""
-    git = runner.version_of_git(REPO)
+    git = runner.version_of_git(REPO, settings.out)
     train, head = base["train"], base["head"]
     parts = [
         "# Shared backbone + site heads: experiment report\n",

@@ -195,8 +195,12 @@ def published_release(settings: Settings, key: str):
     return index.release(key, VERSION), cache
 
 
-def version_of_git(repo: Path) -> dict[str, Any]:
-    """The repository's commit and whether the tree had local changes (read-only git calls)."""
+def version_of_git(repo: Path, exclude: Path | None = None) -> dict[str, Any]:
+    """The repository's commit and whether the tree had local changes (read-only git calls).
+
+    ``exclude``: a folder whose changes do not count, e.g. the report folder being written (its new files would
+    otherwise mark every report as made "with local changes").
+    """
     import subprocess
 
     def git(*args: str) -> str:
@@ -206,4 +210,10 @@ def version_of_git(repo: Path) -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    paths: list[str] = []
+    if exclude is not None:
+        try:
+            paths = ["--", ".", f":(exclude){Path(exclude).resolve().relative_to(Path(repo).resolve()).as_posix()}"]
+        except ValueError:  # outside the repository: git does not see it anyway
+            paths = []
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", *paths))}
