@@ -29,6 +29,7 @@ from conftest import save_image, write_registry
 from test_faults import assert_cache_sound, holder_of, inject_read_only
 
 import sct_sitehead
+import sct_sitehead.outputs
 from sct_sitehead.cli import main
 from sct_sitehead.errors import EXIT_INTERRUPTED, OutputError
 from sct_sitehead.server import RangeRequestHandler, make_server
@@ -290,7 +291,8 @@ def test_failure_while_writing_leaves_the_previous_outputs(tiny_registry, image,
         assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
     error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if failure == "ENOSPC" else KeyboardInterrupt()
-    real_save, real_write_text = nib.save, Path.write_text
+    # Every NIfTI output goes through outputs._save (nibabel, or ISA-L's gzip for .nii.gz).
+    real_save, real_write_text = sct_sitehead.outputs._save, Path.write_text
     saves = []
 
     def failing_save(img, filename):
@@ -306,7 +308,7 @@ def test_failure_while_writing_leaves_the_previous_outputs(tiny_registry, image,
             raise error
         return real_write_text(self, data, *args, **kwargs)
 
-    monkeypatch.setattr(nib, "save", failing_save)
+    monkeypatch.setattr(sct_sitehead.outputs, "_save", failing_save)
     monkeypatch.setattr(Path, "write_text", failing_write_text)
     code, lines = run_cli(universal(image, tiny_registry, out), capfd)
     monkeypatch.undo()

@@ -163,7 +163,7 @@ def test_onnx_model_computes_the_known_functions(model):
 
 
 def test_heads_side_by_side_compute_what_they_compute_one_after_the_other(release, model):
-    """With 2 threads and several heads, heads run two at a time on a thread each: same outputs."""
+    """With 2 threads and several heads, heads run two at a time on a thread each: the same outputs."""
     side_by_side = SiteHeadModel(release["backbone"], release["heads"], device="cpu", threads=2)
     assert side_by_side._head_workers == 2 and model._head_workers == 1
     single = SiteHeadModel(release["backbone"], {"montreal": release["heads"]["montreal"]}, device="cpu", threads=2)
@@ -172,9 +172,9 @@ def test_heads_side_by_side_compute_what_they_compute_one_after_the_other(releas
     for _ in range(3):  # the thread pool is made once and reused
         got, want = side_by_side(batch), model(batch)
         assert list(got) == list(want)
-        for site in want:
-            np.testing.assert_array_equal(got[site], want[site])
-    np.testing.assert_array_equal(single(batch)["montreal"], want["montreal"])
+        for site in want:  # 1 or 2 threads may sum in another order: equal to float rounding
+            np.testing.assert_allclose(got[site], want[site], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(single(batch)["montreal"], want["montreal"], rtol=1e-6, atol=1e-7)
 
 
 def test_sliding_window_with_the_onnx_bright_voxel_detector_equals_whole_volume(model):

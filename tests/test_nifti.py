@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sct_sitehead import outputs
 from sct_sitehead.errors import InputImageError, OutputError
 from sct_sitehead.nifti import image_data, load_image
 from sct_sitehead.outputs import save_like
@@ -334,7 +335,7 @@ def test_save_like_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, failu
         Path(filename).write_bytes(b"\x1f\x8b half a file")
         raise failure
 
-    monkeypatch.setattr(nib, "save", half_write)
+    monkeypatch.setattr(outputs, "_save", half_write)
     expected = OutputError if isinstance(failure, OSError) else KeyboardInterrupt
     with pytest.raises(expected) as caught:
         save_like(np.zeros(reference.shape, np.uint8), reference, previous)
@@ -343,6 +344,35 @@ def test_save_like_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, failu
         assert str(previous) in message and "No space left" in message and "free disk space" in message
     assert [p.name for p in out_dir.iterdir()] == ["mask.nii.gz"]
     assert previous.read_bytes() == b"previous result"
+
+
+@pytest.mark.parametrize("isal", [True, False], ids=["isal", "without-isal"])
+def test_compressed_masks_are_plain_gzip_nifti_with_or_without_isal(tmp_path, monkeypatch, isal):
+    """A .nii.gz output is one ordinary gzip stream (Python's gzip reads it), holding the same header and voxels
+    as nibabel's own writer gives; without isal, nibabel's writer is used."""
+    import gzip
+    import sys
+
+    path = tmp_path / "in.nii.gz"
+    nib.save(small_image(shape=(30, 20, 10)), path)
+    reference = load_image(path)
+    mask = np.zeros(reference.shape, np.uint8, order="F")
+    mask[5:9, 3:7, 2:4] = 1
+    if not isal:
+        monkeypatch.setitem(sys.modules, "isal", None)  # import isal -> ImportError
+    ours = tmp_path / "ours.nii.gz"
+    save_like(mask, reference, ours)
+    monkeypatch.undo()
+    plain = tmp_path / "plain.nii"
+    save_like(mask, reference, plain)
+    with gzip.open(ours) as handle:
+        assert handle.read() == plain.read_bytes()
+    again = tmp_path / "again.nii.gz"
+    if not isal:
+        monkeypatch.setitem(sys.modules, "isal", None)
+    save_like(mask, reference, again)
+    assert again.read_bytes() == ours.read_bytes()  # mtime 0: the same mask gives the same file
+    np.testing.assert_array_equal(np.asarray(nib.load(ours).dataobj), mask)
 
 
 def test_save_like_into_a_missing_folder_is_an_output_error(tmp_path):
