@@ -229,19 +229,21 @@ def normalize(
             f"image intensities between percentiles {low_q:g} and {high_q:g} are all {low:g}: nothing to segment; "
             "check that the right image was given"
         )
-    mean, std = _clipped_moments(source, low, high)
     out = np.clip(volume, low, high, dtype=np.float32)
-    out -= np.float32(mean)
+    if reference is None:
+        _, std = _centre(out)
+    else:
+        mean, std = _centre(np.clip(source, low, high, dtype=np.float32))
+        out -= np.float32(mean)
     out *= np.float32(1.0 / std)
     return out
 
 
-def _clipped_moments(values: np.ndarray, low: float, high: float) -> tuple[float, float]:
-    """Mean and standard deviation of ``values`` clipped to [low, high], accumulated in float64."""
-    clipped = np.clip(values, low, high, dtype=np.float32)
-    mean = clipped.sum(dtype=np.float64) / clipped.size
-    clipped -= np.float32(mean)
-    return mean, math.sqrt(float(np.square(clipped).sum(dtype=np.float64)) / clipped.size)
+def _centre(values: np.ndarray) -> tuple[float, float]:
+    """Subtract its mean from float32 ``values`` in place; the mean and the standard deviation, in float64."""
+    mean = values.sum(dtype=np.float64) / values.size
+    values -= np.float32(mean)
+    return mean, math.sqrt(float(np.square(values).sum(dtype=np.float64)) / values.size)
 
 
 def _field(spec: Mapping[str, Any] | Any, name: str, default: Any) -> Any:

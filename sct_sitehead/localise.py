@@ -95,9 +95,7 @@ def crop_window(size: int, whole: int, patch: int, divisor: int) -> int:
     along most axes: lesions found before the cord rule 51% with crops, 66% with whole axes; whole images: 63%).
     Elsewhere, :func:`one_window`.
     """
-    if whole <= patch:
-        return -(-int(patch) // divisor) * divisor
-    return one_window((size,) * 3, (patch,) * 3, divisor)[0]
+    return one_window((patch if whole <= patch else size,) * 3, (patch,) * 3, divisor)[0]
 
 
 def fill_window(

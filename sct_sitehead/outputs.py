@@ -71,12 +71,11 @@ def _save(image: nibabel.Nifti1Image, path: Path) -> None:
     nibabel's own writer."""
     import nibabel as nib
 
-    if not path.name.endswith(".gz"):
-        nib.save(image, path)
-        return
-    try:
-        from isal import igzip
-    except ImportError:
+    igzip = None
+    if path.name.endswith(".gz"):
+        with contextlib.suppress(ImportError):
+            from isal import igzip
+    if igzip is None:
         nib.save(image, path)
         return
     # No file name (it would be the temp file's) and mtime 0, as nibabel's own writer: the same mask gives the same

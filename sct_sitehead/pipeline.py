@@ -324,15 +324,15 @@ class Segmenter:
             divisor=spec.divisor,
         )
         del volume
-        near = None if found is None else found.near_on(grid)
+        far = None if found is None else ~found.near_on(grid)
         outputs: dict[str, np.ndarray] = {}
         for site in self.sites:
             labels = self.heads[site].labels
             channels = probabilities.pop(site)[[label.channel for label in labels]]
-            if near is not None:
+            if far is not None:
                 for index, label in enumerate(labels):
                     if label.name == LESION:
-                        channels[index][~near] = 0.0
+                        channels[index][far] = 0.0
             outputs[site] = channels
         return image, grid, outputs
 

@@ -148,7 +148,8 @@ def run_experiment(settings: Settings, *, plan_only: bool = False, verbosity: in
         "settings": settings.as_dict(), "base_config": base, "jobs": runner.job_configs(settings, keys),
         "seeds": {c.name: list(c.seeds) for c in plan.comparisons}, "data": {"splits": splits},
         "git": runner.version_of_git(REPO, settings.out), "sct_sitehead": __version__,
-        "python": platform.python_version(), "torch": _torch_version(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(), "torch": _torch_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "plan": [dataclasses.asdict(m) for m in plan.models],
     }, out / "configs_used.json")
     path = out / "report.md"
