@@ -84,7 +84,8 @@ def test_layout_and_every_site_label_set(dataset: Path):
 
 def test_same_seed_gives_identical_subject_files(bids_dir: Path, dataset: Path, tmp_path: Path):
     """A subject depends only on (seed, site, number): rerunning two of the sites gives the same bytes."""
-    again = simulate(bids_dir, tmp_path / "again", n_per_site=N_PER_SITE, seed=5, sites=["montreal", "bordeaux"])
+    again = simulate(bids_dir, tmp_path / "again", n_per_site=N_PER_SITE, seed=5, sites=["montreal", "bordeaux"],
+                     holdout=["sub-unf01"])
     files = sorted(p.relative_to(again) for p in again.rglob("sub-*.nii.gz"))
     assert len(files) == N_PER_SITE * (5 + 6)  # image + 2 truths + the sites' 2 and 3 labels
     assert all((dataset / p).read_bytes() == (again / p).read_bytes() for p in files)
@@ -197,7 +198,8 @@ def test_phantom_source_and_argument_errors(phantom_source: Path, tmp_path: Path
     rows = participants(out)
     assert [r["site"] for r in rows] == ["montreal"] * 2 + ["zurich"] * 2
     assert all(r["split"] == "test" for r in rows if r["source"].startswith("sub-ph2"))
-    assert all(r["source"] == "sub-ph1_T1w" for r in rows if r["site"] == "zurich")
+    # zurich scans T1w and borrows T2w anatomy (inverted), but never the held-out subject's
+    assert {r["source"] for r in rows if r["site"] == "zurich"} <= {"sub-ph1_T1w", "sub-ph1_T2w as T1w"}
     with pytest.raises(OutputError, match="not empty"):
         simulate(phantom_source, out, n_per_site=1, seed=0, sites=["montreal"])
     with pytest.raises(UsageError, match=r"holdout subjects \['sub-zz'\].*sub-ph1"):
@@ -229,6 +231,41 @@ def test_phantom_anatomies_and_a_fixed_test_size(phantom_source: Path, tmp_path:
     assert first and all(p.read_bytes() == (again / p.relative_to(out)).read_bytes() for p in first)
 
 
+def test_borrowed_anatomy_takes_the_site_contrast_and_stays_out_of_test(phantom_source: Path, tmp_path: Path):
+    """zurich (T1w) borrows T2w anatomy: inverted (cord brighter than CSF, air dark), dark lesions, train/val only."""
+    out = simulate(phantom_source, tmp_path / "ds", n_per_site=8, seed=1, sites=["zurich"], holdout=["sub-ph2"],
+                   test_per_site=2)
+    rows = participants(out)
+    borrowed = [r for r in rows if r["source"] == "sub-ph1_T2w as T1w"]
+    assert borrowed and {r["split"] for r in borrowed} <= {"train", "val"}
+    assert not any(" as " in r["source"] for r in rows if r["split"] == "test")
+    for row in borrowed:
+        files = subject_files(out, row["participant_id"])
+        assert files["image"].name.endswith("_T1w.nii.gz")
+        image, cord = arr(files["image"]).astype(float), arr(files["cord-truth"]) > 0.5
+        lesion = arr(files["lesion-truth"]) > 0.5
+        shell = ndimage.binary_dilation(cord, iterations=2) & ~cord & ~lesion
+        healthy = cord & ~ndimage.binary_dilation(lesion, iterations=1)
+        assert np.median(image[healthy]) > 1.3 * np.median(image[shell])  # T1w-like: CSF darker than cord
+        if lesion.any():
+            assert np.median(image[lesion]) < np.median(image[healthy])  # T1w lesions are dark
+
+
+def test_borrowed_intensities_invert_inside_the_body_only():
+    from sct_sitehead.simulate.simulator import borrowed_intensities
+    from sct_sitehead.simulate.sites import Borrow
+
+    image = np.zeros((20, 20, 4), np.float32)  # air around a body of tissue 0.5 with CSF 1.0 and a cord of 0.3
+    image[4:16, 4:16] = 0.5
+    image[8:12, 8:12] = 1.0
+    image[9:11, 9:11] = 0.3
+    inverted = borrowed_intensities(image, Borrow(invert=True, gamma=1.0))
+    assert inverted[0, 0, 0] < 1e-3 and inverted[10, 10, 2] > inverted[5, 5, 2] > inverted[8, 8, 2]
+    assert np.isclose(np.percentile(inverted, 99.5), 1.0)
+    same = borrowed_intensities(image, Borrow(invert=False, gamma=1.0))
+    assert np.allclose(same, image / np.percentile(image, 99.5))
+
+
 def test_sites_file_is_checked(tmp_path: Path):
     document = json.loads((Path(__file__).resolve().parents[1] / "sct_sitehead/simulate/sites.json").read_text())
     document["sites"]["montreal"]["annotation"]["labels"] = {"cord": "seg-manual"}
@@ -243,6 +280,13 @@ def test_sites_file_is_checked(tmp_path: Path):
         load_sites(bad)
     with pytest.raises(UsageError, match="cannot be read"):
         load_sites(tmp_path / "missing.json")
+    document["sites"]["montreal"]["acquisition"]["orientation"] = "LAS"
+    for borrow, message in [({"T2w": {"invert": True}}, "another contrast than the site's own"),
+                            ({"T1w": {"gamma": 0}}, "'gamma' \\(> 0\\)"), ([1], "give an object")]:
+        document["sites"]["montreal"]["borrow"] = borrow
+        bad.write_text(json.dumps(document))
+        with pytest.raises(UsageError, match=message):
+            load_sites(bad)
 
 
 # --- parts ----------------------------------------------------------------------------------------------------

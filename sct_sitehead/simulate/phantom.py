@@ -37,6 +37,9 @@ INTENSITIES: dict[str, dict[str, float]] = {
                "lesion": 0.72},
     "T1w": {"air": 0.0, "fat": 0.95, "muscle": 0.4, "bone": 0.55, "disc": 0.35, "csf": 0.12, "cord": 0.55,
             "lesion": 0.32},
+    # magnetisation transfer (MT on): low contrast, the cord a little darker than the CSF, lesions brighter
+    "MTS": {"air": 0.0, "fat": 0.4, "muscle": 0.3, "bone": 0.2, "disc": 0.45, "csf": 0.5, "cord": 0.42,
+            "lesion": 0.62},
 }
 NOISE_SIGMA = 0.02
 _SCALE = 1000.0

@@ -32,7 +32,7 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: tuple[
     """Write ``n`` phantom anatomies as a BIDS dataset with cord masks in ``derivatives/labels``.
 
     Subjects are ``sub-phantom01``... with site ``phantom``; contrasts cycle through ``contrasts`` (default: every
-    contrast the phantom knows). Deterministic by ``seed``.
+    contrast the phantom knows, in the order of ``INTENSITIES``). Deterministic by ``seed``.
 
     Raises:
         UsageError: ``n`` < 1 or an unknown contrast.
@@ -41,7 +41,7 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: tuple[
     import nibabel as nib
 
     out = Path(out)
-    contrasts = tuple(contrasts or sorted(INTENSITIES))
+    contrasts = tuple(contrasts or INTENSITIES)
     if n < 1:
         raise UsageError(f"phantom sources: n is {n}; use 1 or more")
     unknown = [c for c in contrasts if c not in INTENSITIES]

@@ -1,6 +1,7 @@
 """Build a labelled multi-site lesion dataset from real anatomy with cord masks.
 
-For each simulated subject of each site: pick a source image of a contrast the site scans (with its cord mask),
+For each simulated subject of each site: pick a source image of a contrast the site scans (with its cord mask;
+train and val subjects may also borrow the anatomy of another contrast, remapped, where the site's profile says so),
 place the site's field of view on the cord, pull the anatomy through a random deformation onto a fine working grid,
 insert lesions in the cord, acquire it the site's way and annotate it the site's way. Everything random comes from
 one generator per subject, seeded by ``(seed, site name, subject number)``, so a seed gives byte-identical files
@@ -25,7 +26,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,15 @@ from .annotation import annotate, truth_masks
 from .deform import draw_deformation, source_coordinates, warp
 from .grids import world_extent
 from .lesions import insert_lesions_array
-from .sites import Site, load_sites
+from .sites import Borrow, Site, load_sites
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 #: Working grid spacing bounds (mm): fine enough for the sites' voxels, coarse enough to stay fast.
 WORK_SPACING_MM = (0.6, 1.0)
+#: Intensity (of the 99.5th percentile) below which a borrowed image is air, kept dark when inverted.
+BODY_LEVEL = 0.1
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ class SimulatedSubject:
     params: dict[str, Any]
 
 
-def load_anatomy(sample: Sample) -> Anatomy:
-    """Read a source image and its cord mask (``sample.labels["cord"]``)."""
+def load_anatomy(sample: Sample, borrow: Borrow | None = None) -> Anatomy:
+    """Read a source image and its cord mask (``sample.labels["cord"]``); remap its contrast when borrowed."""
     import nibabel as nib
 
     image = nib.load(sample.image)
@@ -82,7 +85,27 @@ def load_anatomy(sample: Sample) -> Anatomy:
     scale = float(np.percentile(data, 99.5)) or float(data.max()) or 1.0
     affine = np.asarray(image.affine, dtype=np.float64)
     points = np.argwhere(cord) @ affine[:3, :3].T + affine[:3, 3]
-    return Anatomy(sample, data / np.float32(scale), cord.astype(np.float32), affine, points)
+    data = data / np.float32(scale)
+    if borrow is not None:
+        data = borrowed_intensities(data, borrow)
+    return Anatomy(sample, data, cord.astype(np.float32), affine, points)
+
+
+def borrowed_intensities(data: np.ndarray, borrow: Borrow) -> np.ndarray:
+    """Remap a normalised image (99.5th percentile = 1) to another contrast: inverted inside the body, gamma.
+
+    The body is where the image is brighter than a tenth of its 99.5th percentile, smoothed over a voxel, so air
+    stays dark when the tissue is inverted. The result is normalised again to a 99.5th percentile of 1.
+    """
+    from scipy import ndimage
+
+    image = np.clip(data, 0.0, 1.0).astype(np.float32)
+    if borrow.invert:
+        body = ndimage.gaussian_filter((image > BODY_LEVEL).astype(np.float32), 1.0)
+        image = body * (1.0 - image)
+    image = np.power(image, np.float32(borrow.gamma), dtype=np.float32)
+    scale = float(np.percentile(image, 99.5)) or 1.0
+    return image / np.float32(scale)
 
 
 def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> SimulatedSubject:
@@ -271,37 +294,66 @@ def _simulate_all(
     samples: list[Sample], profiles: list[Site], root: Path, n_per_site: int, seed: int,
     holdout: list[str], split_fractions: tuple[float, float, float], test_per_site: int | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    anatomies: dict[Path, Anatomy] = {}
+    anatomies: dict[tuple[Path, Borrow | None], Anatomy] = {}
     rows: list[dict[str, str]] = []
     subjects: dict[str, Any] = {}
     for site in profiles:
-        eligible = [s for s in samples if s.contrast in site.contrasts]
-        if not eligible:
-            raise UsageError(
-                f"site {site.name!r} scans {list(site.contrasts)} but the source has cord-labelled images of "
-                f"{sorted({s.contrast for s in samples})} only; leave the site out (sites=...) or add such images"
-            )
+        eligible = _eligible(samples, site, holdout)
         chosen = []
         for number in range(1, n_per_site + 1):
             rng = subject_rng(seed, site.name, number)
             pool = _pool(eligible, holdout, test_per_site, number)
-            sample = pool[int(rng.integers(len(pool)))]
-            if sample.image not in anatomies:
-                anatomies[sample.image] = load_anatomy(sample)
+            source = pool[int(rng.integers(len(pool)))]
+            key = (source.sample.image, source.borrow)
+            if key not in anatomies:
+                anatomies[key] = load_anatomy(source.sample, source.borrow)
             started = time.perf_counter()
-            result = simulate_subject(anatomies[sample.image], site, rng)
+            result = simulate_subject(anatomies[key], site, rng)
             participant = f"sub-{site.name}{number:03d}"
-            _write_subject(root, participant, sample, site, result)
-            chosen.append((participant, sample))
-            subjects[participant] = {"site": site.name, "source": sample.stem, **result.params}
-            logger.debug("%s from %s in %.2f s", participant, sample.stem, time.perf_counter() - started)
+            _write_subject(root, participant, source.sample, site, result)
+            chosen.append((participant, source))
+            subjects[participant] = {"site": site.name, "source": source.name, **result.params}
+            logger.debug("%s from %s in %.2f s", participant, source.name, time.perf_counter() - started)
         split_rng = np.random.default_rng([int(seed), zlib.crc32(site.name.encode()), 0])
         splits = _splits(chosen, holdout, split_fractions, split_rng)
-        rows.extend({"participant_id": p, "site": site.name, "source": s.stem, "split": splits[p]} for p, s in chosen)
+        rows.extend({"participant_id": p, "site": site.name, "source": s.name, "split": splits[p]} for p, s in chosen)
     return rows, subjects
 
 
-def _pool(eligible: list[Sample], holdout: list[str], test_per_site: int | None, number: int) -> list[Sample]:
+@dataclass(frozen=True)
+class _Source:
+    """A source image as one site uses it: in its own contrast, or borrowed (written as the site's contrast)."""
+
+    sample: Sample
+    borrow: Borrow | None = None
+    original: str = ""
+
+    @property
+    def subject(self) -> str:
+        return self.sample.subject
+
+    @property
+    def name(self) -> str:
+        """``sub-errsm30_T2w``, or ``sub-errsm30_T2w as T1w`` when borrowed."""
+        return f"{self.original} as {self.sample.contrast}" if self.borrow else self.sample.stem
+
+
+def _eligible(samples: list[Sample], site: Site, holdout: list[str]) -> list[_Source]:
+    """The site's own contrasts, then the contrasts it borrows (never from held-out anatomy)."""
+    own = [_Source(s) for s in samples if s.contrast in site.contrasts]
+    if not own:
+        raise UsageError(
+            f"site {site.name!r} scans {list(site.contrasts)} but the source has cord-labelled images of "
+            f"{sorted({s.contrast for s in samples})} only; leave the site out (sites=...) or add such images"
+        )
+    borrowed = [
+        _Source(replace(s, contrast=site.contrasts[0], entities={}), site.borrow[s.contrast], s.stem)
+        for s in samples if s.contrast in site.borrow and s.subject not in holdout
+    ]
+    return own + borrowed
+
+
+def _pool(eligible: list[_Source], holdout: list[str], test_per_site: int | None, number: int) -> list[_Source]:
     """The sources subject ``number`` (1-based) of a site may come from."""
     if not holdout or test_per_site is None:
         return eligible
@@ -312,7 +364,7 @@ def _pool(eligible: list[Sample], holdout: list[str], test_per_site: int | None,
 
 
 def _splits(
-    chosen: list[tuple[str, Sample]], holdout: list[str], fractions: tuple[float, float, float],
+    chosen: list[tuple[str, _Source]], holdout: list[str], fractions: tuple[float, float, float],
     rng: np.random.Generator,
 ) -> dict[str, str]:
     """Holdout anatomy -> test; the rest shuffled into train/val/test by the fractions (train/val with a holdout)."""

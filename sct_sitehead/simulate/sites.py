@@ -1,7 +1,8 @@
 """Site profiles of the simulator, read from JSON (``sites.json`` beside this module by default) and checked.
 
-A profile says how a site scans (:class:`Acquisition`), how its raters label (:class:`Annotation`) and how many
-and how large its lesions are (:class:`LesionProfile`). Sections a site leaves out come from ``defaults``.
+A profile says how a site scans (:class:`Acquisition`), how its raters label (:class:`Annotation`), how many
+and how large its lesions are (:class:`LesionProfile`) and which other contrasts' anatomy its training subjects may
+borrow (:class:`Borrow`). Sections a site leaves out come from ``defaults``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,20 @@ class Deformation:
 
 
 @dataclass(frozen=True)
+class Borrow:
+    """A source contrast a site's train and val subjects may be made from, remapped to look like the site's own.
+
+    The source's intensities (99.5th percentile = 1) are inverted inside the body when ``invert`` (T2w -> T1w:
+    CSF goes dark, cord bright; air stays dark), then raised to ``gamma``. Lesions are inserted afterwards with the
+    site's contrast, so a borrowed T2w anatomy at a T1w site gets dark lesions. Held-out anatomy is never
+    borrowed: the test split keeps it in its own contrast.
+    """
+
+    invert: bool
+    gamma: float
+
+
+@dataclass(frozen=True)
 class Site:
     """One simulated site."""
 
@@ -83,6 +98,7 @@ class Site:
     annotation: Annotation
     lesions: LesionProfile
     deformation: Deformation
+    borrow: Mapping[str, Borrow] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy (for ``simulation.json``)."""
@@ -132,13 +148,33 @@ def _site(path: Path, name: str, body: Any, defaults: Mapping[str, Any]) -> Site
         annotation = _annotation(where, _merged(defaults, body, "annotation"))
         lesions = _lesions(where, _merged(defaults, body, "lesions"))
         deformation = Deformation(**{k: float(v) for k, v in _merged(defaults, body, "deformation").items()})
+        borrow = _borrow(where, body.get("borrow", {}), contrasts)
     except KeyError as exc:
         raise UsageError(f"{where}: missing key {exc}; see {DEFAULT_SITES} for every key") from exc
     except TypeError as exc:
         raise UsageError(f"{where}: {exc}; see {DEFAULT_SITES} for every key") from exc
     if not contrasts:
         raise UsageError(f"{where}: 'contrasts' is empty; list the BIDS suffixes it scans, e.g. ['T2w']")
-    return Site(name, str(body.get("description", "")), contrasts, acquisition, annotation, lesions, deformation)
+    return Site(name, str(body.get("description", "")), contrasts, acquisition, annotation, lesions, deformation,
+                borrow)
+
+
+def _borrow(where: str, raw: Any, contrasts: tuple[str, ...]) -> dict[str, Borrow]:
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: borrow is {raw!r}; give an object such as {{'T2w': {{'invert': true}}}}")
+    borrow = {}
+    for contrast, options in raw.items():
+        if contrast in contrasts or not isinstance(options, dict):
+            raise UsageError(
+                f"{where}: borrow {contrast!r}: {options!r}; name another contrast than the site's own "
+                f"{list(contrasts)}, with {{'invert': true|false, 'gamma': number > 0}}"
+            )
+        unknown = sorted(set(options) - {"invert", "gamma"})
+        gamma = options.get("gamma", 1.0)
+        if unknown or not isinstance(gamma, (int, float)) or gamma <= 0:
+            raise UsageError(f"{where}: borrow {contrast!r}: {options!r}; the keys are 'invert' and 'gamma' (> 0)")
+        borrow[str(contrast)] = Borrow(invert=bool(options.get("invert", False)), gamma=float(gamma))
+    return borrow
 
 
 def _triple(where: str, key: str, value: Any) -> tuple[float, float, float]:
