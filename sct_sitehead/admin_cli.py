@@ -346,7 +346,7 @@ def export(out: Path, backbone: Path, heads: tuple[Path, ...], opset: int, atol:
 @click.option("-sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="ed25519 private key: sign the new index")
 @click.option("-thresholds", "thresholds_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="per-head thresholds from tune-thresholds (JSON)")
+              help="per-head thresholds and smallest lesions from tune-thresholds (JSON)")
 @click.option("-localiser", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="export folder of a cord localiser (train-backbone -config localiser, then export)")
 @click.option("-margin", "margin_mm", type=click.FloatRange(0), default=12.0, show_default=True,
@@ -361,17 +361,18 @@ def publish(export_dir: Path, registry_dir: Path, model: str, version: str, thre
     from .cli import parse_sites
     from .publish import publish as run_publish
 
-    head_thresholds = None
+    head_thresholds = head_min_lesion = None
     if thresholds_file is not None:
         try:
             tuned = json.loads(thresholds_file.read_text(encoding="utf-8"))["heads"]
             head_thresholds = {head: float(row["threshold"]) for head, row in tuned.items()}
+            head_min_lesion = {head: float(row.get("min_lesion_mm3", 0.0)) for head, row in tuned.items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise click.BadParameter(f"{thresholds_file}: not a tune-thresholds file ({exc})",
                                      param_hint="-thresholds") from None
     index = run_publish(
         export_dir, registry_dir, model=model, version=version, threshold=threshold,
-        head_thresholds=head_thresholds,
+        head_thresholds=head_thresholds, head_min_lesion_mm3=head_min_lesion,
         sites=parse_sites(sites) or None, description=description, make_default=make_default,
         replace=replace, sign_key=sign_key, localiser=localiser, localiser_margin_mm=margin_mm,
         cord_margin_mm=cord_margin_mm,
@@ -447,7 +448,8 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
 @verbosity_option
 def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, threads: int | None,
                     registry: str | None, offline: bool) -> None:
-    """Each head's threshold with the best mean Dice on its site's SPLIT cases; for `publish -thresholds`."""
+    """Each head's threshold with the best mean Dice on its site's SPLIT cases, then its smallest lesion with the
+    best lesion-wise F1 there; for `publish -thresholds`."""
     from . import evaluate as ev
     from .pipeline import write_json_atomic
 
@@ -460,7 +462,8 @@ def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, thr
     write_json_atomic({"model": release.spec, "split": split, "heads": tuned}, out)
     for head, row in sorted(tuned.items()):
         click.echo(f"{head}: threshold {row['threshold']:.2f} (Dice {row['dice']:.3f}; {row['dice_at_0.5']:.3f} at "
-                   f"0.5; {row['cases']} cases)")
+                   f"0.5; {row['cases']} cases), smallest lesion {row['min_lesion_mm3']:g} mm³ (F1 {row['f1']:.3f}; "
+                   f"{row['f1_all_lesions']:.3f} keeping all)")
 
 
 def main(argv: list[str] | None = None) -> int:

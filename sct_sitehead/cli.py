@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument("-model", metavar="NAME[@VERSION]", help="model (default: the registry's default, latest)")
     model.add_argument("-thr", type=float, metavar="T", help="probability threshold (default: from the release)")
+    model.add_argument("-min-lesion", type=float, metavar="MM3", dest="min_lesion",
+                       help="drop lesions smaller than this volume, mm³; 0 keeps all (default: from the release)")
     model.add_argument(
         "-no-crop", action="store_true",
         help="run the lesion model on the whole image, not only around the cord the release's localiser finds",
@@ -169,10 +171,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"-threads must be at least 1, got {args.threads}")
     if args.thr is not None and not 0.0 < args.thr < 1.0:
         raise UsageError(f"-thr must be between 0 and 1, got {args.thr}")
+    if args.min_lesion is not None and not 0.0 <= args.min_lesion < float("inf"):
+        raise UsageError(f"-min-lesion must be a volume in mm³, 0 or more, got {args.min_lesion}")
     check_inputs(args.i)
     plan = plan_outputs(args.i, sites, args.o, args.ofolder)
     options = Options(
-        threshold=args.thr, soft=args.soft, device=args.device, threads=args.threads, qc_dir=args.qc,
+        threshold=args.thr, min_lesion_mm3=args.min_lesion, soft=args.soft, device=args.device, threads=args.threads, qc_dir=args.qc,
         crop=not args.no_crop,
     )
     segmenter = Segmenter.open(

@@ -101,7 +101,7 @@ def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
         zooms = voxel_sizes(image.affine)
         for head in segmenter.sites:
             lesion = lesion_index(segmenter, head)
-            prediction = probabilities[head][lesion] >= segmenter.threshold(head)
+            prediction = segmenter.lesion_mask(head, probabilities[head][lesion], zooms)
             rows.append({"site": case.site, "subject": case.subject, "head": head,
                          **score_case(prediction, reference, zooms)})
         logger.info("%d/%d %s (%s)", number, len(cases), case.subject, case.site)
@@ -110,44 +110,70 @@ def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
 
 #: Thresholds tried by :func:`tune_thresholds`.
 THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(2, 19))
+#: Smallest lesions (mm³) tried by :func:`tune_thresholds`; the simulated lesions are 8 mm³ and larger.
+MIN_LESIONS_MM3 = (0.0, 3.0, 6.0, 10.0, 15.0, 20.0)
+#: How much mean Dice a smallest-lesion setting may cost for its lesion-wise F1 gain.
+DICE_TOLERANCE = 0.005
 
 
-def tune_thresholds(segmenter, cases: list[Case], thresholds=THRESHOLDS) -> dict[str, dict[str, Any]]:
-    """Each head's probability threshold with the best mean lesion Dice on its own site's cases.
+def tune_thresholds(
+    segmenter, cases: list[Case], thresholds=THRESHOLDS, min_lesions_mm3=MIN_LESIONS_MM3
+) -> dict[str, dict[str, Any]]:
+    """Each head's probability threshold with the best mean lesion Dice on its own site's cases, then the
+    smallest lesion volume kept with the best pooled lesion-wise F1 (any-voxel rule) at that threshold, among
+    the settings whose mean Dice is within ``DICE_TOLERANCE`` of the best.
 
     Meant for the validation split (never the test split): a site's head is tuned on that site's cases, the
-    ``universal`` head on every case. Ties go to the threshold closest to 0.5.
+    ``universal`` head on every case. Ties go to the threshold closest to 0.5 and to the smallest volume.
 
     Returns:
-        ``{head: {"threshold", "dice" (mean at that threshold), "dice_at_0.5", "cases"}}`` for every head with
-        at least one case.
+        ``{head: {"threshold", "dice" (mean at that threshold, every lesion kept), "dice_at_0.5", "cases",
+        "min_lesion_mm3", "f1" (pooled, with it), "f1_all_lesions" (pooled, every lesion kept)}}`` for every head
+        with at least one case.
     """
     import nibabel as nib
     import numpy as np
+    from nibabel.affines import voxel_sizes
 
-    from .metrics import dice
+    from .lesions import drop_small_lesions
+    from .metrics import dice, lesion_detection
 
     thresholds = tuple(float(t) for t in thresholds)
-    sums: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(thresholds)))
+    volumes = tuple(float(v) for v in min_lesions_mm3)
+    shape = (len(thresholds), len(volumes))
+    dices: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(shape))
+    # tp, fp, fn summed over cases, per (threshold, smallest lesion)
+    detections: dict[str, np.ndarray] = defaultdict(lambda: np.zeros((*shape, 3)))
     counts: dict[str, int] = defaultdict(int)
     for number, case in enumerate(cases, 1):
-        _, probabilities = segmenter.predict(case.image)
+        image, probabilities = segmenter.predict(case.image)
+        zooms = tuple(voxel_sizes(image.affine))
         reference = np.asanyarray(nib.load(case.reference).dataobj) > 0
         for head in segmenter.sites:
             if head not in ("universal", case.site):
                 continue
-            lesion = lesion_index(segmenter, head)
-            values = probabilities[head][lesion]
-            sums[head] += [dice(values >= t, reference) for t in thresholds]
+            values = probabilities[head][lesion_index(segmenter, head)]
+            for i, t in enumerate(thresholds):
+                for j, volume in enumerate(volumes):
+                    mask = drop_small_lesions(values >= t, zooms, volume)
+                    dices[head][i, j] += dice(mask, reference)
+                    found = lesion_detection(mask, reference, rule="any")
+                    detections[head][i, j] += (found["tp"], found["fp"], found["fn"])
             counts[head] += 1
         logger.info("%d/%d %s (%s)", number, len(cases), case.subject, case.site)
     tuned = {}
-    for head, total in sums.items():
+    for head, total in dices.items():
         mean = total / counts[head]
-        best = max(range(len(thresholds)), key=lambda k: (round(float(mean[k]), 6), -abs(thresholds[k] - 0.5)))
+        tp, fp, fn = np.moveaxis(detections[head], -1, 0)
+        f1 = np.where(tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
+        best = max(range(len(thresholds)), key=lambda k: (round(float(mean[k, 0]), 6), -abs(thresholds[k] - 0.5)))
         half = min(range(len(thresholds)), key=lambda k: abs(thresholds[k] - 0.5))
-        tuned[head] = {"threshold": thresholds[best], "dice": float(mean[best]), "dice_at_0.5": float(mean[half]),
-                       "cases": counts[head]}
+        allowed = [j for j in range(len(volumes)) if mean[best, j] >= mean[best, 0] - DICE_TOLERANCE]
+        smallest = max(allowed, key=lambda j: (round(float(f1[best, j]), 6), -volumes[j]))
+        tuned[head] = {"threshold": thresholds[best], "dice": float(mean[best, 0]),
+                       "dice_at_0.5": float(mean[half, 0]), "cases": counts[head],
+                       "min_lesion_mm3": volumes[smallest], "f1": float(f1[best, smallest]),
+                       "f1_all_lesions": float(f1[best, 0])}
     return tuned
 
 
@@ -266,8 +292,8 @@ def check_controls(segmenter, images: list[Path]) -> list[dict[str, Any]]:
         image, probabilities = segmenter.predict(path)
         for head in segmenter.sites:
             lesion = lesion_index(segmenter, head)
-            mask = probabilities[head][lesion] >= segmenter.threshold(head)
-            stats = lesion_stats(mask, tuple(voxel_sizes(image.affine)))
+            zooms = tuple(voxel_sizes(image.affine))
+            stats = lesion_stats(segmenter.lesion_mask(head, probabilities[head][lesion], zooms), zooms)
             rows.append({"image": path.name, "head": head, "lesions": int(stats["count"]),
                          "volume_mm3": float(stats["total_volume_mm3"])})
     return rows

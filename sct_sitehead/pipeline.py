@@ -34,6 +34,7 @@ class Options:
     """How to run: thresholds, extra outputs, device."""
 
     threshold: float | None = None
+    min_lesion_mm3: float | None = None
     soft: bool = False
     device: str = "auto"
     threads: int | None = None
@@ -165,10 +166,12 @@ def grid_window(grid: ModelGrid) -> tuple[slice, slice, slice]:
 
 
 def _write_label(
-    channel: np.ndarray, grid: ModelGrid, threshold: float, image, path: Path, soft: Path | None = None
+    channel: np.ndarray, grid: ModelGrid, threshold: float, image, path: Path, soft: Path | None = None,
+    min_lesion_mm3: float = 0.0,
 ) -> np.ndarray:
     """One label's model-grid probabilities back on the input grid, thresholded into a uint8 mask and written
-    (with the probabilities themselves at ``soft``, if given).
+    (with the probabilities themselves at ``soft``, if given). With ``min_lesion_mm3``, the mask's smaller
+    connected pieces are dropped (lesions; the soft map keeps them).
 
     Returns:
         The (x, y, z) bool mask on the native window (``grid.bbox``).
@@ -181,6 +184,12 @@ def _write_label(
     # Fortran order is NIfTI's: nibabel then writes the array as it is, without a transposed copy (2x faster).
     mask = np.zeros(image.shape[:3], dtype=np.uint8, order="F")
     inside = values >= threshold
+    if min_lesion_mm3 > 0:
+        from nibabel.affines import voxel_sizes
+
+        from .lesions import drop_small_lesions
+
+        inside = drop_small_lesions(inside, voxel_sizes(image.affine), min_lesion_mm3)
     mask[window] = inside
     save_like(mask, image, path, dtype=np.uint8)
     del mask
@@ -256,6 +265,17 @@ class Segmenter:
 
     def threshold(self, site: str) -> float:
         return self.options.threshold if self.options.threshold is not None else self.heads[site].threshold
+
+    def min_lesion_mm3(self, site: str) -> float:
+        """The smallest lesion ``site``'s masks keep (mm³): ``Options.min_lesion_mm3``, else the release's."""
+        chosen = self.options.min_lesion_mm3
+        return chosen if chosen is not None else self.heads[site].min_lesion_mm3
+
+    def lesion_mask(self, site: str, probabilities: np.ndarray, zooms) -> np.ndarray:
+        """``site``'s lesion probabilities (native grid) -> its lesion mask: threshold, then smallest lesion."""
+        from .lesions import drop_small_lesions
+
+        return drop_small_lesions(probabilities >= self.threshold(site), zooms, self.min_lesion_mm3(site))
 
     def predict(self, image_path: Path) -> tuple[object, dict[str, np.ndarray]]:
         """Probabilities on the native grid for every site.
@@ -382,7 +402,7 @@ class Segmenter:
                         written.append(soft)
                     job = pool.submit(
                         contextvars.copy_context().run, _write_label, outputs_on_grid[site][index], grid, threshold,
-                        image, path, soft,
+                        image, path, soft, self.min_lesion_mm3(site) if lesion else 0.0,
                     )
                     jobs.append((lesion, job))
                 plans.append((site, threshold, mask_path, written, jobs))
@@ -434,6 +454,7 @@ class Segmenter:
             "BackboneSha256": self.release.backbone.sha256,
             "HeadSha256": head.asset.sha256,
             "Threshold": threshold,
+            "MinLesionMm3": self.min_lesion_mm3(site),
             "CordCrop": self.last_crop,
             "Device": self.model.provider,
             "Seconds": round(seconds, 3),

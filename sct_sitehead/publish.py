@@ -64,6 +64,7 @@ def release_entry(
     threshold: float,
     head_thresholds: dict[str, float],
     sites: list[str] | None,
+    head_min_lesion_mm3: dict[str, float] | None = None,
     date: str,
 ) -> dict[str, Any]:
     """The registry's release object from an export manifest, asset urls relative to the index."""
@@ -74,6 +75,8 @@ def release_entry(
         entry = {**asset_entry(head, prefix), "strategy": head["strategy"], "labels": head["labels"]}
         if site in head_thresholds:
             entry["threshold"] = head_thresholds[site]
+        if (head_min_lesion_mm3 or {}).get(site, 0.0) > 0:
+            entry["min_lesion_mm3"] = head_min_lesion_mm3[site]
         heads[site] = entry
     backbone = manifest["backbone"]
     return {
@@ -133,6 +136,7 @@ def publish(
     version: str,
     threshold: float = 0.5,
     head_thresholds: dict[str, float] | None = None,
+    head_min_lesion_mm3: dict[str, float] | None = None,
     sites: list[str] | None = None,
     description: str = "",
     make_default: bool = False,
@@ -145,6 +149,8 @@ def publish(
     """Add ``model@version`` from ``export_dir`` to the registry in ``registry_dir``.
 
     Args:
+        head_thresholds: per-head probability thresholds (default: ``threshold``).
+        head_min_lesion_mm3: per-head smallest lesion kept, mm³ (default: every lesion is kept).
         sites: heads to include (``universal`` always is); None for every exported head.
         make_default: make ``model`` the registry's default model.
         replace: allow replacing an already published ``model@version`` whose files differ.
@@ -165,7 +171,7 @@ def publish(
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     entry = release_entry(
         manifest, f"{model}/{version}", threshold=threshold, head_thresholds=head_thresholds or {},
-        sites=sites, date=now.date().isoformat(),
+        sites=sites, date=now.date().isoformat(), head_min_lesion_mm3=head_min_lesion_mm3,
     )
     models = index.setdefault("models", {})
     record = models.setdefault(model, {"description": description, "releases": {}})

@@ -77,13 +77,15 @@ class Asset:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A site's head: its ONNX file, training strategy, labels and effective threshold."""
+    """A site's head: its ONNX file, training strategy, labels, effective threshold and the smallest lesion
+    (mm³) its masks keep."""
 
     site: str
     asset: Asset
     strategy: str
     labels: tuple[LabelSpec, ...]
     threshold: float
+    min_lesion_mm3: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,7 @@ class Registry:
                 strategy=head["strategy"],
                 labels=tuple(LabelSpec(lab["name"], int(lab["value"]), int(lab["channel"])) for lab in head["labels"]),
                 threshold=float(head.get("threshold", threshold)),
+                min_lesion_mm3=float(head.get("min_lesion_mm3", 0.0)),
             )
             for site, head in raw["heads"].items()
         }

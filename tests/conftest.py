@@ -56,12 +56,13 @@ def sha256_of(path: Path) -> str:
 
 def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
                    patch_size: tuple[int, int, int] = (32, 32, 32), receptive_field: bool = False,
-                   localiser: dict | None = None) -> Path:
+                   localiser: dict | None = None, min_lesion_mm3: dict[str, float] | None = None) -> Path:
     """A registry folder with the tiny ONNX release of ``onnx_factory`` (model ``tiny``, version 1.0.0).
 
     ``localiser``: add a cord localiser (the tiny backbone and a head marking voxels brighter than
     ``level`` z-scores as cord) with these fields of the registry's ``localiser`` object overriding the defaults
     (spacing 2 mm, margin_mm 6, cord_margin_mm 3); ``level`` sets the head's brightness level (default 1).
+    ``min_lesion_mm3``: per-head smallest lesion kept.
     """
     from onnx_factory import SLOPE, backbone_model, head_model, write_tiny_release
 
@@ -73,7 +74,8 @@ def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.
 
     heads = {
         site: {**asset(path), "strategy": "finetune", "labels": tiny["labels"][site],
-               "threshold": tiny["thresholds"][site]}
+               "threshold": tiny["thresholds"][site],
+               **({"min_lesion_mm3": min_lesion_mm3[site]} if site in (min_lesion_mm3 or {}) else {})}
         for site, path in tiny["heads"].items()
     }
     def localiser_entry(fields: dict) -> dict:

@@ -102,6 +102,7 @@ def test_qc_writes_pictures_and_index(tiny_registry, image, tmp_path, capsys):
         ([], 2, "montreal"),  # no site: the error lists the sites
         (["-site", "montreal", "-model", "tiny@9.9"], 4, "1.0.0"),
         (["-site", "montreal", "-thr", "1.5"], 2, "-thr"),
+        (["-site", "montreal", "-min-lesion", "-1"], 2, "-min-lesion"),
     ],
 )
 def test_usage_and_lookup_errors_are_one_line(tiny_registry, image, capsys, argv, code, fragment):
@@ -109,6 +110,27 @@ def test_usage_and_lookup_errors_are_one_line(tiny_registry, image, capsys, argv
     assert got == code
     assert fragment in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_lesions_smaller_than_the_release_keeps_are_dropped(tmp_path, capsys):
+    """A head's min_lesion_mm3 drops small pieces from its mask (not from its soft map); -min-lesion overrides."""
+    from conftest import write_registry
+
+    path = blob_image(tmp_path / "sub-01_T2w.nii.gz")  # a 512 mm³ blob ...
+    source = nib.load(path)
+    data = np.asanyarray(source.dataobj).copy()
+    data[4:6, 4:6, 4:6] = 400  # ... and an 8 mm³ one
+    nib.save(nib.Nifti1Image(data, source.affine, source.header), path)
+    registry = write_registry(tmp_path / "registry", min_lesion_mm3={"montreal": 20.0})
+    for argv, count, smallest in [([], 1, 20.0), (["-min-lesion", "0"], 2, 0.0), (["-min-lesion", "600"], 0, 600.0)]:
+        code, _, err = run(["-i", path, "-site", "montreal", "-registry", registry, "-soft", *argv], capsys)
+        assert code == 0, err
+        mask = np.asanyarray(nib.load(path.with_name("sub-01_T2w_lesionseg.nii.gz")).dataobj)
+        sidecar = json.loads(path.with_name("sub-01_T2w_lesionseg.json").read_text())
+        assert (sidecar["LesionCount"], sidecar["MinLesionMm3"]) == (count, smallest)
+        assert mask[5, 5, 5] == (count == 2) and mask[20, 18, 12] == (count >= 1)
+        soft = np.asanyarray(nib.load(path.with_name("sub-01_T2w_lesionseg_soft.nii.gz")).dataobj)
+        assert soft[5, 5, 5] > 0.5
 
 
 def test_bad_inputs(tiny_registry, tmp_path, capsys):

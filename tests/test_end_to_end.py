@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("torch")
 
 from sct_sitehead import admin_cli, cli  # noqa: E402
+from sct_sitehead.evaluate import MIN_LESIONS_MM3  # noqa: E402
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -108,12 +109,17 @@ def test_tuned_thresholds_are_published(published, tmp_path):
     heads = json.loads(tuned.read_text())["heads"]
     assert set(heads) == {"universal", "montreal", "toronto"}
     assert all(0 < row["threshold"] < 1 and row["dice"] >= row["dice_at_0.5"] for row in heads.values())
+    assert all(row["min_lesion_mm3"] in MIN_LESIONS_MM3 and row["f1"] >= row["f1_all_lesions"]
+               for row in heads.values())
     registry = tmp_path / "registry"
     root = published["root"]
     sitehead("publish", root / "export", registry, "-model", "lesion", "-version", "0.1.0", "-thresholds", tuned)
     release = json.loads((registry / "registry.json").read_text())["models"]["lesion"]["releases"]["0.1.0"]
     assert {site: head["threshold"] for site, head in release["heads"].items()} == {
         head: row["threshold"] for head, row in heads.items()
+    }
+    assert {site: head.get("min_lesion_mm3", 0.0) for site, head in release["heads"].items()} == {
+        head: row["min_lesion_mm3"] for head, row in heads.items()
     }
     assert admin_cli.main(["tune-thresholds", str(published["sim"]), "-o", str(tuned), "-split", "test",
                            "-registry", str(published["registry"])]) == 2

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from sct_sitehead.errors import UsageError
-from sct_sitehead.lesions import binarize, label_lesions, lesion_stats
+from sct_sitehead.lesions import binarize, drop_small_lesions, label_lesions, lesion_stats
 
 
 def test_binarize_includes_the_threshold():
@@ -27,6 +27,20 @@ def test_corner_touching_voxels_are_one_lesion():
     stats = lesion_stats(mask, (1.0, 1.0, 1.0))
     assert stats["count"] == 2
     assert [lesion["voxels"] for lesion in stats["lesions"]] == [2, 1]
+
+
+def test_small_lesions_are_dropped_by_their_volume_in_mm3():
+    mask = np.zeros((8, 8, 8), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = True  # one lesion (corner contact) of 2 voxels: 2 x 1 x 1 x 3 = 6 mm³
+    mask[5:7, 5:7, 5] = True  # 4 voxels: 12 mm³
+    zooms = (1.0, 1.0, 3.0)
+    assert drop_small_lesions(mask, zooms, 0.0) is mask
+    kept = drop_small_lesions(mask, zooms, 6.0)
+    np.testing.assert_array_equal(kept, mask)  # a lesion of exactly the smallest volume stays
+    kept = drop_small_lesions(mask, zooms, 6.1)
+    assert kept.sum() == 4 and kept[5, 5, 5] and not kept[1, 1, 1]
+    assert not drop_small_lesions(mask, zooms, 12.1).any()
+    assert not drop_small_lesions(np.zeros((3, 3, 3), bool), zooms, 5.0).any()
 
 
 def test_volumes_centroids_and_order_with_anisotropic_voxels():

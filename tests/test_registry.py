@@ -172,6 +172,8 @@ def test_valid_index_passes(index: dict) -> None:
         (lambda i: i["models"]["lesion"]["releases"]["1.0.0"]["input"].update(spacing=[1, 1]), "spacing"),
         (lambda i: i["models"]["lesion"]["releases"].update({"v2": {}}), "v2"),
         (lambda i: i["models"]["lesion"]["releases"]["1.0.0"].update(threshold=1.5), "threshold"),
+        (lambda i: i["models"]["lesion"]["releases"]["1.0.0"]["heads"]["montreal"].update(min_lesion_mm3=-1),
+         "min_lesion_mm3"),
         (lambda i: i.update(mirrors=["ftp://mirror/"]), "mirrors/0"),
     ],
 )
@@ -246,6 +248,9 @@ def test_release_is_typed_and_thresholds_resolve(tmp_path: Path, index: dict, ca
     assert isinstance(montreal, HeadSpec)
     assert montreal.threshold == 0.4
     assert release.head("universal").threshold == 0.5
+    assert montreal.min_lesion_mm3 == 0.0  # absent: every lesion is kept
+    index["models"]["lesion"]["releases"]["1.0.0"]["heads"]["montreal"]["min_lesion_mm3"] = 12.5
+    assert load_dict(tmp_path, index, cache).release().head("montreal").min_lesion_mm3 == 12.5
     assert montreal.labels == (LabelSpec("lesion", 1, 1), LabelSpec("cord", 1, 0))
     assert montreal.asset.release == "lesion@1.0.0" and montreal.asset.site == "montreal"
 
