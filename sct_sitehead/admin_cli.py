@@ -217,7 +217,7 @@ def registry_sign(index: Path, key: Path) -> None:
 @click.option("-shape", nargs=3, type=int, default=(64, 64, 96), show_default=True, help="voxels per axis")
 @click.option("-spacing", nargs=3, type=float, default=(0.8, 0.8, 0.8), show_default=True, help="voxel size, mm")
 @click.option("-orientation", default="RPI", show_default=True, help="axis codes of the voxel grid (RAS, LPI, PSR...)")
-@click.option("-contrast", type=click.Choice(["T2w", "T2star", "T1w"]), default="T2w", show_default=True)
+@click.option("-contrast", type=click.Choice(["T2w", "T2star", "T1w", "MTS"]), default="T2w", show_default=True)
 @click.option("-lesions", "n_lesions", type=click.IntRange(0, 50), default=3, show_default=True)
 @click.option("-oblique", "oblique_deg", type=float, default=0.0, show_default=True, help="tilt of the grid, degrees")
 @click.option("-seed", type=int, default=0, show_default=True)
@@ -245,11 +245,12 @@ def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique
 @click.option("-holdout", metavar="SUB,SUB", help="source subjects whose anatomy only appears in the test split")
 @click.option("-phantoms", type=click.IntRange(0), default=0, show_default=True,
               help="procedural phantom anatomies added to the sources (train and val only)")
+@click.option("-phantom-contrasts", metavar="A,B", help="contrasts the phantoms cycle through (default: T1w,T2star,T2w)")
 @click.option("-test-n", "test_per_site", type=click.IntRange(1), default=None,
               help="with -holdout: subjects per site drawn from the held-out anatomy (default: left to chance)")
 @verbosity_option
 def simulate(source: Path, out: Path, n_per_site: int, seed: int, sites: str | None, sites_config: Path | None,
-             holdout: str | None, phantoms: int, test_per_site: int | None) -> None:
+             holdout: str | None, phantoms: int, phantom_contrasts: str | None, test_per_site: int | None) -> None:
     """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
     from .cli import parse_sites
     from .simulate import simulate as run_simulation
@@ -257,7 +258,7 @@ def simulate(source: Path, out: Path, n_per_site: int, seed: int, sites: str | N
     written = run_simulation(
         source, out, sites_config=sites_config, n_per_site=n_per_site, seed=seed,
         holdout=parse_sites(holdout) or None, sites=parse_sites(sites) or None, phantoms=phantoms,
-        test_per_site=test_per_site,
+        test_per_site=test_per_site, phantom_contrasts=parse_sites(phantom_contrasts) or None,
     )
     click.echo(f"simulated dataset: {written}")
 

@@ -52,7 +52,7 @@ def test_cord_size_is_realistic(t2):
 
 @pytest.mark.parametrize(
     ("contrast", "csf_brighter", "lesion_brighter"),
-    [("T2w", True, True), ("T2star", True, True), ("T1w", False, False)],
+    [("T2w", True, True), ("T2star", True, True), ("T1w", False, False), ("MTS", True, True)],
 )
 def test_contrasts(contrast, csf_brighter, lesion_brighter):
     ph = make_phantom((40, 40, 40), (1.0, 1.0, 1.0), contrast=contrast, n_lesions=3, seed=1)

@@ -21,6 +21,7 @@ from sct_sitehead.simulate.grids import grid_affine
 from sct_sitehead.simulate.sites import Annotation
 
 SITES = load_sites()
+BORROW_SITES = Path(__file__).resolve().parents[1] / "sct_sitehead/simulate/sites_borrow.json"
 ALL_SUFFIXES = {"lesion": "lesion-manual", "cord": "seg-manual", "csf": "csf-manual"}
 N_PER_SITE = 2
 
@@ -198,8 +199,7 @@ def test_phantom_source_and_argument_errors(phantom_source: Path, tmp_path: Path
     rows = participants(out)
     assert [r["site"] for r in rows] == ["montreal"] * 2 + ["zurich"] * 2
     assert all(r["split"] == "test" for r in rows if r["source"].startswith("sub-ph2"))
-    # zurich scans T1w and borrows T2w anatomy (inverted), but never the held-out subject's
-    assert {r["source"] for r in rows if r["site"] == "zurich"} <= {"sub-ph1_T1w", "sub-ph1_T2w as T1w"}
+    assert all(r["source"] == "sub-ph1_T1w" for r in rows if r["site"] == "zurich")
     with pytest.raises(OutputError, match="not empty"):
         simulate(phantom_source, out, n_per_site=1, seed=0, sites=["montreal"])
     with pytest.raises(UsageError, match=r"holdout subjects \['sub-zz'\].*sub-ph1"):
@@ -234,7 +234,7 @@ def test_phantom_anatomies_and_a_fixed_test_size(phantom_source: Path, tmp_path:
 def test_borrowed_anatomy_takes_the_site_contrast_and_stays_out_of_test(phantom_source: Path, tmp_path: Path):
     """zurich (T1w) borrows T2w anatomy: inverted (cord brighter than CSF, air dark), dark lesions, train/val only."""
     out = simulate(phantom_source, tmp_path / "ds", n_per_site=8, seed=1, sites=["zurich"], holdout=["sub-ph2"],
-                   test_per_site=2)
+                   test_per_site=2, sites_config=BORROW_SITES)
     rows = participants(out)
     borrowed = [r for r in rows if r["source"] == "sub-ph1_T2w as T1w"]
     assert borrowed and {r["split"] for r in borrowed} <= {"train", "val"}
@@ -249,6 +249,14 @@ def test_borrowed_anatomy_takes_the_site_contrast_and_stays_out_of_test(phantom_
         assert np.median(image[healthy]) > 1.3 * np.median(image[shell])  # T1w-like: CSF darker than cord
         if lesion.any():
             assert np.median(image[lesion]) < np.median(image[healthy])  # T1w lesions are dark
+
+
+def test_the_borrow_recipe_differs_from_the_default_sites_only_by_borrowing():
+    default, borrow = load_sites(), load_sites(BORROW_SITES)
+    assert list(default) == list(borrow) and not any(site.borrow for site in default.values())
+    assert {name for name, site in borrow.items() if site.borrow} == {"zurich", "bordeaux", "paris"}
+    for name, site in borrow.items():
+        assert site.as_dict() | {"borrow": {}} == default[name].as_dict() | {"borrow": {}}
 
 
 def test_borrowed_intensities_invert_inside_the_body_only():

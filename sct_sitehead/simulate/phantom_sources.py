@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 FOV_MM = (80.0, 80.0, 128.0)
 SPACING_MM = 0.8
 ORIENTATIONS = ("RAS", "LAS", "RPI", "PSR")
+#: Contrasts the phantoms cycle through by default (the release's training data); MTS on request.
+DEFAULT_CONTRASTS = ("T1w", "T2star", "T2w")
 #: Cord levels (world z, mm; 0 = cervical enlargement) the phantoms are centred on.
 Z_RANGE_MM = (-300.0, 120.0)
 
@@ -32,7 +34,7 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: tuple[
     """Write ``n`` phantom anatomies as a BIDS dataset with cord masks in ``derivatives/labels``.
 
     Subjects are ``sub-phantom01``... with site ``phantom``; contrasts cycle through ``contrasts`` (default: every
-    contrast the phantom knows, in the order of ``INTENSITIES``). Deterministic by ``seed``.
+    ``DEFAULT_CONTRASTS``). Deterministic by ``seed``.
 
     Raises:
         UsageError: ``n`` < 1 or an unknown contrast.
@@ -41,7 +43,7 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: tuple[
     import nibabel as nib
 
     out = Path(out)
-    contrasts = tuple(contrasts or INTENSITIES)
+    contrasts = tuple(contrasts or DEFAULT_CONTRASTS)
     if n < 1:
         raise UsageError(f"phantom sources: n is {n}; use 1 or more")
     unknown = [c for c in contrasts if c not in INTENSITIES]

@@ -192,6 +192,7 @@ def simulate(
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     phantoms: int = 0,
     test_per_site: int | None = None,
+    phantom_contrasts: Sequence[str] | None = None,
 ) -> Path:
     """Write a simulated multi-site lesion dataset.
 
@@ -211,6 +212,8 @@ def simulate(
         test_per_site: with ``holdout``, the first this many subjects of each site are drawn from the held-out
             anatomy (the test split) and the others from the rest; None draws every subject from all sources, so
             the test split's size per site is left to chance.
+        phantom_contrasts: the contrasts the phantoms cycle through (default:
+            :data:`.phantom_sources.DEFAULT_CONTRASTS`).
 
     Returns:
         ``out``.
@@ -238,7 +241,9 @@ def simulate(
         if extra is not None:
             from .phantom_sources import write_phantom_sources
 
-            samples = samples + _sources(write_phantom_sources(Path(extra.name) / "phantoms", phantoms, seed=seed))
+            written = write_phantom_sources(Path(extra.name) / "phantoms", phantoms, seed=seed,
+                                            contrasts=tuple(phantom_contrasts) if phantom_contrasts else None)
+            samples = samples + _sources(written)
         rows, subjects = _simulate_all(
             samples, profiles, staging, n_per_site, seed, holdout, split_fractions, test_per_site
         )
