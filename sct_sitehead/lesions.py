@@ -55,18 +55,26 @@ def label_lesions(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray,
 
 
 def drop_small_lesions(mask: np.ndarray, zooms: Sequence[float], min_volume_mm3: float) -> np.ndarray:
-    """``mask`` without its lesions (26-connected) smaller than ``min_volume_mm3``; ``mask`` itself when 0.
+    """Remove from ``mask`` (bool, changed in place and returned) its lesions (26-connected) smaller than
+    ``min_volume_mm3``; nothing when that is 0.
 
     The release's per-head minimum lesion volume (tuned on the validation split, like nnU-Net's post-processing):
     a few voxels of false alarm in a healthy cord count as a lesion as much as a real one does.
     """
-    if min_volume_mm3 <= 0 or not mask.any():
+    if min_volume_mm3 <= 0:
         return mask
-    labels, count = label_lesions(mask)
+    found = np.flatnonzero(mask)
+    if not found.size:
+        return mask
+    # Label only the box around the lesions: a whole spine's mask is 7x10^7 voxels (measured: 0.28 -> 0.02 s).
+    index = np.unravel_index(found, mask.shape)
+    box = tuple(slice(int(axis.min()), int(axis.max()) + 1) for axis in index)
+    labels, count = label_lesions(mask[box])
     volumes = np.bincount(labels.ravel(), minlength=count + 1) * _voxel_volume(zooms)
-    keep = volumes >= min_volume_mm3
-    keep[0] = False
-    return keep[labels]
+    small = volumes < min_volume_mm3
+    small[0] = False
+    mask[box][small[labels]] = False
+    return mask
 
 
 def lesion_stats(

@@ -34,12 +34,13 @@ def test_small_lesions_are_dropped_by_their_volume_in_mm3():
     mask[1, 1, 1] = mask[2, 2, 2] = True  # one lesion (corner contact) of 2 voxels: 2 x 1 x 1 x 3 = 6 mm³
     mask[5:7, 5:7, 5] = True  # 4 voxels: 12 mm³
     zooms = (1.0, 1.0, 3.0)
-    assert drop_small_lesions(mask, zooms, 0.0) is mask
-    kept = drop_small_lesions(mask, zooms, 6.0)
+    assert drop_small_lesions(mask.copy(), zooms, 0.0).sum() == 6
+    kept = drop_small_lesions(mask.copy(), zooms, 6.0)
     np.testing.assert_array_equal(kept, mask)  # a lesion of exactly the smallest volume stays
-    kept = drop_small_lesions(mask, zooms, 6.1)
+    kept = mask.copy()
+    assert drop_small_lesions(kept, zooms, 6.1) is kept  # in place
     assert kept.sum() == 4 and kept[5, 5, 5] and not kept[1, 1, 1]
-    assert not drop_small_lesions(mask, zooms, 12.1).any()
+    assert not drop_small_lesions(mask.copy(), zooms, 12.1).any()
     assert not drop_small_lesions(np.zeros((3, 3, 3), bool), zooms, 5.0).any()
 
 
