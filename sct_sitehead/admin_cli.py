@@ -245,7 +245,8 @@ def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique
 @click.option("-holdout", metavar="SUB,SUB", help="source subjects whose anatomy only appears in the test split")
 @click.option("-phantoms", type=click.IntRange(0), default=0, show_default=True,
               help="procedural phantom anatomies added to the sources (train and val only)")
-@click.option("-phantom-contrasts", metavar="A,B", help="contrasts the phantoms cycle through (default: T1w,T2star,T2w)")
+@click.option("-phantom-contrasts", metavar="A,B",
+              help="contrasts the phantoms cycle through (default: T1w,T2star,T2w)")
 @click.option("-test-n", "test_per_site", type=click.IntRange(1), default=None,
               help="with -holdout: subjects per site drawn from the held-out anatomy (default: left to chance)")
 @verbosity_option

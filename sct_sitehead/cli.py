@@ -176,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
     check_inputs(args.i)
     plan = plan_outputs(args.i, sites, args.o, args.ofolder)
     options = Options(
-        threshold=args.thr, min_lesion_mm3=args.min_lesion, soft=args.soft, device=args.device, threads=args.threads, qc_dir=args.qc,
+        threshold=args.thr, min_lesion_mm3=args.min_lesion, soft=args.soft, device=args.device, threads=args.threads,
+        qc_dir=args.qc,
         crop=not args.no_crop,
     )
     segmenter = Segmenter.open(

@@ -177,13 +177,17 @@ def _write_label(
         The (x, y, z) bool mask on the native window (``grid.bbox``).
     """
     from .outputs import save_like
-    from .spatial import from_model_grid
+    from .spatial import from_model_grid, mask_from_model_grid
 
     window = grid_window(grid)
-    values = from_model_grid(channel, grid, order=1, window_only=True)
+    if soft is None:
+        # Only around the voxels at or above the threshold: the same mask, a fraction of the resampling.
+        values, inside = None, mask_from_model_grid(channel, grid, threshold)
+    else:
+        values = from_model_grid(channel, grid, order=1, window_only=True)
+        inside = values >= threshold
     # Fortran order is NIfTI's: nibabel then writes the array as it is, without a transposed copy (2x faster).
     mask = np.zeros(image.shape[:3], dtype=np.uint8, order="F")
-    inside = values >= threshold
     if min_lesion_mm3 > 0:
         from nibabel.affines import voxel_sizes
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from sct_sitehead.errors import InferenceError, RegistryError, UsageError
 from sct_sitehead.nifti import image_data, load_image
-from sct_sitehead.spatial import from_model_grid, to_model_grid
+from sct_sitehead.spatial import from_model_grid, mask_from_model_grid, to_model_grid
 from test_nifti import AXIS_CODES, DTYPES, oriented_affine
 
 codes = st.sampled_from(AXIS_CODES)
@@ -103,6 +103,33 @@ def test_blob_comes_back_where_it_was(native, target, spacing, rotation, model_m
     assert back.shape == mask.shape
     assert dice(back, mask) > 0.85
     assert np.linalg.norm(points[back.ravel()].mean(axis=0) - true_centre) < tolerance
+
+
+@PROPERTY
+@given(native=codes, target=codes, spacing=spacings, rotation=rotations,
+       model_mm=st.tuples(*[st.floats(0.4, 3.0)] * 3), seed=st.integers(0, 2**16),
+       threshold=st.sampled_from([0.2, 0.5, 0.9]))
+def test_mask_resampled_near_its_hot_voxels_only_is_the_whole_resampled_mask(
+    native, target, spacing, rotation, model_mm, seed, threshold
+):
+    """mask_from_model_grid = from_model_grid(window_only) >= threshold, on any grid, crop and blob placement
+    (blobs at the grid's edges included); voxels within float rounding of the threshold may differ."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(6, 14, 3))
+    affine = oriented_affine(native, spacing, rotation)
+    starts = rng.integers(0, 3, 3)
+    bbox = tuple((int(a), int(a) + int(n) - 4) for a, n in zip(starts, shape))
+    _, grid = to_model_grid(np.zeros(shape, np.float32), affine, target, model_mm, bbox=bbox)
+    channel = np.zeros(grid.shape, np.float32)
+    for _ in range(int(rng.integers(0, 3))):
+        centre = [int(rng.integers(0, n)) for n in grid.shape]
+        box = tuple(slice(max(c - 1, 0), c + 1) for c in centre)
+        channel[box] = rng.uniform(0.1, 1.0)
+    full = from_model_grid(channel, grid, 1, window_only=True)
+    mask = mask_from_model_grid(channel, grid, threshold)
+    assert mask.shape == full.shape and mask.dtype == bool
+    differ = mask != (full >= threshold)
+    assert not differ.any() or np.abs(full[differ] - threshold).max() < 1e-5
 
 
 def test_bbox_crop_matches_the_whole_image_inside_and_is_zero_outside():
