@@ -139,3 +139,18 @@ def test_adding_a_site_changes_no_other_head(published, tmp_path):
     assert after["heads"]["montreal"]["sha256"] == before["heads"]["montreal"]["sha256"]
     assert after["heads"]["universal"]["sha256"] == before["heads"]["universal"]["sha256"]
     assert after["heads"]["toronto"]["sha256"] != before["heads"]["toronto"]["sha256"]
+
+
+def test_check_localiser_reports_where_the_cord_rule_keeps_lesions(published):
+    """bin/check_localiser runs on a published release with a localiser and counts every reference lesion."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bin" / "check_localiser"
+    done = subprocess.run([sys.executable, str(script), str(published["sim"]), "-registry", str(published["registry"]),
+                           "-split", "train"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("all: ") and "lesions in the cord rule's region (lesion@0.1.0, train)" in last
+    kept, total = (int(n) for n in last.split()[1].split("/"))
+    assert 0 <= kept <= total and total > 0
