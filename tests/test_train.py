@@ -196,6 +196,23 @@ def test_augmentation_is_seeded_and_keeps_targets_binary() -> None:
     assert torch.equal(same[0], images) and torch.equal(same[1], targets.float())
 
 
+def test_inversion_negates_the_image_and_is_free_when_off() -> None:
+    """invert 1.0 negates every image (targets unchanged); invert 0.0 draws no random number, so the other
+    augmentations come out exactly as in a config without the key."""
+    options = {**load_config("tiny")["augment"], "flip": 0.5, "gamma": 0.5, "noise": 0.5}
+    torch.manual_seed(0)
+    images = torch.randn(3, 1, 8, 8, 8)
+    targets = (torch.rand(3, 1, 8, 8, 8) > 0.5).to(torch.uint8)
+    without = {k: v for k, v in options.items() if k != "invert"}
+    zero = augment_batch(images, targets, torch.Generator().manual_seed(5), {**options, "invert": 0.0})
+    absent = augment_batch(images, targets, torch.Generator().manual_seed(5), without)
+    assert torch.equal(zero[0], absent[0]) and torch.equal(zero[1], absent[1])
+    off = {k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
+           for k, v in options.items()}
+    inverted = augment_batch(images, targets, torch.Generator().manual_seed(5), {**off, "invert": 1.0})
+    assert torch.equal(inverted[0], -images) and torch.equal(inverted[1], targets.float())
+
+
 # --- training loops ------------------------------------------------------------------------------------------------
 def test_tiny_backbone_training_decreases_the_loss(trained: Path) -> None:
     log = [json.loads(line) for line in (trained.parent / "backbone.log.jsonl").read_text().splitlines()]

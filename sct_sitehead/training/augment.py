@@ -115,6 +115,8 @@ def augment_batch(
             image = _bias_field(image, generator, options)
         if _happens(generator, float(options["noise"])):
             image = _noise(image, generator, options)
+        if float(options.get("invert", 0.0)) > 0 and _happens(generator, float(options["invert"])):
+            image = -image
         out_images.append(image)
         out_targets.append(target)
     return torch.stack(out_images), torch.stack(out_targets)

@@ -86,6 +86,9 @@ DEFAULTS: dict[str, Any] = {
         "bias_strength": 0.3,
         "resolution": 0.25,
         "resolution_factor": [1.5, 4.0],
+        # Probability of negating the (z-scored) image: T1w-like contrast from T2w and back. 0 draws nothing, so
+        # configs without it train exactly as before.
+        "invert": 0.0,
     },
 }
 
