@@ -154,8 +154,9 @@ def tune_thresholds(
                 continue
             values = probabilities[head][lesion_index(segmenter, head)]
             for i, t in enumerate(thresholds):
+                above = values >= t
                 for j, volume in enumerate(volumes):
-                    mask = drop_small_lesions(values >= t, zooms, volume)
+                    mask = drop_small_lesions(above.copy(), zooms, volume)
                     dices[head][i, j] += dice(mask, reference)
                     found = lesion_detection(mask, reference, rule="any")
                     detections[head][i, j] += (found["tp"], found["fp"], found["fn"])
@@ -290,9 +291,9 @@ def check_controls(segmenter, images: list[Path]) -> list[dict[str, Any]]:
     rows = []
     for path in images:
         image, probabilities = segmenter.predict(path)
+        zooms = tuple(voxel_sizes(image.affine))
         for head in segmenter.sites:
             lesion = lesion_index(segmenter, head)
-            zooms = tuple(voxel_sizes(image.affine))
             stats = lesion_stats(segmenter.lesion_mask(head, probabilities[head][lesion], zooms), zooms)
             rows.append({"image": path.name, "head": head, "lesions": int(stats["count"]),
                          "volume_mm3": float(stats["total_volume_mm3"])})

@@ -167,8 +167,10 @@ def native_bbox(
 
     from nibabel.affines import voxel_sizes
 
-    index = np.argwhere(mask)
-    low, high = index.min(axis=0) - 0.5, index.max(axis=0) + 0.5
+    from .spatial import nonzero_bounds
+
+    first, last = nonzero_bounds(mask)
+    low, high = first - 0.5, last + 0.5
     corners = np.array([[*corner, 1.0] for corner in product(*zip(low, high))])
     native = (np.linalg.inv(native_affine) @ grid.affine @ corners.T)[:3].T
     margin = float(margin_mm) / voxel_sizes(native_affine)

@@ -331,7 +331,6 @@ class _Source:
 
     sample: Sample
     borrow: Borrow | None = None
-    original: str = ""
 
     @property
     def subject(self) -> str:
@@ -340,7 +339,7 @@ class _Source:
     @property
     def name(self) -> str:
         """``sub-errsm30_T2w``, or ``sub-errsm30_T2w as T1w`` when borrowed."""
-        return f"{self.original} as {self.sample.contrast}" if self.borrow else self.sample.stem
+        return f"{self.sample.stem} as {self.sample.contrast}" if self.borrow else self.sample.stem
 
 
 def _eligible(samples: list[Sample], site: Site, holdout: list[str]) -> list[_Source]:
@@ -352,7 +351,7 @@ def _eligible(samples: list[Sample], site: Site, holdout: list[str]) -> list[_So
             f"{sorted({s.contrast for s in samples})} only; leave the site out (sites=...) or add such images"
         )
     borrowed = [
-        _Source(replace(s, contrast=site.contrasts[0], entities={}), site.borrow[s.contrast], s.stem)
+        _Source(replace(s, contrast=site.contrasts[0], entities={}), site.borrow[s.contrast])
         for s in samples if s.contrast in site.borrow and s.subject not in holdout
     ]
     return own + borrowed
