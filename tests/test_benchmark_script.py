@@ -57,7 +57,9 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
     for row in rows:
         ours, baseline = (float(value) for value in row[3].split(" / "))
         assert ours > 0 and baseline > 0
-        assert float(row[4].rstrip("x")) == pytest.approx(ours / baseline, rel=0.01, abs=0.002)
+        # The ratio comes from the unrounded walls; the walls are printed to 0.01 s and the ratio to 0.001.
+        low, high = (ours - 0.005) / (baseline + 0.005), (ours + 0.005) / (baseline - 0.005)
+        assert low - 0.0005 <= float(row[4].rstrip("x")) <= high + 0.0005
         assert 0.0 <= float(row[8]) <= 1.0
     assert float(rows[0][8]) == 1.0  # montreal's head is voxel-wise: both sliding windows give the same mask
 
