@@ -79,6 +79,7 @@ def read_bids(
     label_suffixes: Mapping[str, str | Sequence[str]] | None = None,
     site_column: str = "site",
     check_data: bool = True,
+    labels_dir: str = "derivatives/labels",
 ) -> tuple[list[Sample], list[str]]:
     """Find every anatomical image of a BIDS dataset with its labels and site.
 
@@ -88,6 +89,8 @@ def read_bids(
             ``{"lesion": "lesion-manual", "cord": ["seg-manual", "seg"]}``.
         site_column: column of ``participants.tsv`` holding the site.
         check_data: read every voxel once so truncated or corrupt files are reported (headers are always read).
+        labels_dir: the derivatives tree holding the labels, relative to ``root`` (for example
+            ``"derivatives/truth"``, the simulator's ground truth of every subject).
 
     Returns:
         The samples sorted by subject, session and file name, and the problems found (human-readable sentences).
@@ -106,7 +109,9 @@ def read_bids(
         )
     problems: list[str] = []
     sites = _SiteTable(_read_sites(root, site_column, problems), site_column)
-    labels_root = root / "derivatives" / "labels"
+    labels_root = root / labels_dir
+    if labels_root.resolve() != root.resolve() and root.resolve() not in labels_root.resolve().parents:
+        raise InputImageError(f"labels folder {labels_dir!r} is not inside the dataset {root}; give a path under it")
     samples: list[Sample] = []
     used_labels: set[Path] = set()
     for image in _anat_images(subject_dirs):

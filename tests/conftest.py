@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +12,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests import onnx_factory
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: Ctrl-C's default action, whatever the parent has.
+
+    A shell starts background jobs with SIGINT ignored, and a child inherits that; Python then installs no
+    KeyboardInterrupt handler, so a test run from ``cmd &`` would see its interrupted child finish normally.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def find_bids() -> Path | None:

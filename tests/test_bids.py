@@ -120,6 +120,22 @@ def test_alternative_suffixes_and_missing_participants_table(tree: Path):
     assert next(s for s in samples if s.subject == "sub-b1").labels["cord"].name.endswith("_T1w_seg.nii.gz")
 
 
+def test_labels_from_another_derivatives_tree(tree: Path):
+    truth = tree / "derivatives" / "truth"
+    for sub in ("a1", "a2", "a3"):
+        _save(truth / f"sub-{sub}" / "anat" / f"sub-{sub}_T2w_cord-truth.nii.gz", np.ones((6, 7, 8), np.uint8))
+    samples, problems = read_bids(tree, label_suffixes={"cord": "cord-truth"}, labels_dir="derivatives/truth")
+    by_subject = {s.subject: s for s in samples}
+    # Every A image takes its cord from the truth tree, sub-a1's misaligned seg-manual is not even looked at.
+    assert {s: set(by_subject[s].labels) for s in ("sub-a1", "sub-a2", "sub-a3")} == {
+        "sub-a1": {"cord"}, "sub-a2": {"cord"}, "sub-a3": {"cord"}
+    }
+    assert by_subject["sub-a1"].labels["cord"].parent.parts[-3:] == ("truth", "sub-a1", "anat")
+    assert problems == []  # the labels tree's misaligned mask is not read; site B has no cord anywhere
+    with pytest.raises(InputImageError, match="not inside the dataset"):
+        read_bids(tree, labels_dir="../elsewhere")
+
+
 def test_wrong_site_column_and_bad_root(tree: Path, tmp_path: Path):
     _, problems = read_bids(tree, site_column="centre")
     assert any("without 'participant_id' and 'centre'" in p for p in problems)

@@ -25,7 +25,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import save_image, write_registry
+from conftest import default_sigint, save_image, write_registry
 from test_faults import assert_cache_sound, holder_of, inject_read_only
 
 import sct_sitehead
@@ -228,7 +228,7 @@ def test_sigint_mid_inference_exits_130_and_leaves_nothing(tmp_path: Path) -> No
                str(registry), "-o", str(out / "mask.nii.gz")]
     environment = child_environment(tmp_path / "cache")
     worker = subprocess.Popen([*command, "-v", "2", "-threads", "1"], stderr=subprocess.PIPE, text=True,
-                              env=environment)
+                              env=environment, preexec_fn=default_sigint)
     lines: list[str] = []
     started = None
     try:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 from test_registry import make_index, make_keys, write_signed_registry
 
 import sct_sitehead
@@ -487,6 +488,7 @@ def start_workers(site: Site, root: Path, count: int, go: Path) -> list[subproce
             stderr=subprocess.PIPE,
             text=True,
             env=environment,
+            preexec_fn=default_sigint,
         )
         for number in range(count)
     ]

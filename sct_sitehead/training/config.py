@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     # Label sharing: null ranks each site's labels by mean relative size; a dict groups labels by meaning.
     # suffixes: label name -> BIDS derivative suffix(es) for read_bids (null: its defaults, lesion and cord).
     # mode: null (grouping when given, else size), "size", "grouping", or "merged" (one channel per (site, label)).
-    "labels": {"grouping": None, "suffixes": None, "mode": None},
+    # derivatives: the labels' tree in the dataset ("derivatives/truth": the simulator's truth, every subject).
+    "labels": {"grouping": None, "suffixes": None, "mode": None, "derivatives": "derivatives/labels"},
     "train": {
         "patch_size": [48, 48, 48],
         "batch_size": 2,
@@ -182,6 +183,13 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise TrainingError(f"labels.mode {labels['mode']!r} is not one of {list(LABEL_MODES)}")
     if labels["mode"] == "grouping" and not labels["grouping"]:
         raise TrainingError("labels.mode is 'grouping' but labels.grouping is empty; give the groups or another mode")
+    derivatives = labels["derivatives"]
+    if not isinstance(derivatives, str) or not derivatives or Path(derivatives).is_absolute() or ".." in Path(
+        derivatives
+    ).parts:
+        raise TrainingError(
+            f"labels.derivatives must be a folder inside the dataset such as 'derivatives/labels', got {derivatives!r}"
+        )
     for key in ("sites", "subjects"):
         chosen = train[key]
         if chosen is not None and (not isinstance(chosen, list) or not all(isinstance(x, str) for x in chosen)):

@@ -61,7 +61,8 @@ def _samples(data: Path | str | Sequence[Any], config: Mapping[str, Any]) -> lis
         return list(data)
     from ..bids import read_bids
 
-    samples, problems = read_bids(Path(data), label_suffixes=config["labels"]["suffixes"])
+    labels = config["labels"]
+    samples, problems = read_bids(Path(data), label_suffixes=labels["suffixes"], labels_dir=labels["derivatives"])
     if problems:
         logger.warning("%d problem(s) reading %s; the affected files were left out", len(problems), data)
     train = config["train"]
