@@ -48,6 +48,11 @@ def test_config_checks_the_new_options() -> None:
         load_config({"labels": {"mode": "ranked"}})
     with pytest.raises(TrainingError, match="train.subjects"):
         load_config({"train": {"subjects": "sub-a"}})
+    assert load_config("localiser_truth")["labels"]["derivatives"] == "derivatives/truth"
+    assert load_config("localiser")["labels"]["derivatives"] == "derivatives/labels"
+    for outside in ("/data/labels", "../labels", ""):
+        with pytest.raises(TrainingError, match="labels.derivatives"):
+            load_config({"labels": {"derivatives": outside}})
 
 
 def test_every_variant_points_at_a_trained_model_and_head(tmp_path: Path) -> None:
