@@ -86,6 +86,12 @@ def one_window(
     )  # type: ignore[return-value]
 
 
+#: Longest crop window along an axis, in patches. A crop runs in windows of up to this length overlapping by half,
+#: so a crop a little longer than one window is computed nearly twice: 256 voxels of cord ran as two 192-voxel
+#: windows (384 voxels of network) with 3 patches, one 256-voxel window with 4.
+CROP_WINDOW_PATCHES = 4
+
+
 def crop_window(size: int, whole: int, patch: int, divisor: int) -> int:
     """The window along one model axis for a crop of ``size`` voxels of an image ``whole`` voxels long.
 
@@ -95,7 +101,8 @@ def crop_window(size: int, whole: int, patch: int, divisor: int) -> int:
     along most axes: lesions found before the cord rule 51% with crops, 66% with whole axes; whole images: 63%).
     Elsewhere, :func:`one_window`.
     """
-    return one_window((patch if whole <= patch else size,) * 3, (patch,) * 3, divisor)[0]
+    return one_window((patch if whole <= patch else size,) * 3, (patch,) * 3, divisor,
+                      max_patches=CROP_WINDOW_PATCHES)[0]
 
 
 def fill_window(

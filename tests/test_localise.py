@@ -63,6 +63,9 @@ def test_crop_is_filled_with_image_up_to_its_window(bbox):
     assert grown[0] == (0, 80) and grown[1] == (0, 80)
     assert window[0] == window[2] == 64 and window[1] == one_window(before, (64, 64, 64), divisor)[1]
     assert crop_window(20, 56, 64, 16) == 64 and crop_window(20, 200, 64, 16) == 48
+    # A crop along a long field of view runs in windows of up to 4 patches: a 256-voxel cord (a sagittal scan) in
+    # one window, not two overlapping 192-voxel ones; a longer crop in several.
+    assert crop_window(250, 400, 64, 16) == 256 and crop_window(640, 800, 64, 16) == 256
 
 
 def test_native_bbox_maps_through_grids_and_adds_margin():
