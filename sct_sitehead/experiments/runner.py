@@ -94,7 +94,8 @@ def preprocess(settings: Settings, base: Mapping[str, Any]) -> None:
     marker = settings.work / "cache" / "complete.json"
     if read_json(marker) == {"sim": str(settings.sim.resolve())}:
         return
-    samples, _ = read_bids(settings.sim, label_suffixes=base["labels"]["suffixes"])
+    labels = base["labels"]
+    samples, _ = read_bids(settings.sim, label_suffixes=labels["suffixes"], labels_dir=labels["derivatives"])
     splits = {s for site in read_splits(settings.sim).values() for s, split in site.items() if split == "train"}
     chosen = [s for s in samples if s.subject in splits and s.site in settings.sites]
     _, took = timed(lambda: prepare_cases(chosen, base["input"], settings.work / "cache"))
