@@ -177,8 +177,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_outputs(args.i, sites, args.o, args.ofolder)
     options = Options(
         threshold=args.thr, min_lesion_mm3=args.min_lesion, soft=args.soft, device=args.device, threads=args.threads,
-        qc_dir=args.qc,
-        crop=not args.no_crop,
+        qc_dir=args.qc, crop=not args.no_crop,
     )
     segmenter = Segmenter.open(
         release, sites, cache, options, offline=args.offline or env.offline(), progress=sys.stderr.isatty(),

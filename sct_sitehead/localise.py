@@ -53,11 +53,15 @@ class Localised:
 
     def near_on(self, grid: ModelGrid) -> np.ndarray:
         """``near`` resampled (nearest neighbour) onto another model grid, e.g. the lesion model's crop."""
+        return self.near_at(grid.affine, grid.shape)
+
+    def near_at(self, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """``near`` resampled (nearest neighbour) onto any voxel grid (``affine``, ``shape``), e.g. the image's."""
         from scipy import ndimage
 
-        matrix = np.linalg.inv(self.grid.affine) @ grid.affine
+        matrix = np.linalg.inv(self.grid.affine) @ affine
         return ndimage.affine_transform(
-            self.near.view(np.uint8), matrix[:3, :3], offset=matrix[:3, 3], output_shape=grid.shape,
+            self.near.view(np.uint8), matrix[:3, :3], offset=matrix[:3, 3], output_shape=tuple(shape),
             output=np.uint8, order=0, mode="constant", cval=0,
         ).view(bool)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ DEFAULT_CONTRASTS = ("T1w", "T2star", "T2w")
 Z_RANGE_MM = (-300.0, 120.0)
 
 
-def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: tuple[str, ...] | None = None) -> Path:
+def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: Sequence[str] | None = None) -> Path:
     """Write ``n`` phantom anatomies as a BIDS dataset with cord masks in ``derivatives/labels``.
 
     Subjects are ``sub-phantom01``... with site ``phantom``; contrasts cycle through ``contrasts`` (default: every

@@ -242,7 +242,7 @@ def simulate(
             from .phantom_sources import write_phantom_sources
 
             written = write_phantom_sources(Path(extra.name) / "phantoms", phantoms, seed=seed,
-                                            contrasts=tuple(phantom_contrasts) if phantom_contrasts else None)
+                                            contrasts=phantom_contrasts)
             samples = samples + _sources(written)
         rows, subjects = _simulate_all(
             samples, profiles, staging, n_per_site, seed, holdout, split_fractions, test_per_site

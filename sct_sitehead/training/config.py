@@ -184,9 +184,8 @@ def check_config(config: Mapping[str, Any]) -> None:
     if labels["mode"] == "grouping" and not labels["grouping"]:
         raise TrainingError("labels.mode is 'grouping' but labels.grouping is empty; give the groups or another mode")
     derivatives = labels["derivatives"]
-    if not isinstance(derivatives, str) or not derivatives or Path(derivatives).is_absolute() or ".." in Path(
-        derivatives
-    ).parts:
+    inside = isinstance(derivatives, str) and derivatives and not Path(derivatives).is_absolute()
+    if not inside or ".." in Path(derivatives).parts:
         raise TrainingError(
             f"labels.derivatives must be a folder inside the dataset such as 'derivatives/labels', got {derivatives!r}"
         )
