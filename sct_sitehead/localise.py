@@ -56,13 +56,19 @@ class Localised:
         return self.near_at(grid.affine, grid.shape)
 
     def near_at(self, affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """``near`` resampled (nearest neighbour) onto any voxel grid (``affine``, ``shape``), e.g. the image's."""
+        """``near`` resampled (nearest neighbour) onto any voxel grid (``affine``, ``shape``), e.g. the image's.
+
+        The coarse grid spans the image, but its first and last voxel centres lie up to half a coarse voxel inside
+        the image's edge: the edge values are extended (``mode="nearest"``) to reach it. With ``"constant"``, scipy
+        takes any point past the first or last centre as outside: on a 16 mm field of view along the cord that left
+        3 of 20 native slices at each end out of the lesion region.
+        """
         from scipy import ndimage
 
         matrix = np.linalg.inv(self.grid.affine) @ affine
         return ndimage.affine_transform(
             self.near.view(np.uint8), matrix[:3, :3], offset=matrix[:3, 3], output_shape=tuple(shape),
-            output=np.uint8, order=0, mode="constant", cval=0,
+            output=np.uint8, order=0, mode="nearest",
         ).view(bool)
 
 

@@ -11,7 +11,9 @@ import pytest
 from conftest import save_image, write_registry
 
 from sct_sitehead.cli import main
-from sct_sitehead.localise import crop_window, fill_window, keep_main_pieces, localise, native_bbox, one_window
+from sct_sitehead.localise import (
+    Localised, crop_window, fill_window, keep_main_pieces, localise, native_bbox, one_window,
+)
 from sct_sitehead.registry import InputSpec, LocaliserSpec
 from sct_sitehead.spatial import to_model_grid
 
@@ -90,6 +92,27 @@ def test_native_bbox_maps_through_grids_and_adds_margin():
         per_mm = (2.0, 2.0, 0.5)[axis]
         assert hits[:, axis].min() - a <= 4.0 * per_mm + 2 or a == 0
         assert b - hits[:, axis].max() <= 4.0 * per_mm + 3 or b == native_shape[axis]
+
+
+def test_lesion_region_reaches_the_image_edge():
+    # A sagittal image 16 mm along the cord (PIR, 0.8 mm): the 3 mm localiser grid has 5 slices along it,
+    # whose first and last centres lie 1.6 mm inside the image's edge. A region over the whole coarse grid
+    # covers every native voxel; one over the top coarse slice covers the top native slices, the edge one included.
+    affine = np.array([[0, 0, -2.5, 20.0], [-0.8, 0, 0, 30.0], [0, -0.8, 0, 8.0], [0, 0, 0, 1]])
+    data = np.zeros((80, 20, 16), dtype=np.float32)
+    _, grid = to_model_grid(data, affine, "RAS", (3.0, 3.0, 3.0))
+    assert grid.shape[2] == 5
+
+    def found(near: np.ndarray) -> Localised:
+        return Localised(cord=near, grid=grid, bbox=((0, 80), (0, 20), (0, 16)), near=near, sample=near)
+
+    everywhere = found(np.ones(grid.shape, dtype=bool)).near_at(affine, data.shape)
+    assert everywhere.all()
+    top = np.zeros(grid.shape, dtype=bool)
+    top[:, :, -1] = True
+    near = found(top).near_at(affine, data.shape)
+    superior = np.arange(20)[near.any(axis=(0, 2))]  # native axis 1 runs inferior: index 0 is the top
+    assert near[:, 0, :].all() and superior.tolist() == list(range(len(superior))) and 3 <= len(superior) <= 5
 
 
 def test_localise_returns_none_when_no_cord():
