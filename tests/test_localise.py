@@ -12,7 +12,13 @@ from conftest import save_image, write_registry
 
 from sct_sitehead.cli import main
 from sct_sitehead.localise import (
-    Localised, crop_window, fill_window, keep_main_pieces, localise, native_bbox, one_window,
+    Localised,
+    crop_window,
+    fill_window,
+    keep_main_pieces,
+    localise,
+    native_bbox,
+    one_window,
 )
 from sct_sitehead.registry import InputSpec, LocaliserSpec
 from sct_sitehead.spatial import to_model_grid
