@@ -86,12 +86,14 @@ def sliding_window(
     batch_size: int = 4,
     divisor: int = 1,
     pad_value: float | None = None,
+    edge_beyond: Sequence[int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Gaussian-weighted sliding-window inference over a whole volume.
 
     The patch is rounded up to a multiple of ``divisor``. A volume smaller than the patch along an axis is padded
     on both sides with ``pad_value`` (default: the volume's minimum, i.e. the darkest, background-like intensity
     after normalisation, rather than 0, which a z-scored image has at its mean) and the result cropped back.
+    Along an axis where the volume is longer than ``edge_beyond``, it is padded with copies of its edge instead.
 
     Args:
         volume: (X, Y, Z) float32 array (normalised).
@@ -101,6 +103,10 @@ def sliding_window(
         batch_size: patches per ``predict`` call.
         divisor: every patch dimension is a multiple of it (the network's total downsampling).
         pad_value: constant used for padding.
+        edge_beyond: (3,) lengths (a crop's window is a rounded-up patch, so it can run a few voxels past an image
+            longer than the network's patch; a whole-image run's patches never do). Along an axis longer than
+            this, pad by repeating the edge voxels: a dark slab there reads as the end of the anatomy, and the
+            network marks lesions at it.
 
     Returns:
         ``{key: (K, X, Y, Z) float32}``, each voxel the Gaussian-weighted mean of the patches covering it.
@@ -119,8 +125,12 @@ def sliding_window(
     inner = tuple(slice((m - n) // 2, (m - n) // 2 + n) for n, m in zip(volume.shape, padded_shape))
     if padded_shape != volume.shape:
         fill = float(volume.min()) if pad_value is None else float(pad_value)
-        padded = np.full(padded_shape, fill, dtype=np.float32)
-        padded[inner] = volume
+        widths = [(part.start, m - part.stop) for part, m in zip(inner, padded_shape)]
+        beyond = (math.inf,) * 3 if edge_beyond is None else tuple(edge_beyond)
+        edge = [width if n > limit else (0, 0) for width, n, limit in zip(widths, volume.shape, beyond)]
+        rest = [(0, 0) if n > limit else width for width, n, limit in zip(widths, volume.shape, beyond)]
+        padded = np.pad(volume, edge, mode="edge") if any(map(any, edge)) else volume
+        padded = np.pad(padded, rest, mode="constant", constant_values=fill) if any(map(any, rest)) else padded
     else:
         padded = volume
     starts = patch_starts(padded_shape, patch, overlap)

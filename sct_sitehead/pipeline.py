@@ -346,6 +346,7 @@ class Segmenter:
             overlap=self.options.overlap,
             batch_size=self.options.batch_size if patch == tuple(spec.patch_size) else 1,
             divisor=spec.divisor,
+            edge_beyond=None if found is None else spec.patch_size,
         )
         del volume
         far = None if found is None else ~found.near_on(grid)

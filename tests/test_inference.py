@@ -177,6 +177,30 @@ def test_heads_side_by_side_compute_what_they_compute_one_after_the_other(releas
     np.testing.assert_allclose(single(batch)["montreal"], want["montreal"], rtol=1e-6, atol=1e-7)
 
 
+def test_a_window_past_a_long_axis_repeats_its_edge_and_pads_short_axes_with_the_minimum():
+    # A crop's window (16, 16, 16) over a crop 5 x 14 x 12: axis 0 is shorter than the network's patch (8 here), so
+    # it is padded with the minimum as in a whole-image run; axes 1 and 2 are longer, so their last voxels repeat.
+    volume = np.random.default_rng(1).normal(size=(5, 14, 12)).astype(np.float32)
+    seen = []
+
+    def identity(batch):
+        seen.append(batch.copy())
+        return {"x": batch}
+
+    result = sliding_window(volume, identity, (16, 16, 16), edge_beyond=(8, 8, 8))
+    np.testing.assert_array_equal(result["x"][0], volume)
+    window = seen[0][0, 0]
+    inner = window[5:10]  # axis 0: 5 voxels at 5..9 of 16
+    np.testing.assert_array_equal(inner[:, 1:15, 2:14], volume)
+    np.testing.assert_array_equal(inner[:, 0, 2:14], volume[:, 0])  # axis 1: 1 voxel before, a copy of the first
+    np.testing.assert_array_equal(inner[:, 15, 2:14], volume[:, -1])
+    np.testing.assert_array_equal(inner[:, 1:15, :2], np.repeat(volume[:, :, :1], 2, axis=2))
+    assert np.all(window[:5] == volume.min()) and np.all(window[10:] == volume.min())
+    # Without edge_beyond (a whole image), every axis is padded with the minimum.
+    sliding_window(volume, identity, (16, 16, 16))
+    assert np.all(seen[1][0, 0, 5:10, 0, 2:14] == volume.min())
+
+
 def test_sliding_window_with_the_onnx_bright_voxel_detector_equals_whole_volume(model):
     rng = np.random.default_rng(1)
     volume = rng.normal(scale=0.3, size=(36, 28, 22)).astype(np.float32)
