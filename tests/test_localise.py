@@ -161,6 +161,29 @@ def test_cli_with_localiser_runs_near_the_cord_only(tmp_path, capsys, crop):
         assert sidecar["CordCrop"] is None
 
 
+@pytest.mark.parametrize("crop", [True, False])
+def test_crop_windows_pad_long_axes_with_their_edge(tmp_path, capsys, monkeypatch, crop):
+    # A crop's window may run past an image longer than a patch (it is rounded up to the divisor); there the window
+    # repeats the image's edge (sliding_window's edge_beyond is the release's patch). Whole images: never.
+    import sct_sitehead.inference as inference
+
+    calls = []
+    original = inference.sliding_window
+
+    def recording(volume, predict, patch_size, **options):
+        calls.append((volume.shape, tuple(patch_size), options.get("edge_beyond")))
+        return original(volume, predict, patch_size, **options)
+
+    monkeypatch.setattr(inference, "sliding_window", recording)
+    registry = write_registry(tmp_path / "registry", localiser={})
+    argv = ["-i", two_blobs(tmp_path / "img.nii.gz"), "-site", "universal", "-registry", registry,
+            "-o", tmp_path / "out.nii.gz"] + ([] if crop else ["-no-crop"])
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    lesion_model = calls[-1]  # the localiser runs first, on its own grid
+    assert lesion_model[2] == ((32, 32, 32) if crop else None)
+
+
 def test_lesions_away_from_the_cord_are_dropped_inside_the_box(tmp_path, capsys):
     # A second bright blob inside the crop box (margin 20 mm) but 12 mm from the cord (cord margin 3 mm).
     registry = write_registry(tmp_path / "registry", localiser={"margin_mm": 20.0})
