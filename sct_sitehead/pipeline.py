@@ -319,7 +319,7 @@ class Segmenter:
         """What :meth:`predict_window` returns, still on the model grid: the image, the grid and
         ``{site: (K, x', y', z') float32}``, channels in the order of the head's ``labels``.
         """
-        from .inference import normalize, sliding_window
+        from .inference import edge_beyond_for, normalize, sliding_window
         from .localise import fill_window, localise
         from .nifti import image_data, load_image
         from .spatial import to_model_grid
@@ -346,7 +346,7 @@ class Segmenter:
             overlap=self.options.overlap,
             batch_size=self.options.batch_size if patch == tuple(spec.patch_size) else 1,
             divisor=spec.divisor,
-            edge_beyond=None if found is None else spec.patch_size,
+            edge_beyond=edge_beyond_for(spec.orientation, spec.patch_size),
         )
         del volume
         far = None if found is None else ~found.near_on(grid)

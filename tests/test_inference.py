@@ -13,13 +13,19 @@ import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from onnx_factory import HEADS, backbone_model, expected, head_model, write_tiny_release
+
 from sct_sitehead import inference
-from sct_sitehead.errors import InferenceError, InputImageError, RegistryError, UsageError
+from sct_sitehead.errors import (
+    InferenceError,
+    InputImageError,
+    RegistryError,
+    UsageError,
+)
 from sct_sitehead.inference import (
     MIN_WEIGHT,
     SiteHeadModel,
+    edge_beyond_for,
     gaussian_weights,
     normalize,
     patch_starts,
@@ -199,6 +205,12 @@ def test_a_window_past_a_long_axis_repeats_its_edge_and_pads_short_axes_with_the
     # Without edge_beyond (a whole image), every axis is padded with the minimum.
     sliding_window(volume, identity, (16, 16, 16))
     assert np.all(seen[1][0, 0, 5:10, 0, 2:14] == volume.min())
+
+
+def test_edge_padding_runs_along_the_cord_axis_of_any_orientation():
+    assert edge_beyond_for("RAS", (64, 48, 32)) == (64, 48, 0)
+    assert edge_beyond_for("pir", (64, 48, 32)) == (64, 0, 32)
+    assert edge_beyond_for("SLA", (16, 16, 16)) == (0, 16, 16)
 
 
 def test_sliding_window_with_the_onnx_bright_voxel_detector_equals_whole_volume(model):

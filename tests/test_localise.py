@@ -162,9 +162,9 @@ def test_cli_with_localiser_runs_near_the_cord_only(tmp_path, capsys, crop):
 
 
 @pytest.mark.parametrize("crop", [True, False])
-def test_crop_windows_pad_long_axes_with_their_edge(tmp_path, capsys, monkeypatch, crop):
-    # A crop's window may run past an image longer than a patch (it is rounded up to the divisor); there the window
-    # repeats the image's edge (sliding_window's edge_beyond is the release's patch). Whole images: never.
+def test_windows_repeat_the_edge_along_the_cord_and_past_long_axes(tmp_path, capsys, monkeypatch, crop):
+    # Along S-I (the RAS model grid's third axis) a window past the image repeats its edge; across, only where it
+    # runs past an image longer than a patch (a crop's window is rounded up to the divisor). Whole images alike.
     import sct_sitehead.inference as inference
 
     calls = []
@@ -181,7 +181,7 @@ def test_crop_windows_pad_long_axes_with_their_edge(tmp_path, capsys, monkeypatc
     code, _, err = run(argv, capsys)
     assert code == 0, err
     lesion_model = calls[-1]  # the localiser runs first, on its own grid
-    assert lesion_model[2] == ((32, 32, 32) if crop else None)
+    assert lesion_model[2] == (32, 32, 0)
 
 
 def test_lesions_away_from_the_cord_are_dropped_inside_the_box(tmp_path, capsys):

@@ -209,7 +209,9 @@ def sample_batch(
         lesion_fraction: probability that a patch is centred on a lesion voxel.
 
     Returns:
-        (B, 1, x, y, z) float32 images (padded with the case's minimum, as the deploy path pads),
+        (B, 1, x, y, z) float32 images (padded with the case's minimum, as the deploy path pads across the
+        cord; along it the deploy path repeats the edge, which training never needs: the release's training
+        volumes are all at least a patch long there),
         (B, K, x, y, z) uint8 targets and (B, K) bool channel masks.
     """
     size = np.asarray(patch_size, dtype=np.int64)
