@@ -83,3 +83,26 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["quick"] is True and raw["model"] == "tiny@1.0.0" and len(raw["rows"]) == 2
     assert raw["rows"][0]["ours"]["stages"]["network"] > 0
+
+
+def load_benchmark():
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("benchmark_under_test", str(SCRIPT))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = module
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("largest, verdict", [(0.009, "met"), (0.011, "**NOT met**")])
+def test_agreement_of_evaluation_metrics_is_a_target_row(largest, verdict):
+    bench = load_benchmark()
+    agreement = {"largest_difference": largest, "cases": 72, "split": "test", "mean_mask_dice": 0.97}
+    rows = {label: (measured, status) for label, measured, status in bench.targets([], [], True, 1, agreement)}
+    (label,) = [label for label in rows if label.startswith("or: test-split metrics within 0.01")]
+    assert rows[label][1] == verdict and f"largest difference {largest:.3f} (72 test cases" in rows[label][0]
+    rows = {label: status for label, _, status in bench.targets([], [], True, 1, None)}
+    assert rows[label] == "n/a: no -sim dataset"
