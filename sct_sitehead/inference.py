@@ -83,11 +83,11 @@ def edge_beyond_for(orientation: str, patch_size: Sequence[int]) -> tuple[int, i
     An image shorter than a patch along the cord (S-I: a 16 mm field of view is a quarter of a 64 mm patch) is
     padded with copies of its first and last slices, the cord and its surroundings carrying on as they do beyond
     any field of view, and as the simulator extends anatomy past its source. A dark slab there reads as the cord's
-    end: measured on the validation split cut to 16 mm along S-I (release 1.1.2's thresholds), own heads' Dice 0.40
-    with the slab, 0.74 with the edge, 0.72 mirrored (0.68 on the uncut images). Across the cord, beyond the field of view is more body or air, and a short
-    axis is padded with the minimum, as in training (the edge on every axis: uncut validation images 0.61); only a
-    window running past an image longer than a patch (a crop's window, rounded up to the divisor) takes the edge
-    there.
+    end: measured on the validation split cut to 16 mm along S-I (release 1.1.2's thresholds), own heads' Dice
+    0.40 with the slab, 0.74 with the edge (0.68 on the uncut images). Across the cord, beyond the field of view
+    is more body or air, and a short axis is padded with the minimum, as in training (the edge on every axis:
+    uncut validation images 0.61); only a window running past an image longer than a patch (a crop's window,
+    rounded up to the divisor) takes the edge there.
     """
     return tuple(0 if code in "SI" else int(size) for code, size in zip(orientation.upper(), patch_size))
 
@@ -118,10 +118,8 @@ def sliding_window(
         batch_size: patches per ``predict`` call.
         divisor: every patch dimension is a multiple of it (the network's total downsampling).
         pad_value: constant used for padding.
-        edge_beyond: (3,) lengths (a crop's window is a rounded-up patch, so it can run a few voxels past an image
-            longer than the network's patch; a whole-image run's patches never do). Along an axis longer than
-            this, pad by repeating the edge voxels: a dark slab there reads as the end of the anatomy, and the
-            network marks lesions at it.
+        edge_beyond: (3,) lengths; along an axis longer than this, pad by repeating the edge voxels (default:
+            none). The deploy path's choice is :func:`edge_beyond_for`.
 
     Returns:
         ``{key: (K, X, Y, Z) float32}``, each voxel the Gaussian-weighted mean of the patches covering it.
