@@ -1,0 +1,55 @@
+"""Scripts in bin/ that measure the release: bin/cut_fov (a split cut short along the cord)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from conftest import REPO, save_image
+
+
+def small_sim(root: Path) -> Path:
+    """A simulated-dataset layout: one val subject (PIR, 1 x 0.8 x 2 mm; S-I is the second axis, 40 mm) with a
+    lesion at S-I voxels 30-33 and a cord mask, and one train subject that must not be copied."""
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "sim", "BIDSVersion": "1.8.0"}))
+    (root / "participants.tsv").write_text(
+        "participant_id\tsite\tsource\tsplit\nsub-a001\ta\tsrc\tval\nsub-a002\ta\tsrc\ttrain\n")
+    affine = np.array([[0, 0, 2.0, 0], [-1.0, 0, 0, 0], [0, -0.8, 0, 0], [0, 0, 0, 1]])
+    for subject in ("sub-a001", "sub-a002"):
+        image = np.arange(20 * 50 * 8, dtype=np.float32).reshape(20, 50, 8)
+        lesion = np.zeros((20, 50, 8), dtype=np.uint8)
+        lesion[8:12, 30:34, 3:5] = 1
+        cord = np.zeros_like(lesion)
+        cord[6:14, :, 2:6] = 1
+        (root / subject / "anat").mkdir(parents=True)
+        labels = root / "derivatives" / "labels" / subject / "anat"
+        labels.mkdir(parents=True)
+        save_image(root / subject / "anat" / f"{subject}_T2w.nii.gz", image, affine)
+        save_image(labels / f"{subject}_T2w_lesion-manual.nii.gz", lesion, affine)
+        save_image(labels / f"{subject}_T2w_seg-manual.nii.gz", cord, affine)
+    return root
+
+
+def test_cut_fov_keeps_mm_along_the_cord_around_the_lesions(tmp_path):
+    sim = small_sim(tmp_path / "sim")
+    out = tmp_path / "cut"
+    done = subprocess.run([sys.executable, str(REPO / "bin" / "cut_fov"), str(sim), str(out), "val", "8"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "sub-a002" not in (out / "participants.tsv").read_text() and not (out / "sub-a002").exists()
+    image = nib.load(out / "sub-a001" / "anat" / "sub-a001_T2w.nii.gz")
+    lesion = np.asarray(nib.load(out / "derivatives/labels/sub-a001/anat/sub-a001_T2w_lesion-manual.nii.gz").dataobj)
+    cord = np.asarray(nib.load(out / "derivatives/labels/sub-a001/anat/sub-a001_T2w_seg-manual.nii.gz").dataobj)
+    assert image.shape == lesion.shape == cord.shape == (20, 10, 8)  # 8 mm at 0.8 mm, only along S-I
+    # Centred on the lesion (S-I voxels 30-33, mean 31.5 -> 31): voxels 26-35 kept, the whole lesion in them.
+    assert lesion.sum() == 4 * 4 * 2 and np.array_equal(np.asarray(image.dataobj), np.arange(20 * 50 * 8,
+                                                        dtype=np.float32).reshape(20, 50, 8)[:, 26:36])
+    np.testing.assert_allclose(image.affine[:3, 3], [0, 0, -0.8 * 26])  # the cut keeps its place in the world
+    again = subprocess.run([sys.executable, str(REPO / "bin" / "cut_fov"), str(sim), str(out), "val", "8"],
+                           capture_output=True, text=True, check=False)
+    assert again.returncode != 0 and "not empty" in again.stderr
