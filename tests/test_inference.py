@@ -124,14 +124,20 @@ def test_sliding_window_equals_whole_volume_for_a_voxelwise_network(shape, patch
     assert sum(n for n, *_ in calls) == len(patch_starts(padded, patch_up, overlap))
 
 
-def test_small_volume_is_padded_with_its_minimum_and_cropped_back():
-    volume = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
+def recording_identity():
+    """A network returning its input, and the list of every batch it was given."""
     seen = []
 
     def identity(batch):
         seen.append(batch.copy())
         return {"x": batch}
 
+    return identity, seen
+
+
+def test_small_volume_is_padded_with_its_minimum_and_cropped_back():
+    volume = np.random.default_rng(0).normal(size=(5, 7, 3)).astype(np.float32)
+    identity, seen = recording_identity()
     # The patch (6, 6, 6) is rounded up to the divisor: one (8, 8, 8) patch, the volume centred in it.
     result = sliding_window(volume, identity, (6, 6, 6), divisor=4)
     np.testing.assert_allclose(result["x"][0], volume, atol=1e-6)
@@ -187,12 +193,7 @@ def test_a_window_past_a_long_axis_repeats_its_edge_and_pads_short_axes_with_the
     # A crop's window (16, 16, 16) over a crop 5 x 14 x 12: axis 0 is shorter than the network's patch (8 here), so
     # it is padded with the minimum as in a whole-image run; axes 1 and 2 are longer, so their last voxels repeat.
     volume = np.random.default_rng(1).normal(size=(5, 14, 12)).astype(np.float32)
-    seen = []
-
-    def identity(batch):
-        seen.append(batch.copy())
-        return {"x": batch}
-
+    identity, seen = recording_identity()
     result = sliding_window(volume, identity, (16, 16, 16), edge_beyond=(8, 8, 8))
     np.testing.assert_array_equal(result["x"][0], volume)
     window = seen[0][0, 0]
