@@ -213,6 +213,52 @@ def test_inversion_negates_the_image_and_is_free_when_off() -> None:
     assert torch.equal(inverted[0], -images) and torch.equal(inverted[1], targets.float())
 
 
+
+def test_intensity_curve_keeps_the_order_of_intensities_and_their_range() -> None:
+    """curve 1.0: a lesion brighter than the cord stays brighter, the extremes stay put, contrasts change."""
+    off = {k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
+           for k, v in load_config("tiny")["augment"].items()}
+    ramp = torch.linspace(-2.0, 3.0, 512).reshape(1, 1, 8, 8, 8)
+    targets = torch.zeros(1, 1, 8, 8, 8, dtype=torch.uint8)
+    curved, kept = augment_batch(ramp, targets, torch.Generator().manual_seed(2), {**off, "curve": 1.0})
+    steps = curved.flatten().diff()
+    assert (steps >= 0).all() and steps.max() > 1.5 * steps.min()
+    assert torch.isclose(curved.min(), ramp.min()) and torch.isclose(curved.max(), ramp.max())
+    assert not torch.allclose(curved, ramp) and torch.equal(kept, targets.float())
+
+
+def test_brightness_scales_then_shifts_within_its_ranges() -> None:
+    off = {k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
+           for k, v in load_config("tiny")["augment"].items()}
+    options = {**off, "brightness": 1.0, "brightness_scale": [0.5, 2.0], "brightness_shift": 1.0}
+    images = torch.randn(64, 1, 4, 4, 4)
+    moved, _ = augment_batch(images, torch.zeros(64, 1, 4, 4, 4), torch.Generator().manual_seed(3), options)
+    scale = moved.flatten(1).std(dim=1) / images.flatten(1).std(dim=1)
+    shift = moved.flatten(1)[:, 0] - scale * images.flatten(1)[:, 0]
+    assert (scale > 0.5 - 1e-4).all() and (scale < 2.0 + 1e-4).all() and scale.max() / scale.min() > 2.0
+    assert shift.abs().max() <= 1.0 + 1e-4 and shift.min() < -0.3 and shift.max() > 0.3
+
+
+def test_intensity_augmentations_off_draw_no_random_number() -> None:
+    """curve and brightness at 0.0 leave every other augmentation exactly as in a config without the keys."""
+    options = {**load_config("tiny")["augment"], "flip": 0.5, "gamma": 0.5, "noise": 0.5}
+    images = torch.randn(3, 1, 8, 8, 8)
+    targets = torch.zeros(3, 1, 8, 8, 8)
+    without = {k: v for k, v in options.items() if k not in ("curve", "brightness")}
+    zero = augment_batch(images, targets, torch.Generator().manual_seed(5), {**options, "curve": 0.0, "brightness": 0.0})
+    absent = augment_batch(images, targets, torch.Generator().manual_seed(5), without)
+    assert torch.equal(zero[0], absent[0])
+
+
+@pytest.mark.parametrize("augment, message", [
+    ({"curve": 1.5}, "augment.curve is a probability"),
+    ({"brightness_scale": [1.2, 0.8]}, "brightness_scale"),
+    ({"curve_points": 0}, "curve_points"),
+])
+def test_bad_intensity_augmentation_settings_are_refused(augment: dict, message: str) -> None:
+    with pytest.raises(TrainingError, match=message):
+        load_config({"augment": augment})
+
 # --- training loops ------------------------------------------------------------------------------------------------
 def test_tiny_backbone_training_decreases_the_loss(trained: Path) -> None:
     log = [json.loads(line) for line in (trained.parent / "backbone.log.jsonl").read_text().splitlines()]

@@ -84,6 +84,37 @@ def _noise(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]
     return image + std * torch.randn(image.shape, generator=generator).to(image)
 
 
+def _brightness(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """Scale the (z-scored) intensities by a log-uniform factor, then shift them by a uniform offset.
+
+    Another anatomy, field of view or coil moves the z-scores of cord and lesion by up to about one standard
+    deviation against the training images; this makes those moves part of training.
+    """
+    low, high = options["brightness_scale"]
+    scale = math.exp(float(_uniform(generator, math.log(float(low)), math.log(float(high)))))
+    limit = float(options["brightness_shift"])
+    return image * scale + float(_uniform(generator, -limit, limit))
+
+
+def _curve(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """Map the intensities through a random increasing piecewise-linear curve from the minimum to the maximum.
+
+    ``curve_points`` inner knots at random positions and random sorted heights: the contrast between tissues
+    changes, their order does not (a lesion brighter than the cord stays brighter).
+    """
+    points = int(options["curve_points"])
+    knots_x = torch.cat([torch.zeros(1), torch.rand(points, generator=generator).sort().values, torch.ones(1)])
+    knots_y = torch.cat([torch.zeros(1), torch.rand(points, generator=generator).sort().values, torch.ones(1)])
+    low, high = image.min(), image.max()
+    span = (high - low).clamp_min(1e-6)
+    x = ((image - low) / span).clamp(0.0, 1.0)
+    knots_x, knots_y = knots_x.to(image), knots_y.to(image)
+    right = torch.bucketize(x, knots_x[1:-1], right=True) + 1
+    x0, x1, y0, y1 = knots_x[right - 1], knots_x[right], knots_y[right - 1], knots_y[right]
+    y = y0 + (x - x0) * (y1 - y0) / (x1 - x0).clamp_min(1e-6)
+    return y * span + low
+
+
 def augment_batch(
     images: Tensor, targets: Tensor, generator: torch.Generator, options: Mapping[str, Any]
 ) -> tuple[Tensor, Tensor]:
@@ -115,6 +146,11 @@ def augment_batch(
             image = _bias_field(image, generator, options)
         if _happens(generator, float(options["noise"])):
             image = _noise(image, generator, options)
+        # The two below draw no random number when off, so configs without them train exactly as before.
+        if float(options.get("curve", 0.0)) > 0 and _happens(generator, float(options["curve"])):
+            image = _curve(image, generator, options)
+        if float(options.get("brightness", 0.0)) > 0 and _happens(generator, float(options["brightness"])):
+            image = _brightness(image, generator, options)
         if float(options.get("invert", 0.0)) > 0 and _happens(generator, float(options["invert"])):
             image = -image
         out_images.append(image)

@@ -90,6 +90,14 @@ DEFAULTS: dict[str, Any] = {
         # Probability of negating the (z-scored) image: T1w-like contrast from T2w and back. 0 draws nothing, so
         # configs without it train exactly as before.
         "invert": 0.0,
+        # Probability of a random increasing intensity curve (tissue contrasts change, their order does not).
+        "curve": 0.0,
+        "curve_points": 3,
+        # Probability of scaling (log-uniform in brightness_scale) then shifting (uniform +-brightness_shift) the
+        # z-scored image: the z-scores of cord and lesion move with the anatomy and field of view.
+        "brightness": 0.0,
+        "brightness_scale": [0.7, 1.4],
+        "brightness_shift": 0.5,
     },
 }
 
@@ -195,3 +203,14 @@ def check_config(config: Mapping[str, Any]) -> None:
             raise TrainingError(f"train.{key} must be null or a list of names, got {chosen!r}")
     if int(config["head"]["extra"]) < 1 or int(config["head"]["map_width"]) < 1:
         raise TrainingError(f"head.extra and head.map_width must be >= 1, got {config['head']!r}")
+    augment = config["augment"]
+    for key in ("flip", "affine", "gamma", "noise", "bias", "resolution", "invert", "curve", "brightness"):
+        if not 0.0 <= float(augment[key]) <= 1.0:
+            raise TrainingError(f"augment.{key} is a probability in [0, 1], got {augment[key]!r}")
+    low, high = augment["brightness_scale"]
+    if not 0 < float(low) <= float(high) or float(augment["brightness_shift"]) < 0 or int(augment["curve_points"]) < 1:
+        raise TrainingError(
+            "augment.brightness_scale must be [low, high] with 0 < low <= high, brightness_shift >= 0 and "
+            f"curve_points >= 1, got {augment['brightness_scale']!r}, {augment['brightness_shift']!r}, "
+            f"{augment['curve_points']!r}"
+        )
