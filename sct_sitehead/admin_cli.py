@@ -249,9 +249,13 @@ def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique
               help="contrasts the phantoms cycle through (default: T1w,T2star,T2w)")
 @click.option("-test-n", "test_per_site", type=click.IntRange(1), default=None,
               help="with -holdout: subjects per site drawn from the held-out anatomy (default: left to chance)")
+@click.option("-real-share", "real_share", type=click.FloatRange(0.0, 1.0), default=None,
+              help="share of a site's train/val subjects drawn from real anatomy when it also has phantoms "
+                   "(default: every source equally likely)")
 @verbosity_option
 def simulate(source: Path, out: Path, n_per_site: int, seed: int, sites: str | None, sites_config: Path | None,
-             holdout: str | None, phantoms: int, phantom_contrasts: str | None, test_per_site: int | None) -> None:
+             holdout: str | None, phantoms: int, phantom_contrasts: str | None, test_per_site: int | None,
+             real_share: float | None) -> None:
     """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
     from .cli import parse_sites
     from .simulate import simulate as run_simulation
@@ -260,6 +264,7 @@ def simulate(source: Path, out: Path, n_per_site: int, seed: int, sites: str | N
         source, out, sites_config=sites_config, n_per_site=n_per_site, seed=seed,
         holdout=parse_sites(holdout) or None, sites=parse_sites(sites) or None, phantoms=phantoms,
         test_per_site=test_per_site, phantom_contrasts=parse_sites(phantom_contrasts) or None,
+        real_share=real_share,
     )
     click.echo(f"simulated dataset: {written}")
 

@@ -231,6 +231,28 @@ def test_phantom_anatomies_and_a_fixed_test_size(phantom_source: Path, tmp_path:
     assert first and all(p.read_bytes() == (again / p.relative_to(out)).read_bytes() for p in first)
 
 
+
+def test_real_share_draws_train_subjects_from_real_anatomy_and_leaves_the_test_split_alone(
+    phantom_source: Path, tmp_path: Path
+):
+    """real_share 1.0: every train/val subject from the real anatomy, 0.0: from the phantoms; the held-out test
+    subjects come out byte for byte as without the option, and simulation.json records the share."""
+    common = dict(n_per_site=6, seed=0, sites=["montreal"], holdout=["sub-ph2"], phantoms=3, test_per_site=2)
+    plain = simulate(phantom_source, tmp_path / "plain", **common)
+    real = simulate(phantom_source, tmp_path / "real", **common, real_share=1.0)
+    made = simulate(phantom_source, tmp_path / "made", **common, real_share=0.0)
+    assert {r["source"] for r in participants(real)[2:]} == {"sub-ph1_T2w"}
+    assert {r["source"] for r in participants(made)[2:]} == {"sub-phantom03_T2w"}
+    assert {r["source"] for r in participants(plain)[2:]} == {"sub-ph1_T2w", "sub-phantom03_T2w"}
+    for out in (real, made):
+        assert [r["split"] for r in participants(out)][:2] == ["test", "test"]
+        tested = sorted(p for p in plain.rglob("sub-montreal00[12]*.nii.gz"))
+        assert len(tested) >= 4 and all(p.read_bytes() == (out / p.relative_to(plain)).read_bytes() for p in tested)
+    assert json.loads((real / "simulation.json").read_text())["real_share"] == 1.0
+    assert "real_share" not in json.loads((plain / "simulation.json").read_text())
+    with pytest.raises(UsageError, match="real_share is 1.5"):
+        simulate(phantom_source, tmp_path / "bad", **common, real_share=1.5)
+
 def test_borrowed_anatomy_takes_the_site_contrast_and_stays_out_of_test(phantom_source: Path, tmp_path: Path):
     """zurich (T1w) borrows T2w anatomy: inverted (cord brighter than CSF, air dark), dark lesions, train/val only."""
     out = simulate(phantom_source, tmp_path / "ds", n_per_site=8, seed=1, sites=["zurich"], holdout=["sub-ph2"],

@@ -193,6 +193,7 @@ def simulate(
     phantoms: int = 0,
     test_per_site: int | None = None,
     phantom_contrasts: Sequence[str] | None = None,
+    real_share: float | None = None,
 ) -> Path:
     """Write a simulated multi-site lesion dataset.
 
@@ -214,6 +215,9 @@ def simulate(
             the test split's size per site is left to chance.
         phantom_contrasts: the contrasts the phantoms cycle through (default:
             :data:`.phantom_sources.DEFAULT_CONTRASTS`).
+        real_share: the share of a site's train and val subjects drawn from real anatomy where the site has both
+            real and phantom sources of its contrast (one real T1w scan among 4 phantoms gets about half the
+            subjects at 0.5 instead of a fifth). None: every source is equally likely.
 
     Returns:
         ``out``.
@@ -225,6 +229,8 @@ def simulate(
     source, out = Path(source), Path(out)
     if n_per_site < 1:
         raise UsageError(f"n_per_site is {n_per_site}; use 1 or more")
+    if real_share is not None and not 0.0 <= float(real_share) <= 1.0:
+        raise UsageError(f"real_share is {real_share}; give a share between 0 and 1")
     profiles = _choose_sites(load_sites(sites_config), sites)
     samples = _sources(source)
     holdout = sorted(set(holdout or ()))
@@ -237,17 +243,22 @@ def simulate(
     staging = _staging_folder(out)
     started = time.perf_counter()
     extra = tempfile.TemporaryDirectory(prefix="sct_sitehead-phantoms-") if phantoms else None
+    phantom_subjects: set[str] = set()
     try:
         if extra is not None:
             from .phantom_sources import write_phantom_sources
 
             written = write_phantom_sources(Path(extra.name) / "phantoms", phantoms, seed=seed,
                                             contrasts=phantom_contrasts)
-            samples = samples + _sources(written)
+            made = _sources(written)
+            phantom_subjects = {s.subject for s in made}
+            samples = samples + made
         rows, subjects = _simulate_all(
-            samples, profiles, staging, n_per_site, seed, holdout, split_fractions, test_per_site
+            samples, profiles, staging, n_per_site, seed, holdout, split_fractions, test_per_site,
+            real_share=real_share, phantom_subjects=phantom_subjects,
         )
-        _write_dataset_files(staging, source, rows, subjects, profiles, n_per_site, seed, holdout, split_fractions)
+        _write_dataset_files(staging, source, rows, subjects, profiles, n_per_site, seed, holdout, split_fractions,
+                             real_share)
         if out.exists():
             out.rmdir()
         staging.rename(out)
@@ -298,6 +309,7 @@ def _staging_folder(out: Path) -> Path:
 def _simulate_all(
     samples: list[Sample], profiles: list[Site], root: Path, n_per_site: int, seed: int,
     holdout: list[str], split_fractions: tuple[float, float, float], test_per_site: int | None = None,
+    *, real_share: float | None = None, phantom_subjects: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     anatomies: dict[tuple[Path, Borrow | None], Anatomy] = {}
     rows: list[dict[str, str]] = []
@@ -308,6 +320,8 @@ def _simulate_all(
         for number in range(1, n_per_site + 1):
             rng = subject_rng(seed, site.name, number)
             pool = _pool(eligible, holdout, test_per_site, number)
+            if real_share is not None:
+                pool = _real_or_phantom(pool, phantom_subjects, float(real_share), rng)
             source = pool[int(rng.integers(len(pool)))]
             key = (source.sample.image, source.borrow)
             if key not in anatomies:
@@ -365,6 +379,18 @@ def _pool(eligible: list[_Source], holdout: list[str], test_per_site: int | None
     rest = [s for s in eligible if s.subject not in holdout]
     wanted = held if number <= test_per_site else rest
     return wanted or eligible
+
+
+def _real_or_phantom(
+    pool: list[_Source], phantom_subjects: set[str] | frozenset[str], real_share: float, rng: np.random.Generator
+) -> list[_Source]:
+    """The real sources of ``pool`` with probability ``real_share``, else its phantoms (the whole pool when it
+    lacks either kind)."""
+    real = [s for s in pool if s.subject not in phantom_subjects]
+    made = [s for s in pool if s.subject in phantom_subjects]
+    if not real or not made:
+        return pool
+    return real if rng.random() < real_share else made
 
 
 def _splits(
@@ -425,6 +451,7 @@ def _write_subject(root: Path, participant: str, sample: Sample, site: Site, res
 def _write_dataset_files(
     root: Path, source: Path, rows: list[dict[str, str]], subjects: dict[str, Any], profiles: list[Site],
     n_per_site: int, seed: int, holdout: list[str], split_fractions: tuple[float, float, float],
+    real_share: float | None = None,
 ) -> None:
     header = ["participant_id", "site", "source", "split"]
     ordered = sorted(rows, key=lambda r: r["participant_id"])
@@ -446,6 +473,8 @@ def _write_dataset_files(
         "phantom_subjects": sum(1 for s in subjects.values() if s["source"].startswith("sub-phantom")),
         "seed": seed, "n_per_site": n_per_site, "holdout": holdout,
         "split_fractions": list(split_fractions),
+        # Written only when set, so a default run writes the same file as before the option existed.
+        **({"real_share": real_share} if real_share is not None else {}),
         "sites": {site.name: site.as_dict() for site in profiles},
         "subjects": subjects,
     })
