@@ -1,4 +1,4 @@
-"""Scripts in bin/ that measure the release: bin/cut_fov (a split cut short along the cord)."""
+"""Scripts in bin/ that measure the release: bin/cut_fov (a split cut short along the cord), bin/dice_by_source."""
 
 from __future__ import annotations
 
@@ -53,3 +53,24 @@ def test_cut_fov_keeps_mm_along_the_cord_around_the_lesions(tmp_path):
     again = subprocess.run([sys.executable, str(REPO / "bin" / "cut_fov"), str(sim), str(out), "val", "8"],
                            capture_output=True, text=True, check=False)
     assert again.returncode != 0 and "not empty" in again.stderr
+
+
+def test_dice_by_source_splits_real_anatomy_from_phantoms(tmp_path):
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    (sim / "participants.tsv").write_text(
+        "participant_id\tsite\tsource\tsplit\n"
+        "sub-a001\ta\tsub-errsm30_T2w\tval\nsub-a002\ta\tsub-phantom03_T2w\tval\nsub-a003\ta\tsub-pam50_T2w\tval\n")
+    cases = tmp_path / "cases.tsv"
+    rows = [("sub-a001", "a", 0.2), ("sub-a001", "universal", 0.1), ("sub-a002", "a", 0.9),
+            ("sub-a002", "universal", 0.8), ("sub-a003", "a", 0.6), ("sub-a003", "universal", 0.3),
+            ("sub-a003", "b", 0.0)]
+    cases.write_text("site\tsubject\thead\tdice\n" + "".join(f"a\t{s}\t{h}\t{d}\n" for s, h, d in rows))
+    tool = [sys.executable, str(REPO / "bin" / "dice_by_source")]
+    done = subprocess.run([*tool, str(sim), str(cases)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["phantom\town\t1\t0.900", "phantom\tuniversal\t1\t0.800",
+                                        "real\town\t2\t0.400", "real\tuniversal\t2\t0.200"]
+    cases.write_text(cases.read_text() + "a\tsub-z009\ta\t1.0\n")
+    bad = subprocess.run([*tool, str(sim), str(cases)], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "sub-z009" in bad.stderr and "Traceback" not in bad.stderr
