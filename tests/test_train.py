@@ -245,10 +245,23 @@ def test_intensity_augmentations_off_draw_no_random_number() -> None:
     images = torch.randn(3, 1, 8, 8, 8)
     targets = torch.zeros(3, 1, 8, 8, 8)
     without = {k: v for k, v in options.items() if k not in ("curve", "brightness")}
-    zero = augment_batch(images, targets, torch.Generator().manual_seed(5), {**options, "curve": 0.0, "brightness": 0.0})
+    off = {**options, "curve": 0.0, "brightness": 0.0}
+    zero = augment_batch(images, targets, torch.Generator().manual_seed(5), off)
     absent = augment_batch(images, targets, torch.Generator().manual_seed(5), without)
     assert torch.equal(zero[0], absent[0])
 
+
+
+def test_a_config_extending_another_lists_only_what_it_changes(tmp_path: Path) -> None:
+    variant = load_config("release_augment")
+    base = load_config("release")
+    assert {k: v for k, v in variant.items() if k != "augment"} == {k: v for k, v in base.items() if k != "augment"}
+    assert variant["augment"] == {**base["augment"], "curve": 0.3, "brightness": 0.5, "brightness_scale": [0.6, 1.6],
+                                  "brightness_shift": 1.0}
+    looped = tmp_path / "looped.json"
+    looped.write_text(json.dumps({"extends": str(looped)}))
+    with pytest.raises(TrainingError, match="extends it back"):
+        load_config(looped)
 
 @pytest.mark.parametrize("augment, message", [
     ({"curve": 1.5}, "augment.curve is a probability"),

@@ -25,6 +25,13 @@ def _happens(generator: torch.Generator, probability: float) -> bool:
     return float(torch.rand(1, generator=generator)) < probability
 
 
+def _optional_happens(generator: torch.Generator, options: Mapping[str, Any], key: str) -> bool:
+    """``_happens`` for an augmentation added after the first releases: at probability 0 (or absent) it draws no
+    random number, so configs without it train exactly as before."""
+    probability = float(options.get(key, 0.0))
+    return probability > 0 and _happens(generator, probability)
+
+
 def _rotation(angles: Tensor) -> Tensor:
     """(3,) angles (radians) about the three axes -> (3, 3) rotation matrix."""
     matrix = torch.eye(3, dtype=torch.float64)
@@ -146,12 +153,11 @@ def augment_batch(
             image = _bias_field(image, generator, options)
         if _happens(generator, float(options["noise"])):
             image = _noise(image, generator, options)
-        # The two below draw no random number when off, so configs without them train exactly as before.
-        if float(options.get("curve", 0.0)) > 0 and _happens(generator, float(options["curve"])):
+        if _optional_happens(generator, options, "curve"):
             image = _curve(image, generator, options)
-        if float(options.get("brightness", 0.0)) > 0 and _happens(generator, float(options["brightness"])):
+        if _optional_happens(generator, options, "brightness"):
             image = _brightness(image, generator, options)
-        if float(options.get("invert", 0.0)) > 0 and _happens(generator, float(options["invert"])):
+        if _optional_happens(generator, options, "invert"):
             image = -image
         out_images.append(image)
         out_targets.append(target)

@@ -106,14 +106,17 @@ _SCHEDULES = ("poly", "cosine")
 LABEL_MODES = (None, "size", "grouping", "merged")
 
 
-def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
+def load_config(source: str | Path | Mapping[str, Any], _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a config by name (``"tiny"`` -> ``configs/tiny.json``), by path, or take a dict, then complete it.
+
+    A config with ``"extends": NAME`` is completed over config NAME (itself completed over :data:`DEFAULTS`)
+    instead of over the defaults, so a variant lists only what it changes.
 
     Returns:
         A new dict with every section and key of :data:`DEFAULTS`, the given values taking precedence.
 
     Raises:
-        TrainingError: unknown name, unreadable file, unknown key or invalid value.
+        TrainingError: unknown name, unreadable file, unknown key, invalid value or a config extending itself.
     """
     if isinstance(source, Mapping):
         given: Any = copy.deepcopy(dict(source))
@@ -132,7 +135,13 @@ def load_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         where = str(path)
     if not isinstance(given, dict):
         raise TrainingError(f"{where}: a training config must be a JSON object, got {type(given).__name__}")
-    config = _merge(DEFAULTS, given, where, "")
+    parent = given.pop("extends", None)
+    if parent is not None:
+        if str(parent) in _chain:
+            raise TrainingError(f"{where}: extends {parent!r}, which extends it back ({' -> '.join(_chain)})")
+        config = _merge(load_config(parent, (*_chain, str(parent))), given, where, "")
+    else:
+        config = _merge(DEFAULTS, given, where, "")
     check_config(config)
     return config
 
