@@ -74,3 +74,38 @@ def test_dice_by_source_splits_real_anatomy_from_phantoms(tmp_path):
     cases.write_text(cases.read_text() + "a\tsub-z009\ta\t1.0\n")
     bad = subprocess.run([*tool, str(sim), str(cases)], capture_output=True, text=True, check=False)
     assert bad.returncode == 2 and "sub-z009" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lesion_probe_reads_the_probability_inside_each_reference(tmp_path, tiny_registry):
+    """The tiny release marks bright voxels as lesion: a reference on the bright block scores high inside, one on
+    the dim background scores low inside while the image still has a bright block elsewhere."""
+    sim = tmp_path / "sim"
+    sim.mkdir()
+    (sim / "dataset_description.json").write_text(json.dumps({"Name": "sim", "BIDSVersion": "1.8.0"}))
+    (sim / "participants.tsv").write_text("participant_id\tsite\tsource\tsplit\n"
+                                          "sub-montreal001\tmontreal\tsrc\ttest\nsub-montreal002\tmontreal\tsrc\ttest\n")
+    rng = np.random.default_rng(0)
+    for subject, where in (("sub-montreal001", np.s_[16:24, 14:22, 8:16]), ("sub-montreal002", np.s_[2:6, 2:6, 2:6])):
+        image = rng.normal(100, 5, (40, 36, 24)).astype(np.float32)
+        image[16:24, 14:22, 8:16] = 400
+        lesion = np.zeros(image.shape, dtype=np.uint8)
+        lesion[where] = 1
+        (sim / subject / "anat").mkdir(parents=True)
+        labels = sim / "derivatives" / "labels" / subject / "anat"
+        labels.mkdir(parents=True)
+        save_image(sim / subject / "anat" / f"{subject}_T2w.nii.gz", image, np.eye(4))
+        save_image(labels / f"{subject}_T2w_lesion-manual.nii.gz", lesion, np.eye(4))
+    done = subprocess.run([sys.executable, str(REPO / "bin" / "lesion_probe"), str(sim), "-registry",
+                           str(tiny_registry), "-threads", "1"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split("\t") == ["site", "subject", "head", "lesion_voxels", "max_inside", "mean_inside",
+                                    "max_anywhere"]
+    rows = {(r[1], r[2]): r[3:] for r in (line.split("\t") for line in lines[1:])}
+    assert set(rows) == {(s, h) for s in ("sub-montreal001", "sub-montreal002") for h in ("montreal", "universal")}
+    on_block, off_block = rows[("sub-montreal001", "montreal")], rows[("sub-montreal002", "montreal")]
+    assert on_block[0] == str(8 * 8 * 8) and off_block[0] == str(4 * 4 * 4)
+    assert float(on_block[2]) > 0.9 and float(off_block[1]) < 0.1 and float(off_block[3]) > 0.9
+    bad = subprocess.run([sys.executable, str(REPO / "bin" / "lesion_probe"), str(sim), "-registry",
+                          str(tmp_path / "none.json")], capture_output=True, text=True, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

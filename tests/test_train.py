@@ -263,6 +263,18 @@ def test_a_config_extending_another_lists_only_what_it_changes(tmp_path: Path) -
     with pytest.raises(TrainingError, match="extends it back"):
         load_config(looped)
 
+
+def test_every_shipped_config_loads_and_invert_is_the_only_change_of_release_invert() -> None:
+    from sct_sitehead.training.config import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    assert {"release", "release_augment", "release_invert", "smoke", "tiny", "localiser"} <= set(names)
+    for name in names:
+        load_config(name)  # completes and checks it; raises on an unknown key or a bad value
+    variant, base = load_config("release_invert"), load_config("release")
+    assert base["augment"]["invert"] == 0.0
+    assert variant == {**base, "augment": {**base["augment"], "invert": 0.5}}
+
 @pytest.mark.parametrize("augment, message", [
     ({"curve": 1.5}, "augment.curve is a probability"),
     ({"brightness_scale": [1.2, 0.8]}, "brightness_scale"),
