@@ -1,4 +1,5 @@
-"""Scripts in bin/ that measure the release: bin/cut_fov (a split cut short along the cord), bin/dice_by_source."""
+"""Scripts in bin/ that measure the release: bin/cut_fov (a split cut short along the cord), bin/dice_by_source,
+bin/lesion_probe."""
 
 from __future__ import annotations
 

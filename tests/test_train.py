@@ -251,7 +251,6 @@ def test_intensity_augmentations_off_draw_no_random_number() -> None:
     assert torch.equal(zero[0], absent[0])
 
 
-
 def test_a_config_extending_another_lists_only_what_it_changes(tmp_path: Path) -> None:
     variant = load_config("release_augment")
     base = load_config("release")
@@ -274,6 +273,7 @@ def test_every_shipped_config_loads_and_invert_is_the_only_change_of_release_inv
     variant, base = load_config("release_invert"), load_config("release")
     assert base["augment"]["invert"] == 0.0
     assert variant == {**base, "augment": {**base["augment"], "invert": 0.5}}
+
 
 @pytest.mark.parametrize("augment, message", [
     ({"curve": 1.5}, "augment.curve is a probability"),
