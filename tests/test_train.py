@@ -22,7 +22,7 @@ from sct_sitehead.training.augment import augment_batch  # noqa: E402
 from sct_sitehead.cache import sha256_file as file_sha256  # noqa: E402
 from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest  # noqa: E402
 from sct_sitehead.training.config import load_config  # noqa: E402
-from sct_sitehead.training.data import Case, prepare_cases, sample_batch  # noqa: E402
+from sct_sitehead.training.data import Case, case_weights, prepare_cases, sample_batch  # noqa: E402
 from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
 from sct_sitehead.training.loop import learning_rate  # noqa: E402
 from sct_sitehead.training.train import _samples, load_backbone, train_backbone, train_head  # noqa: E402
@@ -171,6 +171,35 @@ def test_patch_sampling_is_seeded_and_oversamples_lesions() -> None:
     assert all(labels[i].sum() == 1 for i in range(4))  # every patch holds the single lesion voxel
 
 
+def test_site_weights_draw_a_site_that_many_times_as_often() -> None:
+    cases, targets = [], []
+    for site, value in (("A", 0.0), ("B", 1.0), ("C", 2.0)):
+        image = np.full((8, 8, 8), value, np.float32)
+        cases.append(Case(site, site, image, {"lesion": np.zeros((8, 8, 8), np.uint8)}, np.zeros((0, 3), np.int32),
+                          value))
+        targets.append((np.zeros((1, 8, 8, 8), np.uint8), np.array([True])))
+    assert case_weights(cases, {}) is None  # no weight: the uniform draw of before
+    weights = case_weights(cases, {"B": 3})
+    assert np.allclose(weights, [0.2, 0.6, 0.2])
+    images, _, _ = sample_batch(cases, targets, (8, 8, 8), 5000, np.random.default_rng(0), 0.0, weights)
+    drawn = np.bincount(images[:, 0, 0, 0, 0].astype(int), minlength=3) / 5000
+    assert abs(drawn[1] - 0.6) < 0.03 and abs(drawn[0] - 0.2) < 0.03 and abs(drawn[2] - 0.2) < 0.03
+    images, _, _ = sample_batch(cases, targets, (8, 8, 8), 5000, np.random.default_rng(0), 0.0)
+    assert abs(np.mean(images[:, 0, 0, 0, 0] == 1.0) - 1 / 3) < 0.03
+
+
+@pytest.mark.parametrize("weights", [{"zurich": 0}, {"zurich": -1.0}, {"zurich": "3"}, {"zurich": True}, ["zurich"]])
+def test_bad_site_weights_are_refused(weights: object) -> None:
+    with pytest.raises(TrainingError, match="train.site_weights must map site names to numbers > 0"):
+        load_config({"train": {"site_weights": weights}})
+
+
+def test_a_site_weight_for_a_site_without_cases_is_refused(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"train.site_weights names \['zurich'\], which have no training case"):
+        train_backbone(dataset, tmp_path / "work", tiny_config(steps=1, site_weights={"siteA": 2, "zurich": 3}))
+    assert not (tmp_path / "work" / "backbone.safetensors").exists()
+
+
 def test_small_volumes_are_padded_with_their_minimum() -> None:
     case, target = _case((6, 20, 20))
     images, _, _ = sample_batch([case], [target], (8, 8, 8), 1, np.random.default_rng(0), 0.0)
@@ -263,7 +292,7 @@ def test_a_config_extending_another_lists_only_what_it_changes(tmp_path: Path) -
         load_config(looped)
 
 
-def test_every_shipped_config_loads_and_invert_is_the_only_change_of_release_invert() -> None:
+def test_every_shipped_config_loads_and_each_variant_of_release_changes_only_its_setting() -> None:
     from sct_sitehead.training.config import CONFIG_DIR
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -273,6 +302,9 @@ def test_every_shipped_config_loads_and_invert_is_the_only_change_of_release_inv
     variant, base = load_config("release_invert"), load_config("release")
     assert base["augment"]["invert"] == 0.0
     assert variant == {**base, "augment": {**base["augment"], "invert": 0.5}}
+    weighted = load_config("release_invert_weighted")
+    assert base["train"]["site_weights"] == {}
+    assert weighted == {**variant, "train": {**variant["train"], "site_weights": {"zurich": 3}}}
 
 
 @pytest.mark.parametrize("augment, message", [

@@ -65,6 +65,9 @@ DEFAULTS: dict[str, Any] = {
         # With a BIDS folder: only these sites / participants (null: all); experiments pick data subsets with them.
         "sites": None,
         "subjects": None,
+        # Sampling weight per site (absent: 1): a case of a site with weight 3 is drawn 3 times as often as a case
+        # of weight 1. Empty: every case equally likely, as before the setting existed.
+        "site_weights": {},
     },
     "head": {
         "steps": 200,
@@ -210,6 +213,12 @@ def check_config(config: Mapping[str, Any]) -> None:
         chosen = train[key]
         if chosen is not None and (not isinstance(chosen, list) or not all(isinstance(x, str) for x in chosen)):
             raise TrainingError(f"train.{key} must be null or a list of names, got {chosen!r}")
+    weights = train["site_weights"]
+    if not isinstance(weights, dict) or not all(
+        isinstance(site, str) and isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0
+        for site, w in weights.items()
+    ):
+        raise TrainingError(f"train.site_weights must map site names to numbers > 0, got {weights!r}")
     if int(config["head"]["extra"]) < 1 or int(config["head"]["map_width"]) < 1:
         raise TrainingError(f"head.extra and head.map_width must be >= 1, got {config['head']!r}")
     augment = config["augment"]

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import TrainingError
 from .augment import augment_batch
 from .checkpoint import load_checkpoint, save_checkpoint, weights_digest
-from .data import Case, sample_batch
+from .data import Case, case_weights, sample_batch
 from .distributed import Context, barrier, gather, mean_over_ranks
 from .losses import masked_dice_bce
 
@@ -98,9 +98,10 @@ def fit(
     config: Mapping[str, Any],
     ctx: Context,
     out_dir: Path,
+    site_weights: Mapping[str, float] | None = None,
 ) -> Result:
     """Train ``job.trainable`` on this rank's ``cases``; rank 0 writes ``<name>.state.safetensors`` and
-    ``<name>.log.jsonl`` in ``out_dir``.
+    ``<name>.log.jsonl`` in ``out_dir``. ``site_weights`` (``train.site_weights``) weights the cases' draws.
 
     Raises:
         TrainingError: a non-finite loss, an incompatible state file, or ranks ending with different weights.
@@ -120,6 +121,7 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     log_path = out_dir / f"{job.name}.log.jsonl"
     seed, every, save_every = int(train["seed"]), int(train["log_every"]), int(train["checkpoint_every"])
+    weights = case_weights(cases, site_weights or {})
     window: list[float] = []
     last_loss = None
     started = time.perf_counter()
@@ -127,7 +129,8 @@ def fit(
     for step in range(start, job.steps):
         rng = np.random.default_rng([seed, step, ctx.rank])
         images, labels, masks = sample_batch(
-            cases, targets, train["patch_size"], int(train["batch_size"]), rng, float(train["lesion_fraction"])
+            cases, targets, train["patch_size"], int(train["batch_size"]), rng, float(train["lesion_fraction"]),
+            weights,
         )
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         image_t, label_t = augment_batch(

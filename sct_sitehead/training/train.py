@@ -149,11 +149,16 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
     model = UNet(arch)
     mine, targets = _shard(cases, space, ctx)
     train = config["train"]
+    weighted = sorted(set(train["site_weights"]) - set(sizes))
+    if weighted:
+        raise TrainingError(
+            f"train.site_weights names {weighted}, which have no training case; the sites are {sorted(sizes)}"
+        )
     job = Job(
         "backbone", model, model, int(train["steps"]), float(train["lr"]), int(train["warmup_steps"]),
         signature={"arch": arch.to_dict(), "labels": space.site_maps, "input": spec},
     )
-    result = fit(job, mine, targets, config, ctx, out_dir)
+    result = fit(job, mine, targets, config, ctx, out_dir, train["site_weights"])
     path = out_dir / BACKBONE_FILE
     if ctx.is_main:
         meta = {
