@@ -209,7 +209,7 @@ def sample_batch(
     batch_size: int,
     rng: np.random.Generator,
     lesion_fraction: float,
-    case_weights: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw ``batch_size`` patches; a ``lesion_fraction`` of them is centred on a lesion voxel when one exists.
 
@@ -220,7 +220,7 @@ def sample_batch(
         batch_size: patches to draw.
         rng: the only source of randomness, so a seed fixes the batch.
         lesion_fraction: probability that a patch is centred on a lesion voxel.
-        case_weights: (len(cases),) probabilities of drawing each case (:func:`case_weights`); None: uniform.
+        weights: (len(cases),) probabilities of drawing each case (:func:`case_weights`); None: uniform.
 
     Returns:
         (B, 1, x, y, z) float32 images (padded with the case's minimum, as the deploy path pads across the
@@ -231,7 +231,7 @@ def sample_batch(
     size = np.asarray(patch_size, dtype=np.int64)
     images, labels, masks = [], [], []
     for _ in range(batch_size):
-        index = int(rng.integers(len(cases)) if case_weights is None else rng.choice(len(cases), p=case_weights))
+        index = int(rng.integers(len(cases)) if weights is None else rng.choice(len(cases), p=weights))
         case, (target, mask) = cases[index], targets[index]
         shape = np.asarray(case.image.shape)
         if len(case.foreground) and rng.random() < lesion_fraction:
