@@ -142,18 +142,21 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = config["input"]
-    cases = _cases(_samples(data, config), spec, out_dir, ctx)
+    samples = _samples(data, config)
+    # Checked before preprocessing, which can take minutes: the labelled samples are the cases to be.
+    sites = {sample.site for sample in samples if sample.labels}
+    weighted = sorted(set(config["train"]["site_weights"]) - sites)
+    if weighted:
+        raise TrainingError(
+            f"train.site_weights names {weighted}, which have no training case; the sites are {sorted(sites)}"
+        )
+    cases = _cases(samples, spec, out_dir, ctx)
     sizes = measure_label_sizes([(case.site, case.labels) for case in cases])
     space = build_label_space(sizes, config["labels"]["grouping"], config["labels"]["mode"])
     arch = Arch.from_config(config, space.channels)
     model = UNet(arch)
     mine, targets = _shard(cases, space, ctx)
     train = config["train"]
-    weighted = sorted(set(train["site_weights"]) - set(sizes))
-    if weighted:
-        raise TrainingError(
-            f"train.site_weights names {weighted}, which have no training case; the sites are {sorted(sizes)}"
-        )
     job = Job(
         "backbone", model, model, int(train["steps"]), float(train["lr"]), int(train["warmup_steps"]),
         signature={"arch": arch.to_dict(), "labels": space.site_maps, "input": spec},
