@@ -450,11 +450,13 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
 @click.option("-model", "model", metavar="NAME[@VERSION]", help="model (default: the registry's default)")
 @click.option("-split", default="val", show_default=True, help="participants.tsv split to tune on (never test)")
 @click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
+@click.option("-loo", "leave_one_out", is_flag=True,
+              help="leave a head at 0.5 unless its tuned threshold beats 0.5 leave-one-out on its cases")
 @registry_option
 @offline_option
 @verbosity_option
 def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, threads: int | None,
-                    registry: str | None, offline: bool) -> None:
+                    leave_one_out: bool, registry: str | None, offline: bool) -> None:
     """Each head's threshold with the best mean Dice on its site's SPLIT cases, then its smallest lesion with the
     best lesion-wise F1 there; for `publish -thresholds`."""
     from . import evaluate as ev
@@ -465,12 +467,21 @@ def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, thr
             "tuning on the test split would leak it into the results; use val", param_hint="-split"
         )
     release, segmenter = open_all_heads(registry, offline, model, threads)
-    tuned = ev.tune_thresholds(segmenter, ev.find_cases(dataset, split))
-    write_json_atomic({"model": release.spec, "split": split, "heads": tuned}, out)
+    tuned = ev.tune_thresholds(segmenter, ev.find_cases(dataset, split), leave_one_out=leave_one_out)
+    write_json_atomic({"model": release.spec, "split": split, "leave_one_out": leave_one_out, "heads": tuned}, out)
     for head, row in sorted(tuned.items()):
+        loo = "one case" if row["loo_dice"] is None else f"leave-one-out {row['loo_dice']:.3f}"
+        if row["holds"] is None:
+            kept = ", left at 0.5: one case" if leave_one_out else ""
+        elif row["holds"]:
+            kept = ""
+        elif leave_one_out:
+            kept = ", left at 0.5: the pick does not hold leave-one-out"
+        else:
+            kept = ", does not hold leave-one-out (-loo would leave it at 0.5)"
         click.echo(f"{head}: threshold {row['threshold']:.2f} (Dice {row['dice']:.3f}; {row['dice_at_0.5']:.3f} at "
-                   f"0.5; {row['cases']} cases), smallest lesion {row['min_lesion_mm3']:g} mm³ (F1 {row['f1']:.3f}; "
-                   f"{row['f1_all_lesions']:.3f} keeping all)")
+                   f"0.5; {loo}; {row['cases']} cases{kept}), smallest lesion {row['min_lesion_mm3']:g} mm³ "
+                   f"(F1 {row['f1']:.3f}; {row['f1_all_lesions']:.3f} keeping all)")
 
 
 def main(argv: list[str] | None = None) -> int:

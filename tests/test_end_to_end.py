@@ -105,10 +105,11 @@ def test_tuned_thresholds_are_published(published, tmp_path):
     tuned = tmp_path / "thresholds.json"
     # The tiny dataset has few val subjects; any split but test will do here.
     sitehead("tune-thresholds", published["sim"], "-o", tuned, "-split", "train", "-registry", published["registry"],
-             "-threads", 1)
+             "-threads", 1, "-loo")
     heads = json.loads(tuned.read_text())["heads"]
     assert set(heads) == {"universal", "montreal", "toronto"}
     assert all(0 < row["threshold"] < 1 and row["dice"] >= row["dice_at_0.5"] for row in heads.values())
+    assert all(row["threshold"] == 0.5 for row in heads.values() if not row["holds"])
     assert all(row["min_lesion_mm3"] in MIN_LESIONS_MM3 and row["f1"] >= row["f1_all_lesions"]
                for row in heads.values())
     registry = tmp_path / "registry"

@@ -187,3 +187,71 @@ def test_tuning_keeps_the_threshold_with_the_best_dice_and_drops_lone_false_alar
         assert row["dice"] == pytest.approx(2 * 27 / (27 + 28))  # the stray voxel is still in at 0 mm³
         assert row["min_lesion_mm3"] == 3.0  # the smallest volume that drops it
         assert row["f1_all_lesions"] == pytest.approx(2 / 3) and row["f1"] == 1.0
+
+
+def _tune_on(tmp_path, probability_maps, leave_one_out=True):
+    """tune_thresholds over one `montreal` case per map: each case's reference is the 27-voxel lesion at
+    [4:7, 4:7, 4:7], its map every head's lesion probability."""
+    import nibabel as nib
+
+    from sct_sitehead.evaluate import Case, tune_thresholds
+    from sct_sitehead.registry import LabelSpec
+
+    reference = np.zeros((12, 12, 12), np.uint8)
+    reference[4:7, 4:7, 4:7] = 1
+    image = nib.Nifti1Image(reference, np.eye(4))
+    cases, maps = [], {}
+    for number, probabilities in enumerate(probability_maps):
+        path = tmp_path / f"ref{number}.nii.gz"
+        nib.save(image, path)
+        cases.append(Case(f"sub-{number}", "montreal", path, path))
+        maps[path] = probabilities[None].astype(np.float32)
+
+    class Head:
+        labels = (LabelSpec("lesion", 1, 0),)
+
+    class Segmenter:
+        sites = ["universal", "montreal"]
+        heads = {"universal": Head(), "montreal": Head()}
+
+        def predict(self, path):
+            return image, {site: maps[path] for site in self.sites}
+
+    return tune_thresholds(Segmenter(), cases, leave_one_out=leave_one_out)
+
+
+def test_a_threshold_that_holds_leave_one_out_is_kept(tmp_path):
+    """Every case's lesion has probability 0.3: whichever case is left out, the others pick 0.3 and it scores 1."""
+    lesion = np.zeros((12, 12, 12), bool)
+    lesion[4:7, 4:7, 4:7] = True
+    tuned = _tune_on(tmp_path, [np.where(lesion, 0.3, 0.0)] * 3)
+    row = tuned["montreal"]
+    assert row["holds"] and row["threshold"] == 0.3
+    assert row["loo_dice"] == pytest.approx(1.0) and row["dice"] == pytest.approx(1.0) and row["dice_at_0.5"] == 0.0
+
+
+def test_a_threshold_that_fits_one_case_goes_back_to_one_half(tmp_path):
+    """Case 0's lesion has probability 0.3; case 1's 0.9, with a false blob of the same size at 0.3. On both, 0.3
+    has the best mean Dice (1 and 2/3 against 0 and 1), but each case's best threshold is wrong for the other:
+    leave-one-out gives 0 and 2/3, below the 0 and 1 of 0.5, so the head stays at 0.5."""
+    lesion = np.zeros((12, 12, 12), bool)
+    lesion[4:7, 4:7, 4:7] = True
+    faint = np.where(lesion, 0.3, 0.0)
+    bright = np.where(lesion, 0.9, 0.0)
+    bright[8:11, 8:11, 8:11] = 0.3
+    tuned = _tune_on(tmp_path, [faint, bright])
+    row = tuned["montreal"]
+    assert row["holds"] is False and row["threshold"] == 0.5
+    assert row["loo_dice"] == pytest.approx(1 / 3) and row["dice"] == pytest.approx(0.5)
+    assert row["dice_at_0.5"] == pytest.approx(0.5)
+    # Without the check (the default), the same cases keep the pick and only report that it does not hold.
+    row = _tune_on(tmp_path, [faint, bright], leave_one_out=False)["montreal"]
+    assert row["holds"] is False and row["threshold"] == 0.3 and row["dice"] == pytest.approx(5 / 6)
+
+
+def test_one_case_is_not_enough_to_move_a_threshold(tmp_path):
+    lesion = np.zeros((12, 12, 12), bool)
+    lesion[4:7, 4:7, 4:7] = True
+    tuned = _tune_on(tmp_path, [np.where(lesion, 0.3, 0.0)])
+    assert tuned["montreal"]["loo_dice"] is None and tuned["montreal"]["holds"] is None
+    assert tuned["montreal"]["threshold"] == 0.5
