@@ -473,7 +473,7 @@ def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, thr
         loo = "one case" if row["loo_dice"] is None else f"leave-one-out {row['loo_dice']:.3f}"
         if row["holds"] is None:
             kept = ", left at 0.5: one case" if leave_one_out else ""
-        elif row["holds"]:
+        elif row["holds"] or (not leave_one_out and row["threshold"] == 0.5):
             kept = ""
         elif leave_one_out:
             kept = ", left at 0.5: the pick does not hold leave-one-out"

@@ -135,9 +135,9 @@ def tune_thresholds(
 
     Returns:
         ``{head: {"threshold", "dice" (mean at that threshold, every lesion kept), "dice_at_0.5", "cases",
-        "loo_dice" (leave-one-out mean at the tuned thresholds; None with one case), "holds" (whether the
-        pick beats 0.5 leave-one-out; None with one case), "min_lesion_mm3", "f1" (pooled, with it), "f1_all_lesions" (pooled, every lesion kept)}}``
-        for every head with at least one case.
+        "loo_dice" (leave-one-out mean at the tuned thresholds; None with one case), "holds" (whether the pick
+        beats 0.5 leave-one-out; None with one case), "min_lesion_mm3", "f1" (pooled, with it), "f1_all_lesions"
+        (pooled, every lesion kept)}}`` for every head with at least one case.
     """
     import nibabel as nib
     import numpy as np
@@ -152,7 +152,6 @@ def tune_thresholds(
     dices: dict[str, list[np.ndarray]] = defaultdict(list)  # per case, Dice per (threshold, smallest lesion)
     # tp, fp, fn summed over cases, per (threshold, smallest lesion)
     detections: dict[str, np.ndarray] = defaultdict(lambda: np.zeros((*shape, 3)))
-    counts: dict[str, int] = defaultdict(int)
     for number, case in enumerate(cases, 1):
         image, probabilities = segmenter.predict(case.image)
         zooms = tuple(voxel_sizes(image.affine))
@@ -170,7 +169,6 @@ def tune_thresholds(
                     found = lesion_detection(mask, reference, rule="any")
                     detections[head][i, j] += (found["tp"], found["fp"], found["fn"])
             dices[head].append(case_dice)
-            counts[head] += 1
         logger.info("%d/%d %s (%s)", number, len(cases), case.subject, case.site)
     half = min(range(len(thresholds)), key=lambda k: abs(thresholds[k] - 0.5))
 
@@ -192,7 +190,7 @@ def tune_thresholds(
         allowed = [j for j in range(len(volumes)) if mean[best, j] >= mean[best, 0] - DICE_TOLERANCE]
         smallest = max(allowed, key=lambda j: (round(float(f1[best, j]), 6), -volumes[j]))
         tuned[head] = {"threshold": thresholds[best], "dice": float(mean[best, 0]),
-                       "dice_at_0.5": float(mean[half, 0]), "cases": counts[head], "loo_dice": loo_dice,
+                       "dice_at_0.5": float(mean[half, 0]), "cases": n, "loo_dice": loo_dice,
                        "holds": holds,
                        "min_lesion_mm3": volumes[smallest], "f1": float(f1[best, smallest]),
                        "f1_all_lesions": float(f1[best, 0])}
