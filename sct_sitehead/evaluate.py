@@ -177,8 +177,9 @@ def tune_thresholds(
 
     tuned = {}
     for head, per_case in dices.items():
-        per_case_dice = np.stack(per_case)[:, :, 0]  # (cases, thresholds), every lesion kept
-        mean = np.mean(per_case, axis=0)
+        stacked = np.stack(per_case)  # (cases, thresholds, smallest lesions)
+        mean = stacked.mean(axis=0)
+        per_case_dice = stacked[:, :, 0]  # every lesion kept
         tp, fp, fn = np.moveaxis(detections[head], -1, 0)
         f1 = np.where(tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
         n = len(per_case)

@@ -148,47 +148,6 @@ def test_summarize_skips_undefined_values():
     assert out["precision"] == {"mean": 0.5, "low": 0.5, "high": 0.5, "n": 1}
 
 
-def test_tuning_keeps_the_threshold_with_the_best_dice_and_drops_lone_false_alarm_voxels(tmp_path):
-    """On every case the head finds the 27-voxel lesion (p 0.9, a rim at p 0.4) plus one stray voxel (p 0.9):
-    the best Dice is at a threshold above 0.4 (the rim is not lesion), and dropping lesions under 3 mm³ removes
-    the stray voxel (pooled F1 2/3 -> 1) without touching the lesion."""
-    import nibabel as nib
-
-    from sct_sitehead.evaluate import Case, tune_thresholds
-    from sct_sitehead.registry import LabelSpec
-
-    reference = np.zeros((12, 12, 12), np.uint8)
-    reference[4:7, 4:7, 4:7] = 1
-    probabilities = np.where(reference > 0, 0.9, 0.0).astype(np.float32)
-    rim = (np.pad(np.ones((5, 5, 5)), ((3, 4), (3, 4), (3, 4))) > 0) & (reference == 0)
-    probabilities[rim] = 0.4
-    probabilities[10, 1, 1] = 0.9
-    image = nib.Nifti1Image(reference, np.eye(4))
-    cases = []
-    for number in range(3):
-        path = tmp_path / f"ref{number}.nii.gz"
-        nib.save(image, path)
-        cases.append(Case(f"sub-{number}", "montreal", path, path))
-
-    class Head:
-        labels = (LabelSpec("lesion", 1, 0),)
-
-    class Segmenter:
-        sites = ["universal", "montreal"]
-        heads = {"universal": Head(), "montreal": Head()}
-
-        def predict(self, path):
-            return image, {site: probabilities[None] for site in self.sites}
-
-    tuned = tune_thresholds(Segmenter(), cases)
-    assert set(tuned) == {"universal", "montreal"}
-    for row in tuned.values():
-        assert 0.4 < row["threshold"] and row["cases"] == 3
-        assert row["dice"] == pytest.approx(2 * 27 / (27 + 28))  # the stray voxel is still in at 0 mm³
-        assert row["min_lesion_mm3"] == 3.0  # the smallest volume that drops it
-        assert row["f1_all_lesions"] == pytest.approx(2 / 3) and row["f1"] == 1.0
-
-
 def _tune_on(tmp_path, probability_maps, leave_one_out=True):
     """tune_thresholds over one `montreal` case per map: each case's reference is the 27-voxel lesion at
     [4:7, 4:7, 4:7], its map every head's lesion probability."""
@@ -218,6 +177,25 @@ def _tune_on(tmp_path, probability_maps, leave_one_out=True):
             return image, {site: maps[path] for site in self.sites}
 
     return tune_thresholds(Segmenter(), cases, leave_one_out=leave_one_out)
+
+
+def test_tuning_keeps_the_threshold_with_the_best_dice_and_drops_lone_false_alarm_voxels(tmp_path):
+    """On every case the head finds the 27-voxel lesion (p 0.9, a rim at p 0.4) plus one stray voxel (p 0.9):
+    the best Dice is at a threshold above 0.4 (the rim is not lesion), and dropping lesions under 3 mm³ removes
+    the stray voxel (pooled F1 2/3 -> 1) without touching the lesion."""
+    reference = np.zeros((12, 12, 12), np.uint8)
+    reference[4:7, 4:7, 4:7] = 1
+    probabilities = np.where(reference > 0, 0.9, 0.0).astype(np.float32)
+    rim = (np.pad(np.ones((5, 5, 5)), ((3, 4), (3, 4), (3, 4))) > 0) & (reference == 0)
+    probabilities[rim] = 0.4
+    probabilities[10, 1, 1] = 0.9
+    tuned = _tune_on(tmp_path, [probabilities] * 3, leave_one_out=False)
+    assert set(tuned) == {"universal", "montreal"}
+    for row in tuned.values():
+        assert 0.4 < row["threshold"] and row["cases"] == 3
+        assert row["dice"] == pytest.approx(2 * 27 / (27 + 28))  # the stray voxel is still in at 0 mm³
+        assert row["min_lesion_mm3"] == 3.0  # the smallest volume that drops it
+        assert row["f1_all_lesions"] == pytest.approx(2 / 3) and row["f1"] == 1.0
 
 
 def test_a_threshold_that_holds_leave_one_out_is_kept(tmp_path):
