@@ -388,7 +388,8 @@ def publish(export_dir: Path, registry_dir: Path, model: str, version: str, thre
 
 
 def open_all_heads(
-    registry: str | None, offline: bool, model: str | None, threads: int | None, *, crop: bool = True
+    registry: str | None, offline: bool, model: str | None, threads: int | None, *, crop: bool = True,
+    mirror: bool = False,
 ):
     """The release (``model``, default: the registry's default) and a Segmenter over every one of its heads."""
     from .pipeline import Options, Segmenter
@@ -397,7 +398,8 @@ def open_all_heads(
     index, cache = open_registry(registry, offline)
     name, version = parse_model_spec(model) if model else (None, None)
     release = index.release(name, version)
-    segmenter = Segmenter.open(release, sorted(release.heads), cache, Options(threads=threads, crop=crop),
+    options = Options(threads=threads, crop=crop, mirror=mirror)
+    segmenter = Segmenter.open(release, sorted(release.heads), cache, options,
                                offline=offline or env.offline(), progress=False)
     return release, segmenter
 
@@ -412,17 +414,18 @@ def open_all_heads(
               help="BIDS folder of healthy controls (pathology HC): count false-positive lesions per head")
 @click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
 @click.option("-no-crop", "no_crop", is_flag=True, help="whole images, without the release's cord localiser")
+@click.option("-tta", "tta", is_flag=True, help="also run on left-right mirrored images and average (twice the time)")
 @registry_option
 @offline_option
 @verbosity_option
 def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str | None, controls: Path | None,
-             threads: int | None, no_crop: bool, registry: str | None, offline: bool) -> None:
+             threads: int | None, no_crop: bool, tta: bool, registry: str | None, offline: bool) -> None:
     """Evaluate every head of a release on the labelled SPLIT of DATASET: per site and pooled, with 95% CIs."""
     from . import evaluate as ev
     from .cli import parse_sites
     from .pipeline import write_text_atomic
 
-    release, segmenter = open_all_heads(registry, offline, model, threads, crop=not no_crop)
+    release, segmenter = open_all_heads(registry, offline, model, threads, crop=not no_crop, mirror=tta)
     out.mkdir(parents=True, exist_ok=True)
     cases = ev.find_cases(dataset, split, parse_sites(sites) or None)
     rows = ev.evaluate_release(segmenter, cases)
@@ -432,6 +435,7 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
     ev.write_csv(summary, out / "summary.tsv")
     ev.plot_dice(summary, out / "dice.png")
     how = "cord localiser on" if segmenter.localiser is not None else "whole images"
+    how += ", left-right mirroring" if tta else ""
     report = [f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases, {how})\n",
               ev.markdown_table(summary)]
     if controls is not None:

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-no-crop", action="store_true",
         help="run the lesion model on the whole image, not only around the cord the release's localiser finds",
     )
+    model.add_argument(
+        "-tta", action="store_true",
+        help="also run the lesion model on the left-right mirrored image and average the two (twice the time)",
+    )
     model.add_argument("-registry", metavar="URL_OR_PATH", help="registry index (default: the embedded one)")
     model.add_argument("-offline", action="store_true", help="no network at all: use the cache only")
     model.add_argument("-allow-http", action="store_true", help="allow plain http:// to hosts other than loopback")
@@ -177,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     plan = plan_outputs(args.i, sites, args.o, args.ofolder)
     options = Options(
         threshold=args.thr, min_lesion_mm3=args.min_lesion, soft=args.soft, device=args.device, threads=args.threads,
-        qc_dir=args.qc, crop=not args.no_crop,
+        qc_dir=args.qc, crop=not args.no_crop, mirror=args.tta,
     )
     segmenter = Segmenter.open(
         release, sites, cache, options, offline=args.offline or env.offline(), progress=sys.stderr.isatty(),

@@ -14,7 +14,7 @@ import os
 import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import product
+from itertools import combinations, product
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +90,53 @@ def edge_beyond_for(orientation: str, patch_size: Sequence[int]) -> tuple[int, i
     rounded up to the divisor) takes the edge there.
     """
     return tuple(0 if code in "SI" else int(size) for code, size in zip(orientation.upper(), patch_size))
+
+
+def left_right_axis(orientation: str) -> int:
+    """The axis of a model grid (orientation code such as ``"RAS"``) that runs between the patient's left and right.
+
+    Raises:
+        UsageError: the code has neither ``L`` nor ``R``.
+    """
+    code = orientation.upper()
+    for axis, letter in enumerate(code):
+        if letter in "LR":
+            return axis
+    raise UsageError(f"orientation {orientation!r} has no left-right axis")
+
+
+def mirrored(predict: Predict, axes: Sequence[int]) -> Predict:
+    """``predict`` averaged over mirrored copies of each patch: test-time augmentation, as nnU-Net does it.
+
+    Each batch is also run flipped along every non-empty subset of ``axes`` (spatial axes 0-2 of a patch); each
+    output is flipped back and the copies averaged. The copies go to ``predict`` as one batch. Meant for networks
+    trained with mirroring (``augment.flip``); it costs ``2 ** len(axes)`` times the network's time.
+
+    Args:
+        predict: maps a batch (N, 1, x, y, z) float32 to ``{key: (N, K, x, y, z)}``.
+        axes: spatial axes to mirror along; none gives ``predict`` back.
+    """
+    chosen = sorted({int(axis) for axis in axes})
+    if any(axis not in (0, 1, 2) for axis in chosen):
+        raise UsageError(f"mirror axes are spatial axes 0, 1 or 2, got {list(axes)}")
+    if not chosen:
+        return predict
+    subsets = [subset for k in range(1, len(chosen) + 1) for subset in combinations(chosen, k)]
+    flips = [tuple(axis + 2 for axis in subset) for subset in subsets]  # batch axes: (N, 1, x, y, z)
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch = np.asarray(batch, dtype=np.float32)
+        n = batch.shape[0]
+        outputs = predict(np.concatenate([batch, *(np.flip(batch, dims) for dims in flips)]))
+        averaged = {}
+        for key, output in outputs.items():
+            total = np.array(output[:n], dtype=np.float32)
+            for copy, dims in enumerate(flips, 1):
+                total += np.flip(output[copy * n:(copy + 1) * n], dims)
+            averaged[key] = total / (len(flips) + 1)
+        return averaged
+
+    return run
 
 
 def sliding_window(

@@ -42,6 +42,8 @@ class Options:
     batch_size: int = 4
     qc_dir: Path | None = None
     crop: bool = True
+    #: Also run the lesion model on the left-right mirrored image and average (nnU-Net's test-time mirroring).
+    mirror: bool = False
 
 
 @dataclass
@@ -319,7 +321,7 @@ class Segmenter:
         """What :meth:`predict_window` returns, still on the model grid: the image, the grid and
         ``{site: (K, x', y', z') float32}``, channels in the order of the head's ``labels``.
         """
-        from .inference import edge_beyond_for, normalize, sliding_window
+        from .inference import edge_beyond_for, left_right_axis, mirrored, normalize, sliding_window
         from .localise import fill_window, localise
         from .nifti import image_data, load_image
         from .spatial import to_model_grid
@@ -339,9 +341,10 @@ class Segmenter:
         del data
         # A crop is normalised with the whole image's statistics, as in training, not with its own.
         volume = normalize(volume, spec.normalization, reference=None if found is None else found.sample)
+        model = mirrored(self.model, [left_right_axis(spec.orientation)]) if self.options.mirror else self.model
         probabilities = sliding_window(
             volume,
-            self.model,
+            model,
             patch,
             overlap=self.options.overlap,
             batch_size=self.options.batch_size if patch == tuple(spec.patch_size) else 1,
@@ -461,6 +464,7 @@ class Segmenter:
             "Threshold": threshold,
             "MinLesionMm3": self.min_lesion_mm3(site),
             "CordCrop": self.last_crop,
+            "TestTimeMirroring": ["left-right"] if self.options.mirror else [],
             "Device": self.model.provider,
             "Seconds": round(seconds, 3),
             "Labels": [{"name": label.name, "value": label.value} for label in head.labels],

@@ -79,6 +79,34 @@ def test_several_sites_write_one_mask_each_and_other_labels(tiny_registry, image
     assert soft.dtype == np.float32 and 0.0 <= soft.min() and soft.max() <= 1.0
 
 
+def test_mirroring_is_recorded_and_flips_back_what_it_flipped(tiny_registry, image, tmp_path, capsys, monkeypatch):
+    # The tiny network commutes with flips, so mirrored copies flipped back must give the same soft map, voxel for
+    # voxel, on this image whose noise is not symmetric; a copy not flipped back would blur it.
+    from sct_sitehead import inference
+
+    real, axes = inference.mirrored, []
+
+    def spy(predict, chosen):
+        axes.append(list(chosen))
+        return real(predict, chosen)
+
+    monkeypatch.setattr(inference, "mirrored", spy)
+    soft = {}
+    for name, extra in (("plain", []), ("tta", ["-tta"])):
+        out = tmp_path / name
+        code, _, err = run(["-i", image, "-site", "montreal,toronto", "-ofolder", out, "-registry", tiny_registry,
+                            "-soft", *extra], capsys)
+        assert code == 0, err
+        soft[name] = [np.asanyarray(nib.load(out / f"sub-01_T2w_lesionseg_{site}_soft.nii.gz").dataobj)
+                      for site in ("montreal", "toronto")]
+        sidecar = json.loads((out / "sub-01_T2w_lesionseg_montreal.json").read_text())
+        assert sidecar["TestTimeMirroring"] == (["left-right"] if extra else [])
+    assert axes == [[0]]  # once, for the -tta run, along the model grid's left-right axis (RAS: the first)
+    for plain, tta in zip(soft["plain"], soft["tta"]):
+        assert np.ptp(plain[plain < 0.5]) > 1e-5  # the background's noise shows in the soft map
+        np.testing.assert_allclose(tta, plain, atol=1e-6)
+
+
 def test_site_from_environment(tiny_registry, image, monkeypatch, capsys):
     monkeypatch.setenv("SCT_SITEHEAD_SITE", "toronto")
     code, _, err = run(["-i", image, "-registry", tiny_registry, "-o", image.with_name("x.nii.gz")], capsys)

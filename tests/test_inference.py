@@ -27,6 +27,8 @@ from sct_sitehead.inference import (
     SiteHeadModel,
     edge_beyond_for,
     gaussian_weights,
+    left_right_axis,
+    mirrored,
     normalize,
     patch_starts,
     select_providers,
@@ -122,6 +124,39 @@ def test_sliding_window_equals_whole_volume_for_a_voxelwise_network(shape, patch
     padded = [max(n, -(-p // divisor) * divisor) for n, p in zip(shape, patch)]
     patch_up = [-(-p // divisor) * divisor for p in patch]
     assert sum(n for n, *_ in calls) == len(patch_starts(padded, patch_up, overlap))
+
+
+def test_mirroring_averages_the_network_over_flipped_copies_of_each_patch():
+    batch = np.random.default_rng(0).normal(size=(3, 1, 4, 5, 6)).astype(np.float32)
+    ramp = np.arange(4, dtype=np.float32)[:, None, None]  # an output that depends on the position along axis 0
+    calls = []
+
+    def predict(patches):
+        calls.append(patches.shape[0])
+        return {"p": patches * ramp}
+
+    result = mirrored(predict, [0])(batch)
+    assert calls == [6]  # the patch and its mirror image in one call
+    np.testing.assert_allclose(result["p"], batch * (ramp + ramp[::-1]) / 2, rtol=1e-6)
+    both = mirrored(predict, [0, 2])(batch)["p"]
+    assert calls[-1] == 12
+    np.testing.assert_allclose(both, batch * (ramp + ramp[::-1]) / 2, rtol=1e-6)  # flips along 2 change nothing here
+
+
+def test_mirroring_changes_nothing_for_a_network_that_commutes_with_flips():
+    batch = np.random.default_rng(1).normal(size=(2, 1, 6, 4, 8)).astype(np.float32)
+    result = mirrored(voxelwise, [0, 1, 2])(batch)
+    for key, value in voxelwise(batch).items():
+        np.testing.assert_allclose(result[key], value, atol=1e-6)
+    assert mirrored(voxelwise, []) is voxelwise
+    with pytest.raises(UsageError, match="spatial axes"):
+        mirrored(voxelwise, [3])
+
+
+def test_left_right_axis_of_any_orientation():
+    assert [left_right_axis(code) for code in ("RAS", "LPI", "PIR", "SLA")] == [0, 0, 2, 1]
+    with pytest.raises(UsageError, match="no left-right axis"):
+        left_right_axis("SAI")
 
 
 def recording_identity():
