@@ -414,7 +414,8 @@ def open_all_heads(
               help="BIDS folder of healthy controls (pathology HC): count false-positive lesions per head")
 @click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
 @click.option("-no-crop", "no_crop", is_flag=True, help="whole images, without the release's cord localiser")
-@click.option("-tta", "tta", is_flag=True, help="also run on left-right mirrored images and average (twice the time)")
+@click.option("-tta", "tta", is_flag=True,
+              help="also run on left-right mirrored images and average (the lesion network runs twice)")
 @registry_option
 @offline_option
 @verbosity_option

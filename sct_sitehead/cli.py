@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "-tta", action="store_true",
-        help="also run the lesion model on the left-right mirrored image and average the two (twice the time)",
+        help="also run the lesion model on the left-right mirrored image and average the two (it runs twice)",
     )
     model.add_argument("-registry", metavar="URL_OR_PATH", help="registry index (default: the embedded one)")
     model.add_argument("-offline", action="store_true", help="no network at all: use the cache only")
