@@ -132,3 +132,23 @@ def test_a_site_added_later_follows_the_grouping_by_meaning():
     assert grown.label_map("new") == {"lesion": 0, "cord": 1}
     ranked = build_label_space({"a": {"lesion": 0.001, "cord": 0.02}}).with_site("new", {"cord": 0.03, "lesion": 0.001})
     assert ranked.label_map("new") == {"cord": 0, "lesion": 1}
+
+
+def test_a_site_added_to_a_saved_backbone_keeps_each_group_on_its_channel(tmp_path):
+    """A backbone checkpoint stores the label space as JSON with sorted keys; read back, a site added later must
+    still put its lesions on the lesion channel, not on the channel of the group whose name sorts there."""
+    import torch
+
+    from sct_sitehead.training.checkpoint import load_checkpoint, save_checkpoint
+
+    space = build_label_space(
+        {"a": {"lesion": 0.001, "cord": 0.02, "csf": 0.03}, "b": {"lesion": 0.002, "cord": 0.02}},
+        grouping={"lesion": ["lesion"], "cord": ["cord"], "csf": ["csf"]},
+    )
+    assert space.label_map("a") == {"lesion": 0, "cord": 1, "csf": 2}
+    path = save_checkpoint(tmp_path / "backbone.safetensors", {"w": torch.zeros(1)}, {"label_space": space.to_json()})
+    _, meta, _ = load_checkpoint(path)
+    restored = LabelSpace.from_json(meta["label_space"])
+    assert list(restored.groups) == ["lesion", "cord", "csf"]
+    assert restored.with_site("new", {"lesion": 0.001}).label_map("new") == {"lesion": 0}
+    assert restored.with_site("new", {"csf": 0.03, "cord": 0.02}).label_map("new") == {"csf": 2, "cord": 1}

@@ -142,12 +142,13 @@ class LabelSpace:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LabelSpace:
         """Inverse of :meth:`to_json`."""
+        site_maps = {s: {k: int(v) for k, v in m.items()} for s, m in data["site_maps"].items()}
         return cls(
             int(data["channels"]),
-            {s: {k: int(v) for k, v in m.items()} for s, m in data["site_maps"].items()},
+            site_maps,
             str(data["universal_site"]),
             {s: {k: float(v) for k, v in m.items()} for s, m in data.get("sizes", {}).items()},
-            {g: list(m) for g, m in data["groups"].items()} if data.get("groups") else None,
+            _groups_in_channel_order(data["groups"], site_maps) if data.get("groups") else None,
         )
 
 
@@ -221,6 +222,31 @@ def _merged_maps(site_label_sizes: Mapping[str, Mapping[str, float]]) -> tuple[d
         maps[site] = {label: channels + k for label, k in ranked.items()}
         channels += len(ranked)
     return maps, channels
+
+
+def _groups_in_channel_order(
+    groups: Mapping[str, Sequence[str]], site_maps: Mapping[str, Mapping[str, int]]
+) -> dict[str, list[str]]:
+    """``groups`` reordered so that group g is channel g again.
+
+    Group g is channel g only by the order of the mapping, and a checkpoint's JSON metadata sorts its keys: read back
+    as stored, ``{"cord", "csf", "lesion"}`` put a site added later on the wrong channels (its lesions on the CSF
+    channel). The site maps say which channel each group's labels are on; groups no site uses keep their relative
+    order in the free channels.
+    """
+    channel_of: dict[str, int] = {}
+    for site_map in site_maps.values():
+        for label, channel in site_map.items():
+            for group, members in groups.items():
+                if label in members:
+                    channel_of.setdefault(group, int(channel))
+    ordered: list[str | None] = [None] * len(groups)
+    for group, channel in channel_of.items():
+        if 0 <= channel < len(ordered) and ordered[channel] is None:
+            ordered[channel] = group
+    rest = iter(group for group in groups if group not in ordered)
+    names = [group if group is not None else next(rest) for group in ordered]
+    return {group: list(groups[group]) for group in names}
 
 
 def _group_maps(
