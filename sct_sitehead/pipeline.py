@@ -217,6 +217,13 @@ class Segmenter:
         self.paths = paths
         self.model = model
         self.options = options
+        #: What the lesion model's sliding window calls: the model, or with ``Options.mirror`` the model averaged
+        #: with itself on left-right mirrored patches.
+        self.network = model
+        if options.mirror:
+            from .inference import left_right_axis, mirrored
+
+            self.network = mirrored(model, [left_right_axis(release.input.orientation)])
         self.localiser = localiser
         self.heads: dict[str, HeadSpec] = {site: release.head(site) for site in sites}
         #: What the localiser found on the last image (None: not run or no cord): for the sidecar.
@@ -321,7 +328,7 @@ class Segmenter:
         """What :meth:`predict_window` returns, still on the model grid: the image, the grid and
         ``{site: (K, x', y', z') float32}``, channels in the order of the head's ``labels``.
         """
-        from .inference import edge_beyond_for, left_right_axis, mirrored, normalize, sliding_window
+        from .inference import edge_beyond_for, normalize, sliding_window
         from .localise import fill_window, localise
         from .nifti import image_data, load_image
         from .spatial import to_model_grid
@@ -341,10 +348,9 @@ class Segmenter:
         del data
         # A crop is normalised with the whole image's statistics, as in training, not with its own.
         volume = normalize(volume, spec.normalization, reference=None if found is None else found.sample)
-        model = mirrored(self.model, [left_right_axis(spec.orientation)]) if self.options.mirror else self.model
         probabilities = sliding_window(
             volume,
-            model,
+            self.network,
             patch,
             overlap=self.options.overlap,
             batch_size=self.options.batch_size if patch == tuple(spec.patch_size) else 1,

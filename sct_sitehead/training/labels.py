@@ -234,12 +234,12 @@ def _groups_in_channel_order(
     channel). The site maps say which channel each group's labels are on; groups no site uses keep their relative
     order in the free channels.
     """
+    group_of = {label: group for group, members in groups.items() for label in members}
     channel_of: dict[str, int] = {}
     for site_map in site_maps.values():
         for label, channel in site_map.items():
-            for group, members in groups.items():
-                if label in members:
-                    channel_of.setdefault(group, int(channel))
+            if label in group_of:
+                channel_of.setdefault(group_of[label], int(channel))
     ordered: list[str | None] = [None] * len(groups)
     for group, channel in channel_of.items():
         if 0 <= channel < len(ordered) and ordered[channel] is None:

@@ -15,7 +15,7 @@ names = [m for _, m in members] + ["ensemble"]
 scores = {n: {"own": [], "universal": [], "own_f1": [], "universal_f1": []} for n in names}
 ctrl = {n: [0, 0.0] for n in names}
 
-def masks(probs_list, site, zooms):
+def masks(probs_list, site):
     out = {}
     for name, probs, seg in zip(names, probs_list, segs + [segs[0]]):
         li = lesion_index(seg, site)
@@ -29,7 +29,7 @@ for case in find_cases(sim, "test"):
     probs.append({s: np.mean([p[s] for p in probs], axis=0) for s in sites})
     ref = np.asanyarray(nib.load(case.reference).dataobj) > 0
     for head, key in ((case.site, "own"), ("universal", "universal")):
-        for name, m in masks(probs, head, zooms).items():
+        for name, m in masks(probs, head).items():
             sc = score_case(m, ref, zooms)
             scores[name][key].append(sc["dice"]); scores[name][key + "_f1"].append(sc["f1_any"])
     print(case.subject, {n: round(scores[n]["own"][-1], 2) for n in names}, flush=True)
@@ -40,7 +40,7 @@ for path in healthy_controls(Path("../shared/data/bids")):
     probs = [p for _, p in results]
     probs.append({s: np.mean([p[s] for p in probs], axis=0) for s in sites})
     for head in sites:
-        for name, m in masks(probs, head, zooms).items():
+        for name, m in masks(probs, head).items():
             st = lesion_stats(m, zooms)
             ctrl[name][0] += st["count"] > 0; ctrl[name][1] += st["total_volume_mm3"]
 
