@@ -11,8 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sct_sitehead import admin_cli, cli
-from sct_sitehead.publish import publish
+from sct_sitehead.cli import admin as admin_cli
+
+from sct_sitehead.cli import deepseg_lesion as cli
+from sct_sitehead.registry.publish import publish
 
 from conftest import sha256_of, write_registry
 
@@ -26,7 +28,7 @@ def sitehead(argv, capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def mirror(tmp_path: Path):
     """The tiny registry served by `registry serve`'s server on 127.0.0.1, counting requests per path."""
-    from sct_sitehead.server import RangeRequestHandler, make_server
+    from sct_sitehead.registry.server import RangeRequestHandler, make_server
 
     folder = tmp_path / "mirror"
     write_registry(folder)

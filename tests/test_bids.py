@@ -8,36 +8,38 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sct_sitehead.bids import Sample, read_bids
+from sct_sitehead.evaluation.bids import Sample, read_bids
 from sct_sitehead.errors import InputImageError
 
 
 def test_real_dataset(bids_dir: Path):
     samples, problems = read_bids(bids_dir)
-    assert len(samples) == 12
-    assert {s.subject for s in samples} == {
-        "sub-errsm30", "sub-pam50", "sub-unf01", "sub-tut01", "sub-tut03", "sub-tut05", "sub-ms01"
+    assert len(samples) == 44
+    assert len({s.subject for s in samples}) == 25
+    assert {"sub-errsm30", "sub-pam50", "sub-unf01", "sub-tut05", "sub-ms01", "sub-gmc9418"} <= {s.subject for s in samples}
+    assert {s.site for s in samples} == {
+        "errsm", "template", "unf", "unknown", "ucl", "philips", "juntendo", "milan", "ceitec"
     }
-    assert {s.site for s in samples} == {"errsm", "template", "unf", "unknown"}
     with_cord = [s for s in samples if "cord" in s.labels]
-    assert len(with_cord) == 9
-    assert {s.subject for s in with_cord} == {"sub-errsm30", "sub-pam50", "sub-unf01", "sub-tut05"}
+    assert len(with_cord) == 22
+    assert {"sub-errsm30", "sub-pam50", "sub-unf01", "sub-tut05", "sub-gmc9604"} <= {s.subject for s in with_cord}
     assert not any("lesion" in s.labels for s in samples)
     mts = next(s for s in samples if s.subject == "sub-errsm30" and s.contrast == "MTS")
     assert mts.acquisition == "MTon" and mts.labels["cord"].name == "sub-errsm30_acq-MTon_MTS_seg.nii.gz"
     t2star = next(s for s in samples if s.subject == "sub-errsm30" and s.contrast == "T2star")
     assert t2star.labels["cord"].name.endswith("_T2star_seg.nii.gz")  # the alternative suffix
     assert {s.contrast for s in samples} == {"T1w", "T2w", "T2star", "MTS"}
-    # site unf: 4 of 6 images have a cord mask, so the two MToff images without one are reported, nothing else
-    assert len(problems) == 2
-    assert all("site 'unf'" in p and "MToff" in p and "cord" in p for p in problems)
+    # images without a cord mask at a site where others have one are reported, one line each, naming the site
+    assert len(problems) == 13
+    assert all("has no usable cord label" in p and "of site '" in p for p in problems)
+    assert not any("sub-ms01" in p for p in problems)  # its site ('unknown') has no cord mask at all
 
 
 def test_real_dataset_site_column_is_configurable(bids_dir: Path):
     samples, problems = read_bids(bids_dir, site_column="pathology", label_suffixes={"cord": "seg-manual"})
-    assert {s.site for s in samples} == {"HC", "MS"}
-    assert sum("cord" in s.labels for s in samples) == 6  # only the seg-manual ones
-    # the two `_seg` files are not orphans: they belong to images, under a suffix not asked for
+    assert {s.site for s in samples} == {"HC", "MS", "MildCompression"}
+    assert sum("cord" in s.labels for s in samples) == 16  # only the seg-manual ones
+    # the `_seg` files are not orphans: they belong to images, under a suffix not asked for
     assert not any("belongs to no image" in p for p in problems)
 
 

@@ -16,9 +16,9 @@ from pytest_httpserver import HTTPServer
 from test_download import RecordingServer
 from test_registry import make_index, make_keys, serve_index, sha256, write_registry, write_signed_registry
 
-from sct_sitehead.cache import Cache
+from sct_sitehead.registry.cache import Cache
 from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
-from sct_sitehead.registry import Asset, Registry, Release
+from sct_sitehead.registry.index import Asset, Registry, Release
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "lesion/1.0.0/backbone.onnx"
@@ -383,8 +383,8 @@ def test_default_root_comes_from_the_environment(tmp_path: Path, monkeypatch: py
 
 def test_offline_still_copies_from_a_local_registry(tmp_path):
     """-offline forbids the network only: the embedded (local) registry's files still enter the cache."""
-    from sct_sitehead.cache import Cache
-    from sct_sitehead.registry import Asset
+    from sct_sitehead.registry.cache import Cache
+    from sct_sitehead.registry.index import Asset
 
     source = tmp_path / "model.onnx"
     source.write_bytes(b"local model bytes")

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sct_sitehead.cli import main
+from sct_sitehead.cli.deepseg_lesion import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -82,7 +82,7 @@ def test_several_sites_write_one_mask_each_and_other_labels(tiny_registry, image
 def test_mirroring_is_recorded_and_flips_back_what_it_flipped(tiny_registry, image, tmp_path, capsys, monkeypatch):
     # The tiny network commutes with flips, so mirrored copies flipped back must give the same soft map, voxel for
     # voxel, on this image whose noise is not symmetric; a copy not flipped back would differ from it.
-    from sct_sitehead import inference
+    from sct_sitehead.segment import inference as inference
 
     real, axes = inference.mirrored, []
 
@@ -202,7 +202,7 @@ def test_list_sites_and_models(tiny_registry, capsys):
 def test_help_imports_nothing_heavy():
     probe = (
         "import sys\n"
-        "from sct_sitehead.cli import main\n"
+        "from sct_sitehead.cli.deepseg_lesion import main\n"
         "try:\n    main(['-h'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
         "heavy = [m for m in ('torch', 'onnxruntime', 'scipy', 'numpy', 'nibabel') if m in sys.modules]\n"
         "print('heavy:' + ','.join(heavy))\n"
@@ -213,7 +213,7 @@ def test_help_imports_nothing_heavy():
 
 def test_subprocess_exit_codes_and_outputs(tiny_registry, image, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "sct_sitehead.cli"]
+    command = [sys.executable, "-m", "sct_sitehead.cli.deepseg_lesion"]
     ok = subprocess.run([*command, "-i", image, "-site", "toronto", "-registry", tiny_registry],
                         capture_output=True, text=True, env=env)
     assert ok.returncode == 0, ok.stderr
@@ -232,7 +232,7 @@ def real_images(bids: Path) -> list[Path]:
 
 def test_every_real_image_gets_a_mask_on_its_own_grid(tiny_registry, bids_dir, tmp_path, capsys):
     images = real_images(bids_dir)
-    assert len(images) == 12
+    assert len(images) == 44
     out = tmp_path / "out"
     code, _, err = run(["-i", *images, "-site", "universal", "-ofolder", out, "-registry", tiny_registry], capsys)
     assert code == 0, err

@@ -29,11 +29,11 @@ from conftest import default_sigint, save_image, write_registry
 from test_faults import assert_cache_sound, holder_of, inject_read_only
 
 import sct_sitehead
-import sct_sitehead.outputs
-from sct_sitehead.cli import main
+import sct_sitehead.segment.outputs
+from sct_sitehead.cli.deepseg_lesion import main
 from sct_sitehead.errors import EXIT_INTERRUPTED, OutputError
-from sct_sitehead.server import RangeRequestHandler, make_server
-from sct_sitehead.signing import generate_keypair, sign_index
+from sct_sitehead.registry.server import RangeRequestHandler, make_server
+from sct_sitehead.registry.signing import generate_keypair, sign_index
 
 PROG = "sct_deepseg_lesion"
 PYTHONPATH = str(Path(sct_sitehead.__file__).resolve().parents[1])
@@ -167,7 +167,7 @@ def test_processes_share_one_cold_cache_over_http(signed_site, tmp_path: Path, k
     image = blob_image(tmp_path / "sub-01_T2w.nii.gz")
     cache, out = tmp_path / "cache", tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "sct_sitehead.cli", "-i", str(image), "-site", "montreal",
+    command = [sys.executable, "-m", "sct_sitehead.cli.deepseg_lesion", "-i", str(image), "-site", "montreal",
                "-registry", server.url("registry.json"), "-trust", str(public)]
     workers = [
         subprocess.Popen([*command, "-o", str(out / f"mask{n}.nii.gz")], stdout=subprocess.PIPE,
@@ -224,7 +224,7 @@ def test_sigint_mid_inference_exits_130_and_leaves_nothing(tmp_path: Path) -> No
     image = blob_image(tmp_path / "big.nii.gz", shape=(128, 128, 64))
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "sct_sitehead.cli", "-i", str(image), "-site", "montreal", "-registry",
+    command = [sys.executable, "-m", "sct_sitehead.cli.deepseg_lesion", "-i", str(image), "-site", "montreal", "-registry",
                str(registry), "-o", str(out / "mask.nii.gz")]
     environment = child_environment(tmp_path / "cache")
     worker = subprocess.Popen([*command, "-v", "2", "-threads", "1"], stderr=subprocess.PIPE, text=True,
@@ -292,7 +292,7 @@ def test_failure_while_writing_leaves_the_previous_outputs(tiny_registry, image,
     before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
     error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if failure == "ENOSPC" else KeyboardInterrupt()
     # Every NIfTI output goes through outputs._save (nibabel, or ISA-L's gzip for .nii.gz).
-    real_save, real_write_text = sct_sitehead.outputs._save, Path.write_text
+    real_save, real_write_text = sct_sitehead.segment.outputs._save, Path.write_text
     saves = []
 
     def failing_save(img, filename):
@@ -308,7 +308,7 @@ def test_failure_while_writing_leaves_the_previous_outputs(tiny_registry, image,
             raise error
         return real_write_text(self, data, *args, **kwargs)
 
-    monkeypatch.setattr(sct_sitehead.outputs, "_save", failing_save)
+    monkeypatch.setattr(sct_sitehead.segment.outputs, "_save", failing_save)
     monkeypatch.setattr(Path, "write_text", failing_write_text)
     code, lines = run_cli(universal(image, tiny_registry, out), capfd)
     monkeypatch.undo()
@@ -412,7 +412,7 @@ def test_read_only_prefilled_cache_real_process(tiny_registry, image, tmp_path) 
     read-only: it runs from the cache and writes nothing there."""
     cache = tmp_path / "cache"
     environment = child_environment(cache)
-    command = [sys.executable, "-m", "sct_sitehead.cli", "-i", str(image), "-site", "montreal",
+    command = [sys.executable, "-m", "sct_sitehead.cli.deepseg_lesion", "-i", str(image), "-site", "montreal",
                "-registry", str(tiny_registry), "-v", "0"]
     filled = subprocess.run([*command, "-o", str(tmp_path / "first.nii.gz")], capture_output=True, text=True,
                             env=environment, timeout=300)

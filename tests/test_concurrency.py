@@ -25,8 +25,8 @@ HEAD = "lesion/1.0.0/heads/montreal.onnx"
 WORKER = """
 import hashlib, json, os, sys, time
 from pathlib import Path
-from sct_sitehead.cache import Cache
-from sct_sitehead.registry import Registry
+from sct_sitehead.registry.cache import Cache
+from sct_sitehead.registry.index import Registry
 
 url, root, go, number, key = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 Path(f"{go}.ready.{number}").touch()

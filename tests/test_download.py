@@ -19,10 +19,10 @@ import requests
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from sct_sitehead import download as download_module
-from sct_sitehead.download import check_url, download, is_loopback, new_session
+from sct_sitehead.registry import download as download_module
+from sct_sitehead.registry.download import check_url, download, is_loopback, new_session
 from sct_sitehead.errors import DownloadError, IntegrityError, OutputError
-from sct_sitehead.server import RangeRequestHandler, make_server, parse_range
+from sct_sitehead.registry.server import RangeRequestHandler, make_server, parse_range
 
 FAST = {"retries": 2, "backoff": 0.0, "timeout": (2.0, 2.0)}
 

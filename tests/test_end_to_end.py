@@ -15,8 +15,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from sct_sitehead import admin_cli, cli  # noqa: E402
-from sct_sitehead.evaluate import MIN_LESIONS_MM3  # noqa: E402
+from sct_sitehead.cli import admin as admin_cli  # noqa: E402
+
+from sct_sitehead.cli import deepseg_lesion as cli
+from sct_sitehead.evaluation.evaluate import MIN_LESIONS_MM3  # noqa: E402
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sct_sitehead.errors import TrainingError
-from sct_sitehead.experiments import main, plan as xp, report, scoring
+from experiments import main, plan as xp, report, scoring
 from sct_sitehead.training.config import load_config
 from sct_sitehead.training.labels import build_label_space
 
@@ -162,7 +162,7 @@ def test_git_version_ignores_the_report_folder_being_written(tmp_path: Path) -> 
     import shutil
     import subprocess
 
-    from sct_sitehead.experiments.runner import version_of_git
+    from experiments.runner import version_of_git
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")

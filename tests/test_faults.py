@@ -31,13 +31,13 @@ from conftest import default_sigint
 from test_registry import make_index, make_keys, write_signed_registry
 
 import sct_sitehead
-from sct_sitehead import cache as cache_module
-from sct_sitehead import download as download_module
-from sct_sitehead.cache import Cache
+from sct_sitehead.registry import cache as cache_module
+from sct_sitehead.registry import download as download_module
+from sct_sitehead.registry.cache import Cache
 from sct_sitehead.errors import DownloadError, IntegrityError, OutputError, RegistryError, SiteHeadError
-from sct_sitehead.registry import Asset, Registry, Release
-from sct_sitehead.server import RangeRequestHandler, make_server
-from sct_sitehead.signing import load_private_key, sign_bytes
+from sct_sitehead.registry.index import Asset, Registry, Release
+from sct_sitehead.registry.server import RangeRequestHandler, make_server
+from sct_sitehead.registry.signing import load_private_key, sign_bytes
 
 BACKBONE = "lesion/1.0.0/backbone.onnx"
 HEAD = "lesion/1.0.0/heads/montreal.onnx"
@@ -459,8 +459,8 @@ def sign_unchecked(path: Path, private_key: Path) -> None:
 WORKER = """
 import hashlib, json, sys, time
 from pathlib import Path
-from sct_sitehead.cache import Cache
-from sct_sitehead.registry import Registry
+from sct_sitehead.registry.cache import Cache
+from sct_sitehead.registry.index import Registry
 
 url, root, go, number, key = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
 Path(f"{go}.ready.{number}").touch()
@@ -667,9 +667,9 @@ def test_full_disk(where: str, site: Site, tmp_path: Path, monkeypatch: pytest.M
 READ_ONLY_CHECK = """
 import json, sys
 from pathlib import Path
-from sct_sitehead.cache import Cache
+from sct_sitehead.registry.cache import Cache
 from sct_sitehead.errors import SiteHeadError
-from sct_sitehead.registry import Registry
+from sct_sitehead.registry.index import Registry
 
 url, root, key = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 cache = Cache(root, retries=0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sct_sitehead.errors import InputImageError, UsageError
-from sct_sitehead.metrics import (
+from sct_sitehead.evaluation.metrics import (
     absolute_volume_difference,
     bootstrap_ci,
     dice,
@@ -153,8 +153,8 @@ def _tune_on(tmp_path, probability_maps, leave_one_out=True):
     [4:7, 4:7, 4:7], its map every head's lesion probability."""
     import nibabel as nib
 
-    from sct_sitehead.evaluate import Case, tune_thresholds
-    from sct_sitehead.registry import LabelSpec
+    from sct_sitehead.evaluation.evaluate import Case, tune_thresholds
+    from sct_sitehead.registry.index import LabelSpec
 
     reference = np.zeros((12, 12, 12), np.uint8)
     reference[4:7, 4:7, 4:7] = 1

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 
 from sct_sitehead.errors import UsageError
-from sct_sitehead.metrics import dice
+from sct_sitehead.evaluation.metrics import dice
 from sct_sitehead.simulate.grids import resample
 from sct_sitehead.simulate.phantom import make_phantom, truth_paths, write_phantom
 

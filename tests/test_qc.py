@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from sct_sitehead import qc
+from sct_sitehead.segment import qc as qc
 from sct_sitehead.errors import OutputError, UsageError
-from sct_sitehead.qc import write_qc, write_qc_index
+from sct_sitehead.segment.qc import write_qc, write_qc_index
 from test_nifti import AXIS_CODES, oriented_affine
 
 

@@ -15,10 +15,10 @@ import jsonschema
 import pytest
 from pytest_httpserver import HTTPServer
 
-from sct_sitehead import registry as registry_module
-from sct_sitehead.cache import Cache
+from sct_sitehead.registry import index as registry_module
+from sct_sitehead.registry.cache import Cache
 from sct_sitehead.errors import DownloadError, OfflineError, RegistryError, UnknownModelError, UsageError
-from sct_sitehead.registry import (
+from sct_sitehead.registry.index import (
     Asset,
     HeadSpec,
     InputSpec,
@@ -29,8 +29,8 @@ from sct_sitehead.registry import (
     parse_model_spec,
     resolve_urls,
 )
-from sct_sitehead.schema import load_schema, validate_index
-from sct_sitehead.signing import generate_keypair, sign_index
+from sct_sitehead.registry.schema import load_schema, validate_index
+from sct_sitehead.registry.signing import generate_keypair, sign_index
 
 BACKBONE_URL = "lesion/1.0.0/backbone.onnx"
 

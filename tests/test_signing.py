@@ -23,11 +23,11 @@ from pytest_httpserver import HTTPServer
 from test_registry import make_index, make_keys, serve_index, sha256, write_registry, write_signed_registry
 
 import sct_sitehead
-from sct_sitehead import registry as registry_module
-from sct_sitehead.cache import Cache
+from sct_sitehead.registry import index as registry_module
+from sct_sitehead.registry.cache import Cache
 from sct_sitehead.errors import DownloadError, IntegrityError, RegistryError, UsageError
-from sct_sitehead.registry import Registry
-from sct_sitehead.signing import (
+from sct_sitehead.registry.index import Registry
+from sct_sitehead.registry.signing import (
     generate_keypair,
     key_id,
     load_private_key,
@@ -37,7 +37,7 @@ from sct_sitehead.signing import (
     sign_index,
     verify_index_bytes,
 )
-from sct_sitehead.trust import UNSIGNED, Seen, load_trust_store, package_keys, rollback_conflict
+from sct_sitehead.registry.trust import UNSIGNED, Seen, load_trust_store, package_keys, rollback_conflict
 
 PROJECT_KEY_ID = "51ea5321b858ff02"
 
@@ -194,7 +194,7 @@ def test_sign_index_refuses_an_invalid_index_and_warns_without_serial(
 # --- trust store ------------------------------------------------------------------------------------------------
 def test_the_package_carries_the_project_public_key_only() -> None:
     shipped = package_keys()
-    assert [name for name, _ in shipped] == ["sct_sitehead/keys/sct_sitehead-project.pub"]
+    assert [name for name, _ in shipped] == ["sct_sitehead/registry/keys/sct_sitehead-project.pub"]
     assert all(b"PRIVATE" not in data for _, data in shipped)
     assert PROJECT_KEY_ID in load_trust_store().keys
     repository = Path(sct_sitehead.__file__).resolve().parents[1]
@@ -495,7 +495,7 @@ def test_unreadable_state_is_replaced_and_a_read_only_cache_still_refuses(
 def test_unsigned_local_index_does_not_import_cryptography(tmp_path: Path) -> None:
     path = write_registry(tmp_path / "reg", make_index(b"bb", {"x": b"h"}))
     code = (
-        "import sys; from sct_sitehead.registry import Registry; from sct_sitehead.cache import Cache\n"
+        "import sys; from sct_sitehead.registry.index import Registry; from sct_sitehead.registry.cache import Cache\n"
         f"Registry.load({str(path)!r}, cache=Cache({str(tmp_path / 'c')!r}), offline=True)\n"
         "assert 'cryptography' not in sys.modules, 'cryptography imported'"
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sct_sitehead.bids import read_bids
+from sct_sitehead.evaluation.bids import read_bids
 from sct_sitehead.errors import InputImageError, OutputError, UsageError
 from sct_sitehead.simulate import insert_lesions, load_sites, make_phantom, simulate
 from sct_sitehead.simulate.annotation import annotate

@@ -11,8 +11,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sct_sitehead.errors import InferenceError, RegistryError, UsageError
-from sct_sitehead.nifti import image_data, load_image
-from sct_sitehead.spatial import from_model_grid, mask_from_model_grid, to_model_grid
+from sct_sitehead.segment.nifti import image_data, load_image
+from sct_sitehead.segment.spatial import from_model_grid, mask_from_model_grid, to_model_grid
 from test_nifti import AXIS_CODES, DTYPES, oriented_affine
 
 codes = st.sampled_from(AXIS_CODES)
@@ -220,8 +220,10 @@ def test_real_images_go_to_the_model_grid_and_back(bids_dir):
 
 
 def test_real_cord_masks_survive_the_round_trip(bids_dir):
-    masks = sorted((bids_dir / "derivatives" / "labels").glob("sub-*/anat/*.nii.gz"))
-    assert len(masks) >= 9
+    # Cord masks only: a grey-matter mask is a few voxels thick in-plane, and 1 mm resampling of 0.5 mm voxels
+    # moves its edge by a voxel (Dice 0.82 on sub-gmc9418), which says nothing about the round trip.
+    masks = sorted(p for p in (bids_dir / "derivatives" / "labels").glob("sub-*/anat/*.nii.gz") if "label-GM" not in p.name)
+    assert len(masks) >= 22
     for path in masks:
         img = load_image(path)
         mask = image_data(img) > 0.5

@@ -12,14 +12,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sct_sitehead.bids import read_bids  # noqa: E402
+from sct_sitehead.evaluation.bids import read_bids  # noqa: E402
 from sct_sitehead.errors import TrainingError  # noqa: E402
-from sct_sitehead.inference import normalize  # noqa: E402
-from sct_sitehead.nifti import image_data, load_image  # noqa: E402
-from sct_sitehead.spatial import to_model_grid  # noqa: E402
+from sct_sitehead.segment.inference import normalize  # noqa: E402
+from sct_sitehead.segment.nifti import image_data, load_image  # noqa: E402
+from sct_sitehead.segment.spatial import to_model_grid  # noqa: E402
 from sct_sitehead.training import loop  # noqa: E402
 from sct_sitehead.training.augment import augment_batch  # noqa: E402
-from sct_sitehead.cache import sha256_file as file_sha256  # noqa: E402
+from sct_sitehead.registry.cache import sha256_file as file_sha256  # noqa: E402
 from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest  # noqa: E402
 from sct_sitehead.training.config import load_config  # noqa: E402
 from sct_sitehead.training.data import Case, case_weights, prepare_cases, sample_batch  # noqa: E402

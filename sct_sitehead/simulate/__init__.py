@@ -10,10 +10,10 @@ numpy, scipy and nibabel only (no torch). Public entry points:
 
 from __future__ import annotations
 
-from .lesions import InsertedLesions, insert_lesions
-from .phantom import Phantom, make_phantom, write_phantom
-from .simulator import simulate
-from .sites import DEFAULT_SITES, Site, load_sites
+from sct_sitehead.simulate.lesions import InsertedLesions, insert_lesions
+from sct_sitehead.simulate.phantom import Phantom, make_phantom, write_phantom
+from sct_sitehead.simulate.simulator import simulate
+from sct_sitehead.simulate.sites import DEFAULT_SITES, Site, load_sites
 
 __all__ = [
     "DEFAULT_SITES",

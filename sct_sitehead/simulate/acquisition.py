@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .grids import grid_affine, voxel_coordinates
-from .sites import Acquisition
+from sct_sitehead.simulate.grids import grid_affine, voxel_coordinates
+from sct_sitehead.simulate.sites import Acquisition
 
 _AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 _FWHM_PER_SIGMA = 2.3548

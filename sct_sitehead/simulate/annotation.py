@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .sites import Annotation
+from sct_sitehead.simulate.sites import Annotation
 
 TRUTH_THRESHOLD = 0.5
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .grids import rotation_about
+from sct_sitehead.simulate.grids import rotation_about
 
 
 @dataclass(frozen=True)

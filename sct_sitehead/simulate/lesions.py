@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InputImageError, UsageError
+from sct_sitehead.errors import InputImageError, UsageError
 
 if TYPE_CHECKING:
     import nibabel

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import OutputError, UsageError
-from .grids import check_orientation, grid_affine, rotation_about, world_extent
+from sct_sitehead.errors import OutputError, UsageError
+from sct_sitehead.simulate.grids import check_orientation, grid_affine, rotation_about, world_extent
 
 if TYPE_CHECKING:
     import nibabel

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OutputError, UsageError
-from .phantom import INTENSITIES, make_phantom
-from .simulator import _staging_folder, _write_json
+from sct_sitehead.errors import OutputError, UsageError
+from sct_sitehead.simulate.phantom import INTENSITIES, make_phantom
+from sct_sitehead.simulate.simulator import _staging_folder, _write_json
 
 logger = logging.getLogger(__name__)
 

@@ -32,15 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from .. import __version__
-from ..bids import Sample, read_bids
-from ..errors import InputImageError, OutputError, UsageError
-from .acquisition import TargetGrid, blur_margin_mm, plan_grid, sample_to_target, transfer_intensities, working_grid
-from .annotation import annotate, truth_masks
-from .deform import draw_deformation, source_coordinates, warp
-from .grids import world_extent
-from .lesions import insert_lesions_array
-from .sites import Borrow, Site, load_sites
+from sct_sitehead import __version__
+from sct_sitehead.evaluation.bids import Sample, read_bids
+from sct_sitehead.errors import InputImageError, OutputError, UsageError
+from sct_sitehead.simulate.acquisition import TargetGrid, blur_margin_mm, plan_grid, sample_to_target, transfer_intensities, working_grid
+from sct_sitehead.simulate.annotation import annotate, truth_masks
+from sct_sitehead.simulate.deform import draw_deformation, source_coordinates, warp
+from sct_sitehead.simulate.grids import world_extent
+from sct_sitehead.simulate.lesions import insert_lesions_array
+from sct_sitehead.simulate.sites import Borrow, Site, load_sites
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def simulate(
     """Write a simulated multi-site lesion dataset.
 
     Args:
-        source: BIDS dataset with cord masks (read with :func:`sct_sitehead.bids.read_bids`, cord suffix
+        source: BIDS dataset with cord masks (read with :func:`sct_sitehead.evaluation.bids.read_bids`, cord suffix
             ``seg-manual`` or ``seg``); only images with a cord mask are used.
         out: new folder to create (it must not exist, or be empty).
         sites_config: sites JSON; None for the packaged ``sites.json``.
@@ -246,7 +246,7 @@ def simulate(
     phantom_subjects: set[str] = set()
     try:
         if extra is not None:
-            from .phantom_sources import write_phantom_sources
+            from sct_sitehead.simulate.phantom_sources import write_phantom_sources
 
             written = write_phantom_sources(Path(extra.name) / "phantoms", phantoms, seed=seed,
                                             contrasts=phantom_contrasts)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from .grids import check_orientation
+from sct_sitehead.errors import UsageError
+from sct_sitehead.simulate.grids import check_orientation
 
 DEFAULT_SITES = Path(__file__).with_name("sites.json")
 KNOWN_LABELS = ("lesion", "cord", "csf")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import TrainingError
+from sct_sitehead.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 

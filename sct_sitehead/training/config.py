@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import TrainingError
+from sct_sitehead.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 

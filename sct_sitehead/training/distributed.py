@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import TrainingError
+from sct_sitehead.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 

@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import TrainingError
-from ..cache import sha256_file as file_sha256
-from .checkpoint import load_checkpoint, weights_digest
-from .fuse import FusedHead, fuse_head
-from .heads import Head
-from .labels import UNIVERSAL, LabelSpace
-from .layers import count_parameters
-from .train import load_backbone, universal_meta
-from .unet import Arch, Backbone
+from sct_sitehead.errors import TrainingError
+from sct_sitehead.registry.cache import sha256_file as file_sha256
+from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest
+from sct_sitehead.training.fuse import FusedHead, fuse_head
+from sct_sitehead.training.heads import Head
+from sct_sitehead.training.labels import UNIVERSAL, LabelSpace
+from sct_sitehead.training.layers import count_parameters
+from sct_sitehead.training.train import load_backbone, universal_meta
+from sct_sitehead.training.unet import Arch, Backbone
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .heads import Head
-from .layers import ConvBlock, DecoderStage, WideConv
+from sct_sitehead.training.heads import Head
+from sct_sitehead.training.layers import ConvBlock, DecoderStage, WideConv
 
 
 def full_weight(conv: WideConv) -> tuple[Tensor, Tensor]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import TrainingError
+from sct_sitehead.errors import TrainingError
 
 logger = logging.getLogger(__name__)
 

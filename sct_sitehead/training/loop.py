@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import TrainingError
-from .augment import augment_batch
-from .checkpoint import load_checkpoint, save_checkpoint, weights_digest
-from .data import Case, case_weights, sample_batch
-from .distributed import Context, barrier, gather, mean_over_ranks
-from .losses import masked_dice_bce
+from sct_sitehead.errors import TrainingError
+from sct_sitehead.training.augment import augment_batch
+from sct_sitehead.training.checkpoint import load_checkpoint, save_checkpoint, weights_digest
+from sct_sitehead.training.data import Case, case_weights, sample_batch
+from sct_sitehead.training.distributed import Context, barrier, gather, mean_over_ranks
+from sct_sitehead.training.losses import masked_dice_bce
 
 logger = logging.getLogger(__name__)
 

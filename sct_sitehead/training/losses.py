@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import TrainingError
+from sct_sitehead.errors import TrainingError
 
 #: Added to the Dice numerator and denominator; 1 voxel's worth, so a patch with no lesion and no prediction
 #: scores close to 1 instead of a noisy 0/0.

@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import TrainingError
-from .checkpoint import load_checkpoint, save_checkpoint, weights_digest
-from .config import load_config
-from .data import Case, prepare_cases
-from .distributed import Context, barrier, setup
-from .heads import STRATEGIES, UNIVERSAL_STRATEGY, Head, build_head
-from .labels import LabelSpace, build_label_space, measure_label_sizes
-from .loop import Job, Result, fit
-from .unet import Arch, Backbone, UNet
+from sct_sitehead.errors import TrainingError
+from sct_sitehead.training.checkpoint import load_checkpoint, save_checkpoint, weights_digest
+from sct_sitehead.training.config import load_config
+from sct_sitehead.training.data import Case, prepare_cases
+from sct_sitehead.training.distributed import Context, barrier, setup
+from sct_sitehead.training.heads import STRATEGIES, UNIVERSAL_STRATEGY, Head, build_head
+from sct_sitehead.training.labels import LabelSpace, build_label_space, measure_label_sizes
+from sct_sitehead.training.loop import Job, Result, fit
+from sct_sitehead.training.unet import Arch, Backbone, UNet
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class FrozenBackboneHead(nn.Module):
 def _samples(data: Path | str | Sequence[Any], config: Mapping[str, Any]) -> list[Any]:
     if not isinstance(data, (str, Path)):
         return list(data)
-    from ..bids import read_bids
+    from sct_sitehead.evaluation.bids import read_bids
 
     labels = config["labels"]
     samples, problems = read_bids(Path(data), label_suffixes=labels["suffixes"], labels_dir=labels["derivatives"])

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..errors import TrainingError
-from .layers import ConvBlock, DecoderStage
+from sct_sitehead.errors import TrainingError
+from sct_sitehead.training.layers import ConvBlock, DecoderStage
 
 
 def feature_names(head_stages: int) -> list[str]:
@@ -164,7 +164,7 @@ class UNet(nn.Module):
     """Backbone plus the universal head; ``forward`` runs the plain U-Net path and returns logits."""
 
     def __init__(self, arch: Arch) -> None:
-        from .heads import Head
+        from sct_sitehead.training.heads import Head
 
         super().__init__()
         self.arch = arch

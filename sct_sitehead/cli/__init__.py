@@ -1,0 +1,1 @@
+"""The two command-line tools: thin layers over the Python API."""

@@ -1,0 +1,242 @@
+"""``sct_deepseg_lesion``: segment spinal cord lesions with a site's head.
+
+argparse rather than click here: SCT's tools take single-dash long options and ``-i FILE [FILE ...]``
+(nargs='+'), which argparse supports natively, and it keeps ``-h`` free of any third-party import.
+Nothing heavy (numpy, nibabel, onnxruntime, scipy) is imported before the arguments are parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from sct_sitehead import __version__, env
+from sct_sitehead.errors import EXIT_INTERRUPTED, InputImageError, SiteHeadError, UsageError
+
+PROG = "sct_deepseg_lesion"
+logger = logging.getLogger("sct_sitehead")
+
+EPILOG = """\
+exit codes: 0 success, 2 usage, 3 bad input image, 4 unknown model or site, 5 bad or untrusted registry,
+6 download failed, 7 integrity (sha256/size) failure, 8 missing from cache while offline, 9 cannot write
+output or cache, 10 inference failed, 130 interrupted.
+
+environment: SCT_SITEHEAD_SITE (default -site), SCT_SITEHEAD_REGISTRY (default -registry),
+SCT_SITEHEAD_OFFLINE=1 (like -offline), SCT_SITEHEAD_CACHE (cache folder), SCT_SITEHEAD_ALLOW_HTTP=1.
+
+example: sct_deepseg_lesion -i t2.nii.gz -site montreal -qc qc/
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors on one line, with exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see -h)\n")
+        raise SystemExit(UsageError.exit_code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Segment spinal cord lesions with a shared backbone and a site's head "
+        "(models fetched from a release registry, verified and cached).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
+    )
+    inputs = parser.add_argument_group("input and output")
+    inputs.add_argument("-i", nargs="+", type=Path, metavar="FILE", help="input NIfTI image(s), 3D")
+    inputs.add_argument("-o", type=Path, metavar="FILE", help="output mask (one input and one site only)")
+    inputs.add_argument("-ofolder", type=Path, metavar="DIR", help="output folder (default: next to each input)")
+    inputs.add_argument("-soft", action="store_true", help="also write the lesion probability map (_soft)")
+    inputs.add_argument("-qc", type=Path, metavar="DIR", help="write a QC picture per input and an HTML index")
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "-site", metavar="NAME[,NAME...]",
+        help="site head(s); 'universal' is the pooled head (default: $SCT_SITEHEAD_SITE)",
+    )
+    model.add_argument("-model", metavar="NAME[@VERSION]", help="model (default: the registry's default, latest)")
+    model.add_argument("-thr", type=float, metavar="T", help="probability threshold (default: from the release)")
+    model.add_argument("-min-lesion", type=float, metavar="MM3", dest="min_lesion",
+                       help="drop lesions smaller than this volume, mm³; 0 keeps all (default: from the release)")
+    model.add_argument(
+        "-no-crop", action="store_true",
+        help="run the lesion model on the whole image, not only around the cord the release's localiser finds",
+    )
+    model.add_argument(
+        "-tta", action="store_true",
+        help="also run the lesion model on the left-right mirrored image and average the two (it runs twice)",
+    )
+    model.add_argument("-registry", metavar="URL_OR_PATH", help="registry index (default: the embedded one)")
+    model.add_argument("-offline", action="store_true", help="no network at all: use the cache only")
+    model.add_argument("-allow-http", action="store_true", help="allow plain http:// to hosts other than loopback")
+    model.add_argument(
+        "-trust", action="append", type=Path, metavar="KEYFILE", help="also trust this ed25519 public key (repeatable)"
+    )
+    model.add_argument("-allow-unsigned", action="store_true", help="accept an unsigned remote registry index")
+    model.add_argument("-list-sites", action="store_true", help="list the model's sites and exit")
+    model.add_argument("-list-models", action="store_true", help="list the registry's models and exit")
+
+    run = parser.add_argument_group("execution")
+    run.add_argument("-device", default="auto", metavar="auto|cpu|cuda[:N]", help="where to run (default: auto)")
+    run.add_argument("-threads", type=int, metavar="N", help="CPU threads for inference (default: all)")
+    run.add_argument("-v", type=int, choices=(0, 1, 2), default=1, help="verbosity: 0 quiet, 1 info, 2 debug")
+    run.add_argument("-h", "-help", action="help", help="show this help and exit")
+    run.add_argument("-version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def configure_logging(verbosity: int) -> None:
+    """The library only logs; the command line decides where it goes."""
+    level = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[verbosity]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s" if verbosity < 2 else "%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("sct_sitehead")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def parse_sites(value: str | None) -> list[str]:
+    """``"a, b,a"`` -> ``["a", "b"]``."""
+    if not value:
+        return []
+    sites: list[str] = []
+    for name in value.split(","):
+        name = name.strip()
+        if name and name not in sites:
+            sites.append(name)
+    return sites
+
+
+def open_registry(args: argparse.Namespace):
+    from sct_sitehead.registry.cache import Cache
+    from sct_sitehead.registry.index import Registry
+
+    cache = Cache(env.cache_dir())
+    registry = Registry.load(
+        args.registry or env.registry_location(),
+        cache=cache,
+        offline=args.offline or env.offline(),
+        allow_http=args.allow_http or env.allow_plain_http(),
+        trust=args.trust,
+        allow_unsigned=args.allow_unsigned,
+    )
+    return registry, cache
+
+
+def list_models(registry) -> None:
+    for name in registry.models():
+        versions = registry.versions(name)
+        marker = " (default)" if name == registry.default_model else ""
+        print(f"{name}{marker}: {', '.join(versions)}")
+
+
+def list_sites(release) -> None:
+    for site, head in sorted(release.heads.items()):
+        labels = ", ".join(label.name for label in head.labels)
+        print(f"{site}\t{head.strategy}\t{labels}")
+
+
+def check_inputs(paths: list[Path]) -> None:
+    """Fail before downloading anything when an input plainly cannot be read (missing, broken link, folder)."""
+    from sct_sitehead.segment.nifti import check_input_path
+
+    for path in paths:
+        check_input_path(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sct_sitehead.segment.pipeline import Options, Segmenter, plan_outputs
+    from sct_sitehead.registry.index import parse_model_spec
+
+    registry, cache = open_registry(args)
+    if args.list_models:
+        list_models(registry)
+        return 0
+    model_name, version = parse_model_spec(args.model) if args.model else (None, None)
+    release = registry.release(model_name, version)
+    if args.list_sites:
+        list_sites(release)
+        return 0
+    if not args.i:
+        raise UsageError("the following argument is required: -i")
+    sites = parse_sites(args.site or env.default_site())
+    if not sites:
+        raise UsageError(f"no site given; use -site NAME with one of: {', '.join(sorted(release.heads))}")
+    for site in sites:
+        release.head(site)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"-threads must be at least 1, got {args.threads}")
+    if args.thr is not None and not 0.0 < args.thr < 1.0:
+        raise UsageError(f"-thr must be between 0 and 1, got {args.thr}")
+    if args.min_lesion is not None and not 0.0 <= args.min_lesion < float("inf"):
+        raise UsageError(f"-min-lesion must be a volume in mm³, 0 or more, got {args.min_lesion}")
+    check_inputs(args.i)
+    plan = plan_outputs(args.i, sites, args.o, args.ofolder)
+    options = Options(
+        threshold=args.thr, min_lesion_mm3=args.min_lesion, soft=args.soft, device=args.device, threads=args.threads,
+        qc_dir=args.qc, crop=not args.no_crop, mirror=args.tta,
+    )
+    segmenter = Segmenter.open(
+        release, sites, cache, options, offline=args.offline or env.offline(), progress=sys.stderr.isatty(),
+        allow_http=args.allow_http or env.allow_plain_http(),
+    )
+    failures: list[SiteHeadError] = []
+    qc_entries: list[dict] = []
+    for image in args.i:
+        try:
+            result = segmenter.segment(image, {site: plan[(image, site)] for site in sites})
+        except InputImageError as exc:
+            # A pipeline over many subjects goes on past one bad image; the exit code still reports it.
+            sys.stderr.write(f"{PROG}: error: {exc}\n")
+            failures.append(exc)
+            continue
+        for site_result in result.sites:
+            logger.info(
+                "%s [%s]: %d lesion(s), %.1f mm3 -> %s (%.1f s)",
+                image, site_result.site, site_result.lesion_count, site_result.lesion_volume_mm3,
+                site_result.mask, result.seconds,
+            )
+            if args.qc is not None:
+                qc_entries.append(
+                    {"image": str(image), "site": site_result.site, "png": site_result.files[-1].name,
+                     "lesions": site_result.lesion_count, "volume_mm3": site_result.lesion_volume_mm3}
+                )
+    if args.qc is not None and qc_entries:
+        from sct_sitehead.segment.qc import write_qc_index
+
+        index = write_qc_index(args.qc, qc_entries)
+        logger.info("QC: %s", index)
+    return failures[0].exit_code if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (documented in the README and in ``-h``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.v)
+    try:
+        return run(args)
+    except SiteHeadError as exc:
+        if args.v >= 2:
+            traceback.print_exc()
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted; no partial output was left\n")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the one place that turns a bug into one line and exit 1
+        if args.v >= 2:
+            traceback.print_exc()
+        sys.stderr.write(f"{PROG}: unexpected error: {type(exc).__name__}: {exc} (run with -v 2 for details)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""BIDS datasets, metrics, evaluation and threshold tuning through the deploy path."""

@@ -1,0 +1,1 @@
+"""Release registry: specs, signed indexes, trust, the asset cache, downloads, mirrors, publishing."""

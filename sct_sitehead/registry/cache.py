@@ -1,0 +1,425 @@
+"""Content-addressed cache of model files: one lock per asset, verified before it is moved into place.
+
+Layout (docs/DESIGN.md)::
+
+    assets/sha256/<hex[:2]>/<hex>   verified assets, read-only
+    indexes/<sha256 of URL>.json    last good copy of each remote registry index (.json.sig: its signature)
+    locks/<hex>.lock                one lock per asset (seen.lock: the state file's)
+    state/seen.json                 highest index serial seen per location and key (rollback protection)
+    tmp/<hex>.part                  partial downloads, resumed with HTTP Range
+    ort/                            ONNX Runtime optimised models
+
+A file only ever reaches ``assets/`` by an atomic ``os.replace`` after its size and sha256 were checked, so
+an asset that exists is verified: the fast path looks for it and takes no lock and makes no network call,
+which is also what lets a read-only, pre-filled cache work. Paths are built from the validated sha256 only,
+never from names or URLs in the index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sct_sitehead import env
+from sct_sitehead.registry.download import download, is_remote, remove
+from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+
+    from sct_sitehead.registry.index import Asset
+
+logger = logging.getLogger(__name__)
+
+_HEX = re.compile(r"[0-9a-f]{64}")
+_READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+
+
+class Cache:
+    """The asset cache under ``root`` (default ``$SCT_SITEHEAD_CACHE`` or the platform user cache).
+
+    Args:
+        root: cache folder; created lazily, only when something is written.
+        timeout: (connect, read) seconds for each download.
+        retries: further attempts per URL after the first.
+        backoff: first wait between attempts, doubled each time.
+    """
+
+    def __init__(
+        self,
+        root: Path | str | None = None,
+        *,
+        timeout: tuple[float, float] = (10, 60),
+        retries: int = 4,
+        backoff: float = 0.5,
+    ) -> None:
+        self.root = Path(root) if root is not None else env.cache_dir()
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.root)!r})"
+
+    # --- paths --------------------------------------------------------------------------------------------------
+    def asset_path(self, sha256: str) -> Path:
+        """Where the asset with this sha256 lives once verified (it may not exist yet).
+
+        Raises:
+            RegistryError: ``sha256`` is not 64 lowercase hex digits (it could otherwise name any path).
+        """
+        checked = checked_hex(sha256)
+        return self.root / "assets" / "sha256" / checked[:2] / checked
+
+    def index_copy_path(self, url: str) -> Path:
+        """Where the last good copy of the remote index at ``url`` is kept."""
+        return self.root / "indexes" / f"{hashlib.sha256(url.encode()).hexdigest()}.json"
+
+    def index_signature_copy_path(self, url: str) -> Path:
+        """Where the signature of the kept copy of ``url`` is kept (beside it), so offline use re-verifies it."""
+        copy = self.index_copy_path(url)
+        return copy.with_name(copy.name + ".sig")
+
+    def seen_path(self) -> Path:
+        """The rollback-protection state: highest serial seen per registry location and key (see trust.py)."""
+        return self.root / "state" / "seen.json"
+
+    def ort_dir(self) -> Path:
+        """Folder for ONNX Runtime's optimised models (created when the cache is writable)."""
+        path = self.root / "ort"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            logger.debug("cannot create %s: %s", path, exc)
+        return path
+
+    # --- assets -------------------------------------------------------------------------------------------------
+    def fetch(self, asset: Asset, *, offline: bool, progress: bool = False, allow_http: bool = False) -> Path:
+        """Return the verified local copy of ``asset``, downloading it first if needed.
+
+        Tries ``asset.urls`` in order; one process downloads while the others wait on the asset's lock.
+
+        Raises:
+            OfflineError: offline and not cached.
+            IntegrityError: every URL failed and at least one served the wrong bytes (nothing is kept).
+            DownloadError: every URL failed to deliver.
+            OutputError: the asset is missing and the cache cannot be written.
+            RegistryError: the asset's sha256 is malformed.
+        """
+        final = self.asset_path(asset.sha256)
+        if final.is_file():
+            return final
+        if offline:
+            # Offline forbids the network, not the disk: an embedded or local registry's files are still copied in.
+            local = tuple(url for url in asset.urls if not is_remote(url))
+            if not local:
+                raise OfflineError(offline_message(asset, self.root))
+            asset = dataclasses.replace(asset, urls=local)
+        allow_http = allow_http or env.allow_plain_http()
+        lock = self._lock(asset.sha256)
+        self._acquire(lock, asset)
+        try:
+            if final.is_file():
+                logger.debug("%s was downloaded by another process meanwhile", asset.name)
+                return final
+            return self._download(asset, final, progress=progress, allow_http=allow_http)
+        finally:
+            lock.release()
+
+    def _download(self, asset: Asset, final: Path, *, progress: bool, allow_http: bool) -> Path:
+        """Try each URL; the first whose bytes verify is moved into place. Caller holds the asset's lock."""
+        part = self.root / "tmp" / f"{asset.sha256}.part"
+        failures: list[tuple[str, str]] = []
+        mismatch: str | None = None
+        if not asset.urls:
+            raise DownloadError(f"{describe(asset)} has no URL to download it from; fix the registry index")
+        for url in asset.urls:
+            # A part left by an earlier run or URL is resumed; if the result is wrong, that URL gets one clean try.
+            resumed = part.exists()
+            error = self._download_one(asset, url, part, progress=progress, allow_http=allow_http)
+            if isinstance(error, IntegrityError) and resumed:
+                logger.info("%s: resumed file did not verify, downloading again from the start", url)
+                error = self._download_one(asset, url, part, progress=progress, allow_http=allow_http)
+            if error is None:
+                install(part, final)
+                logger.info("cached %s (%d bytes) at %s", asset.name, asset.size, final)
+                return final
+            failures.append((url, str(error)))
+            if isinstance(error, IntegrityError) and mismatch is None:
+                mismatch = str(error)
+        listing = "".join(f"\n  {url}: {reason}" for url, reason in failures)
+        if mismatch is not None:
+            others = listing if len(failures) > 1 else ""
+            raise IntegrityError(f"{mismatch}{others}")
+        raise DownloadError(
+            f"could not download {describe(asset)} from any of its {len(failures)} URL(s):{listing}\n"
+            "Check the network and proxy settings (HTTPS_PROXY), or use -registry to pick a mirror."
+        )
+
+    def _download_one(
+        self, asset: Asset, url: str, part: Path, *, progress: bool, allow_http: bool
+    ) -> IntegrityError | DownloadError | None:
+        """Download ``url`` into ``part`` and verify it; None when ``part`` now holds the asset."""
+        try:
+            download(
+                url,
+                part,
+                expected_size=asset.size,
+                max_size=asset.size,
+                timeout=self.timeout,
+                retries=self.retries,
+                backoff=self.backoff,
+                progress=progress,
+                allow_http=allow_http,
+            )
+        except IntegrityError as exc:
+            remove(part)
+            return exc
+        except DownloadError as exc:
+            return exc  # the part is kept: the next URL resumes it, and the hash check settles it
+        size = part.stat().st_size
+        if size != asset.size:
+            remove(part)
+            return IntegrityError(
+                f"size of {asset.name} from {url} is {size} bytes, expected {asset.size}; the download was "
+                "discarded. Try again, or use -registry to pick a mirror."
+            )
+        digest = sha256_file(part)
+        if digest != asset.sha256:
+            remove(part)
+            return IntegrityError(
+                f"sha256 of {asset.name} from {url} is {digest}, expected {asset.sha256}; the download was "
+                "discarded. Try again, or use -registry to pick a mirror."
+            )
+        return None
+
+    def _lock(self, sha256: str) -> FileLock:
+        from filelock import FileLock
+
+        return FileLock(str(self.root / "locks" / f"{checked_hex(sha256)}.lock"))
+
+    def _acquire(self, lock: FileLock, asset: Asset) -> None:
+        """Take the asset's lock, waiting for another process that is downloading it.
+
+        Raises:
+            OutputError: the lock file cannot be created (read-only cache without this asset).
+        """
+        from filelock import Timeout
+
+        try:
+            Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                logger.info("waiting for another process to finish downloading %s", asset.name)
+                lock.acquire()
+        except OSError as exc:
+            raise OutputError(
+                f"{describe(asset)} is not in the cache {self.root}, and the cache cannot be written "
+                f"(lock file {lock.lock_file}: {exc.strerror or exc}). Set SCT_SITEHEAD_CACHE to a writable folder, "
+                "or pre-fill this cache with `sct_sitehead models install` on a machine that can write it."
+            ) from None
+
+    # --- index copies -------------------------------------------------------------------------------------------
+    def read_index_copy(self, url: str) -> bytes | None:
+        """The last good copy of the remote index at ``url``, or None."""
+        return read_optional(self.index_copy_path(url), f"the cached copy of {url}")
+
+    def read_index_signature_copy(self, url: str) -> bytes | None:
+        """The signature kept beside the copy of ``url`` (None: the index was unsigned, or no copy)."""
+        return read_optional(self.index_signature_copy_path(url), f"the cached signature of {url}")
+
+    def save_index_copy(self, url: str, data: bytes, signature: bytes | None = None) -> None:
+        """Keep ``data`` (and its raw ``.sig``, if any) as the last good copy of ``url``.
+
+        The copy is re-verified whenever it is used, so a crash between the two renames can at worst leave a
+        pair that is refused (and replaced by the next online run), never one that is trusted wrongly. A
+        read-only cache only logs a warning.
+        """
+        target = self.index_copy_path(url)
+        try:
+            if signature is None:
+                remove(self.index_signature_copy_path(url))
+            else:
+                write_atomically(self.index_signature_copy_path(url), signature)
+            write_atomically(target, data)
+        except OSError as exc:
+            logger.warning("cannot keep a copy of %s in %s (offline use will not see it): %s", url, target, exc)
+
+    # --- maintenance --------------------------------------------------------------------------------------------
+    def list(self) -> list[dict[str, Any]]:
+        """Cached assets, sorted by sha256: ``[{"sha256": str, "size": int, "path": Path}, ...]``."""
+        base = self.root / "assets" / "sha256"
+        entries = []
+        for path in sorted(base.glob("??/*")):
+            if _HEX.fullmatch(path.name) and path.parent.name == path.name[:2] and path.is_file():
+                entries.append({"sha256": path.name, "size": path.stat().st_size, "path": path})
+        return entries
+
+    def verify(self) -> list[Path]:
+        """Re-hash every cached asset; delete those whose content does not match their name.
+
+        Returns:
+            the paths that were corrupt (now removed).
+        """
+        bad = []
+        for entry in self.list():
+            digest = sha256_file(entry["path"])
+            if digest != entry["sha256"]:
+                logger.warning("%s is corrupt (sha256 %s); removing it", entry["path"], digest)
+                try:
+                    entry["path"].unlink()
+                except OSError as exc:
+                    raise OutputError(f"cannot remove corrupt asset {entry['path']}: {exc.strerror or exc}") from None
+                bad.append(entry["path"])
+        return bad
+
+    def clean(self, keep: set[str] | None = None) -> int:
+        """Delete cached assets (all, or those whose sha256 is not in ``keep``) and stale partial downloads.
+
+        An asset or part whose lock another process holds is left alone. With ``keep=None`` the index copies
+        and ONNX Runtime files go too. Lock files stay: deleting one another process may be about to open
+        would let two processes hold "the" lock at once.
+
+        Returns:
+            bytes freed.
+        """
+        from filelock import Timeout
+
+        freed = 0
+        candidates = [(e["sha256"], e["path"]) for e in self.list() if not keep or e["sha256"] not in keep]
+        candidates += [(p.stem, p) for p in sorted((self.root / "tmp").glob("*.part")) if _HEX.fullmatch(p.stem)]
+        for sha256, path in candidates:
+            lock = self._lock(sha256)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                logger.info("%s is in use by another process; left in place", path)
+                continue
+            except OSError as exc:
+                raise OutputError(f"cannot clean the cache {self.root}: {exc.strerror or exc}") from None
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except FileNotFoundError:
+                pass
+            finally:
+                lock.release()
+        if keep is None:
+            freed += remove_tree_contents(self.root / "indexes") + remove_tree_contents(self.root / "ort")
+        return freed
+
+
+def checked_hex(sha256: str) -> str:
+    """``sha256`` itself if it is 64 lowercase hex digits.
+
+    Raises:
+        RegistryError: anything else, which must never become part of a path.
+    """
+    if not isinstance(sha256, str) or not _HEX.fullmatch(sha256):
+        raise RegistryError(
+            f"invalid sha256 {sha256!r}: expected 64 lowercase hexadecimal digits; fix the registry index"
+        )
+    return sha256
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's content."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def install(part: Path, final: Path) -> None:
+    """Move a verified part into place: flushed to disk, read-only, then an atomic rename."""
+    try:
+        with part.open("rb") as handle:
+            os.fsync(handle.fileno())
+        part.chmod(_READ_ONLY)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+    except OSError as exc:
+        raise OutputError(f"cannot move the verified download into {final}: {exc.strerror or exc}") from None
+
+
+def write_atomically(target: Path, data: bytes, *, mode: int = 0o644, replace: bool = True) -> None:
+    """Write ``data`` to ``target`` through a temporary file in the same folder, flushed, then renamed, so a
+    reader sees the old file or the new one, never half of one.
+
+    Args:
+        mode: permission bits; the temporary file is private (0600) until they are set, so a private key
+            is never readable by others, even for a moment.
+        replace: False keeps an existing ``target`` (FileExistsError), with no window in which it could be
+            clobbered: the file is hard-linked into place rather than renamed.
+
+    Raises:
+        OSError: the folder or file cannot be written; FileExistsError as above.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, mode)
+        if replace:
+            os.replace(temporary, target)
+        else:
+            os.link(temporary, target)
+    finally:
+        remove(temporary)
+
+
+def read_optional(path: Path, what: str) -> bytes | None:
+    """A file's bytes, or None when it is missing or unreadable (logged: the caller then works without it)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        logger.warning("cannot read %s (%s): %s", what, path, exc)
+        return None
+
+
+def remove_tree_contents(folder: Path) -> int:
+    """Delete everything inside ``folder`` (not the folder); return bytes freed."""
+    freed = 0
+    if not folder.is_dir():
+        return 0
+    for child in folder.iterdir():
+        try:
+            if child.is_dir() and not child.is_symlink():
+                freed += sum(f.stat().st_size for f in child.rglob("*") if f.is_file())
+                shutil.rmtree(child)
+            else:
+                freed += child.stat().st_size
+                child.unlink()
+        except OSError as exc:
+            raise OutputError(f"cannot remove {child}: {exc.strerror or exc}") from None
+    return freed
+
+
+def describe(asset: Asset) -> str:
+    """``backbone.onnx of lesion@1.0.0`` (the release is left out when unknown)."""
+    return f"{asset.name} of {asset.release}" if asset.release else asset.name
+
+
+def offline_message(asset: Asset, root: Path) -> str:
+    """Why an offline run stopped, and the two ways to pre-fetch the asset."""
+    spec = asset.release or "MODEL@VERSION"
+    site = asset.site or "SITE"
+    return (
+        f"{describe(asset)} (sha256 {asset.sha256[:12]}...) is not in the cache {root}, and offline mode forbids "
+        f"downloading it. On a connected machine run `sct_sitehead models install {spec} -site {site}` and copy its "
+        f"cache folder here (or point SCT_SITEHEAD_CACHE to a copy), or run without -offline."
+    )

@@ -1,0 +1,228 @@
+"""Publish an exported release into a registry folder that any static HTTP server can serve as is.
+
+The export folder (``sct_sitehead export``) holds ``backbone.onnx``, ``heads/<site>.onnx`` and ``export.json``
+(the manifest pieces). Publishing copies the ONNX files to ``<registry>/<model>/<version>/``, adds the release
+to ``registry.json`` (creating it if needed), bumps ``serial``, validates the index against the schema, writes
+it atomically and, given a key, signs it. No torch needed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sct_sitehead.registry.cache import sha256_file, write_atomically
+from sct_sitehead.errors import OutputError, RegistryError, UsageError
+from sct_sitehead.registry.index import INDEX_NAME, version_key
+from sct_sitehead.registry.schema import validate_index
+
+logger = logging.getLogger(__name__)
+
+
+def read_export(export_dir: Path) -> dict[str, Any]:
+    """The export manifest, with every listed file checked against its sha256."""
+    manifest_path = export_dir / "export.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read {manifest_path}: {exc}; run `sct_sitehead export` first") from exc
+    for entry in [manifest["backbone"], *manifest["heads"].values()]:
+        path = export_dir / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry["sha256"]:
+            raise RegistryError(f"{path} is missing or differs from export.json; export again")
+    return manifest
+
+
+def new_index(model: str) -> dict[str, Any]:
+    return {"schema_version": 1, "serial": 0, "updated": "", "default_model": model, "models": {}}
+
+
+def read_index(path: Path, model: str) -> dict[str, Any]:
+    if not path.exists():
+        return new_index(model)
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"cannot read {path}: {exc}; fix or remove it") from exc
+    validate_index(index, source=str(path))
+    return index
+
+
+def asset_entry(item: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """An export manifest's file as a registry asset: url (relative to the index), sha256 and size."""
+    return {"url": f"{prefix}/{item['file']}", "sha256": item["sha256"], "size": item["size"]}
+
+
+def release_entry(
+    manifest: dict[str, Any],
+    prefix: str,
+    *,
+    threshold: float,
+    head_thresholds: dict[str, float],
+    sites: list[str] | None,
+    head_min_lesion_mm3: dict[str, float] | None = None,
+    date: str,
+) -> dict[str, Any]:
+    """The registry's release object from an export manifest, asset urls relative to the index."""
+    heads = {}
+    for site, head in sorted(manifest["heads"].items()):
+        if sites is not None and site not in sites and site != "universal":
+            continue
+        entry = {**asset_entry(head, prefix), "strategy": head["strategy"], "labels": head["labels"]}
+        if site in head_thresholds:
+            entry["threshold"] = head_thresholds[site]
+        if (head_min_lesion_mm3 or {}).get(site, 0.0) > 0:
+            entry["min_lesion_mm3"] = head_min_lesion_mm3[site]
+        heads[site] = entry
+    backbone = manifest["backbone"]
+    return {
+        "date": date,
+        "input": manifest["input"],
+        "channels": manifest["channels"],
+        "threshold": threshold,
+        "backbone": {**asset_entry(backbone, prefix), "outputs": backbone["outputs"]},
+        "heads": heads,
+    }
+
+
+def localiser_entry(
+    manifest: dict[str, Any], prefix: str, *, threshold: float, margin_mm: float, cord_margin_mm: float
+) -> dict[str, Any]:
+    """The release's ``localiser`` object from the export manifest of a cord localiser (its ``universal`` head).
+
+    Raises:
+        RegistryError: the export has no universal head with a ``cord`` label.
+    """
+    head = manifest["heads"].get("universal")
+    channels = [label["channel"] for label in (head or {}).get("labels", []) if label["name"] == "cord"]
+    if not channels:
+        raise RegistryError("the localiser export needs a universal head with a 'cord' label; train it on cord masks")
+    backbone = manifest["backbone"]
+    return {
+        "input": manifest["input"],
+        "backbone": {**asset_entry(backbone, prefix), "outputs": backbone["outputs"]},
+        "head": asset_entry(head, prefix),
+        "channel": channels[0],
+        "threshold": threshold,
+        "margin_mm": margin_mm,
+        "cord_margin_mm": cord_margin_mm,
+    }
+
+
+def copy_assets(
+    manifest: dict[str, Any], export_dir: Path, target: Path, *, heads: list[str] | None = None
+) -> None:
+    """Copy the ONNX files (the backbone and ``heads``, default all); an identical file in place is left alone."""
+    chosen = [h for site, h in manifest["heads"].items() if heads is None or site in heads]
+    for entry in [manifest["backbone"], *chosen]:
+        source, destination = export_dir / entry["file"], target / entry["file"]
+        if destination.is_file() and sha256_file(destination) == entry["sha256"]:
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(destination.name + ".part")
+        shutil.copyfile(source, partial)
+        partial.replace(destination)
+
+
+def publish(
+    export_dir: Path,
+    registry_dir: Path,
+    *,
+    model: str,
+    version: str,
+    threshold: float = 0.5,
+    head_thresholds: dict[str, float] | None = None,
+    head_min_lesion_mm3: dict[str, float] | None = None,
+    sites: list[str] | None = None,
+    description: str = "",
+    make_default: bool = False,
+    replace: bool = False,
+    sign_key: Path | None = None,
+    localiser: Path | None = None,
+    localiser_margin_mm: float = 12.0,
+    cord_margin_mm: float = 5.0,
+) -> Path:
+    """Add ``model@version`` from ``export_dir`` to the registry in ``registry_dir``.
+
+    Args:
+        head_thresholds: per-head probability thresholds (default: ``threshold``).
+        head_min_lesion_mm3: per-head smallest lesion kept, mm³ (default: every lesion is kept).
+        sites: heads to include (``universal`` always is); None for every exported head.
+        make_default: make ``model`` the registry's default model.
+        replace: allow replacing an already published ``model@version`` whose files differ.
+        sign_key: ed25519 private key; the index is signed after writing.
+        localiser: export folder of a cord localiser (``train-backbone -config localiser`` then ``export``): the
+            lesion model then runs only within ``localiser_margin_mm`` of the cord it finds, and lesions further
+            than ``cord_margin_mm`` from that cord are dropped.
+
+    Returns:
+        The index path.
+
+    Raises:
+        RegistryError: the version exists with other files and ``replace`` is False, or the result is invalid.
+    """
+    manifest = read_export(export_dir)
+    index_path = registry_dir / INDEX_NAME
+    index = read_index(index_path, model)
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    entry = release_entry(
+        manifest, f"{model}/{version}", threshold=threshold, head_thresholds=head_thresholds or {},
+        sites=sites, date=now.date().isoformat(), head_min_lesion_mm3=head_min_lesion_mm3,
+    )
+    models = index.setdefault("models", {})
+    record = models.setdefault(model, {"description": description, "releases": {}})
+    if description:
+        record["description"] = description
+    existing = record["releases"].get(version)
+    if existing is not None and not replace and _assets_of(existing) != _assets_of(entry):
+        raise RegistryError(
+            f"{model}@{version} is already published with other files; publish a new version, or pass replace"
+        )
+    copy_assets(manifest, export_dir, registry_dir / model / version)
+    if localiser is not None:
+        loc_manifest = read_export(localiser)
+        entry["localiser"] = localiser_entry(
+            loc_manifest, f"{model}/{version}/localiser", threshold=0.5, margin_mm=localiser_margin_mm,
+            cord_margin_mm=cord_margin_mm,
+        )
+        copy_assets(loc_manifest, localiser, registry_dir / model / version / "localiser", heads=["universal"])
+    record["releases"][version] = entry
+    record["latest"] = max(record["releases"], key=version_key)
+    if make_default or index.get("default_model") not in models:
+        index["default_model"] = model
+    index["serial"] = int(index.get("serial", 0)) + 1
+    index["updated"] = now.isoformat().replace("+00:00", "Z")
+    validate_index(index, source=str(index_path))
+    _write_json(index, index_path)
+    if sign_key is not None:
+        from sct_sitehead.registry.signing import sign_index
+
+        sign_index(index_path, sign_key)
+    elif index_path.with_name(index_path.name + ".sig").exists():
+        # A stale signature would make every client refuse the new index.
+        index_path.with_name(index_path.name + ".sig").unlink()
+        logger.warning("removed the old signature of %s: sign the new index with `registry sign`", index_path)
+    logger.info("published %s@%s (%d heads) in %s, serial %d", model, version, len(entry["heads"]),
+                index_path, index["serial"])
+    return index_path
+
+
+def _assets_of(release: dict[str, Any]) -> set[tuple[str, str]]:
+    heads = release.get("heads", {})
+    assets = {("backbone", release["backbone"]["sha256"])} | {(site, h["sha256"]) for site, h in heads.items()}
+    if "localiser" in release:
+        loc = release["localiser"]
+        assets |= {("localiser backbone", loc["backbone"]["sha256"]), ("localiser head", loc["head"]["sha256"])}
+    return assets
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}; check permissions and free space") from exc

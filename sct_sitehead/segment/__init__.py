@@ -1,0 +1,1 @@
+"""The deploy path: image in, masks out (no torch)."""
