@@ -65,12 +65,22 @@ class Settings:
 
 #: ``-quick``: the tiny config, two sites, a two-point learning curve, torchscript export (10x faster).
 QUICK = dict(
-    config="tiny", seeds=2, threads=1, jobs=1, exporter="torchscript", sites=("montreal", "london"), curve=(1, 2),
-    min_test=1, min_n=4,
-    overrides={"input": {"patch_size": [32, 32, 32]},
-               "labels": {"grouping": {"lesion": ["lesion"], "cord": ["cord"], "csf": ["csf"]},
-                          "suffixes": {"lesion": "lesion-manual", "cord": ["seg-manual", "seg"],
-                                       "csf": "csf-manual"}}},
+    config="tiny",
+    seeds=2,
+    threads=1,
+    jobs=1,
+    exporter="torchscript",
+    sites=("montreal", "london"),
+    curve=(1, 2),
+    min_test=1,
+    min_n=4,
+    overrides={
+        "input": {"patch_size": [32, 32, 32]},
+        "labels": {
+            "grouping": {"lesion": ["lesion"], "cord": ["cord"], "csf": ["csf"]},
+            "suffixes": {"lesion": "lesion-manual", "cord": ["seg-manual", "seg"], "csf": "csf-manual"},
+        },
+    },
 )
 
 
@@ -207,8 +217,13 @@ def make_plan(settings: Settings, curve_subjects: Sequence[str]) -> Plan:
     sites, new = settings.sites, settings.new_site
     seeds = tuple(range(settings.seeds))
     models = [
-        ModelSpec(f"pooled-grouping-s{seed}", sites, "grouping", seed,
-                  tuple(HeadJob(f"{site}.{s}", site, s) for site in sites for s in HEAD_STRATEGIES))
+        ModelSpec(
+            f"pooled-grouping-s{seed}",
+            sites,
+            "grouping",
+            seed,
+            tuple(HeadJob(f"{site}.{s}", site, s) for site in sites for s in HEAD_STRATEGIES),
+        )
         for seed in seeds
     ]
     for mode in ("size", "merged"):
@@ -216,33 +231,65 @@ def make_plan(settings: Settings, curve_subjects: Sequence[str]) -> Plan:
         models.append(ModelSpec(f"pooled-{mode}-s0", sites, mode, 0, own))
     curve = tuple(
         HeadJob(f"{new}.{strategy}.n{n:02d}", new, strategy, subjects=tuple(curve_subjects[:n]))
-        for strategy in settings.curve_strategies for n in settings.curve
+        for strategy in settings.curve_strategies
+        for n in settings.curve
     )
     models.append(ModelSpec(f"pooled-minus-{new}-s0", tuple(s for s in sites if s != new), "grouping", 0, curve))
     models += [ModelSpec(f"separate-{site}-s0", (site,), "size", 0) for site in sites]
 
     grouping = "pooled-grouping-s{seed}"
     comparisons = [
-        Comparison("heads", "Site heads on one shared backbone (grouping by meaning)", (
-            Variant("universal", grouping, UNIVERSAL),
-            *(Variant(s, grouping, "{site}." + s, strategy=s) for s in HEAD_STRATEGIES),
-        ), sites, seeds, "universal"),
-        Comparison("separate", "Separate full per-site models (upper bound) vs the shared backbone", (
-            Variant("separate", "separate-{site}-s0", UNIVERSAL),
-            Variant("shared+wider", "pooled-grouping-s0", "{site}.wider", strategy="wider"),
-            Variant("shared universal", "pooled-grouping-s0", UNIVERSAL),
-        ), sites, (0,), "separate"),
-        Comparison("labels", "Label-space construction: one pooled model, each site read through its own channels", (
-            Variant("size-ranked", "pooled-size-s0", "{site}.own"),
-            Variant("grouping", "pooled-grouping-s0", UNIVERSAL),
-            Variant("merged", "pooled-merged-s0", "{site}.own"),
-        ), sites, (0,), "size-ranked"),
-        Comparison("curve", f"New site {new}: head trained on n labelled subjects, backbone without {new}", (
-            Variant("n=0 universal", f"pooled-minus-{new}-s0", UNIVERSAL, n=0),
-            *(Variant(f"{s} n={n}", f"pooled-minus-{new}-s0", f"{new}.{s}.n{n:02d}", strategy=s, n=n)
-              for s in settings.curve_strategies for n in settings.curve),
-            Variant(f"{new} in backbone, wider, all", "pooled-grouping-s0", f"{new}.wider", strategy="wider"),
-        ), (new,), (0,), "n=0 universal"),
+        Comparison(
+            "heads",
+            "Site heads on one shared backbone (grouping by meaning)",
+            (
+                Variant("universal", grouping, UNIVERSAL),
+                *(Variant(s, grouping, "{site}." + s, strategy=s) for s in HEAD_STRATEGIES),
+            ),
+            sites,
+            seeds,
+            "universal",
+        ),
+        Comparison(
+            "separate",
+            "Separate full per-site models (upper bound) vs the shared backbone",
+            (
+                Variant("separate", "separate-{site}-s0", UNIVERSAL),
+                Variant("shared+wider", "pooled-grouping-s0", "{site}.wider", strategy="wider"),
+                Variant("shared universal", "pooled-grouping-s0", UNIVERSAL),
+            ),
+            sites,
+            (0,),
+            "separate",
+        ),
+        Comparison(
+            "labels",
+            "Label-space construction: one pooled model, each site read through its own channels",
+            (
+                Variant("size-ranked", "pooled-size-s0", "{site}.own"),
+                Variant("grouping", "pooled-grouping-s0", UNIVERSAL),
+                Variant("merged", "pooled-merged-s0", "{site}.own"),
+            ),
+            sites,
+            (0,),
+            "size-ranked",
+        ),
+        Comparison(
+            "curve",
+            f"New site {new}: head trained on n labelled subjects, backbone without {new}",
+            (
+                Variant("n=0 universal", f"pooled-minus-{new}-s0", UNIVERSAL, n=0),
+                *(
+                    Variant(f"{s} n={n}", f"pooled-minus-{new}-s0", f"{new}.{s}.n{n:02d}", strategy=s, n=n)
+                    for s in settings.curve_strategies
+                    for n in settings.curve
+                ),
+                Variant(f"{new} in backbone, wider, all", "pooled-grouping-s0", f"{new}.wider", strategy="wider"),
+            ),
+            (new,),
+            (0,),
+            "n=0 universal",
+        ),
     ]
     return Plan(tuple(models), tuple(comparisons), tuple(curve_subjects))
 
@@ -258,7 +305,7 @@ def predicted_splits(settings: Settings, n: int, samples: Sequence[Any] | None =
     profiles = load_sites()
     # The simulator's own helpers, so the prediction cannot drift from what it writes.
     if samples is None:
-        samples = simulator._sources(settings.source)  # noqa: SLF001
+        samples = simulator._sources(settings.source)
     out = {}
     for name in settings.sites:
         eligible = [s for s in samples if s.contrast in profiles[name].contrasts]
@@ -267,7 +314,7 @@ def predicted_splits(settings: Settings, n: int, samples: Sequence[Any] | None =
             rng = simulator.subject_rng(settings.data_seed, name, number)
             chosen.append((f"sub-{name}{number:03d}", eligible[int(rng.integers(len(eligible)))]))
         split_rng = np.random.default_rng([settings.data_seed, zlib.crc32(name.encode()), 0])
-        out[name] = simulator._splits(chosen, list(settings.holdout), SPLIT_FRACTIONS, split_rng)  # noqa: SLF001
+        out[name] = simulator._splits(chosen, list(settings.holdout), SPLIT_FRACTIONS, split_rng)
     return out
 
 
@@ -289,7 +336,7 @@ def subjects_per_site(settings: Settings, limit: int = 400) -> int:
     """The smallest n >= ``min_n`` whose splits satisfy :func:`short_of`."""
     from sct_sitehead.simulate import simulator
 
-    samples = simulator._sources(settings.source)  # noqa: SLF001
+    samples = simulator._sources(settings.source)
     for n in range(settings.min_n, limit + 1):
         if not short_of(predicted_splits(settings, n, samples), settings):
             return n

@@ -7,11 +7,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sct_sitehead.evaluation import evaluate as ev
 from experiments.plan import UNIVERSAL, Comparison, Plan, Variant
+from sct_sitehead.evaluation import evaluate as ev
 
-PALETTE = [(150, 150, 150), (200, 40, 40), (40, 110, 200), (40, 160, 80), (230, 150, 30), (130, 70, 170),
-           (90, 190, 190), (120, 80, 40), (240, 110, 180), (60, 60, 60), (170, 200, 60), (20, 60, 120)]
+PALETTE = [
+    (150, 150, 150),
+    (200, 40, 40),
+    (40, 110, 200),
+    (40, 160, 80),
+    (230, 150, 30),
+    (130, 70, 170),
+    (90, 190, 190),
+    (120, 80, 40),
+    (240, 110, 180),
+    (60, 60, 60),
+    (170, 200, 60),
+    (20, 60, 120),
+]
 
 
 def cell(entry: Mapping[str, Any], key: str, digits: int = 3) -> str:
@@ -69,28 +81,40 @@ def variant_cost(comparison: Comparison, variant: Variant, costs: Mapping[str, M
             else:
                 added_t.append(0.0)
                 added_p.append(0)
-        totals.append({
-            "wall_s": sum(j.get("wall_s", 0.0) for j in jobs.values()),
-            "cpu_s": sum(j.get("cpu_s", 0.0) for j in jobs.values()),
-            "parameters": sum(params.values()),
-            "added_wall_s": sum(added_t) / len(added_t), "added_parameters": sum(added_p) / len(added_p),
-        })
+        totals.append(
+            {
+                "wall_s": sum(j.get("wall_s", 0.0) for j in jobs.values()),
+                "cpu_s": sum(j.get("cpu_s", 0.0) for j in jobs.values()),
+                "parameters": sum(params.values()),
+                "added_wall_s": sum(added_t) / len(added_t),
+                "added_parameters": sum(added_p) / len(added_p),
+            }
+        )
     mean = {k: sum(t[k] for t in totals) / len(totals) for k in totals[0]}
-    return {"comparison": comparison.name, "variant": variant.name,
-            **{k: int(round(v)) if "parameters" in k else round(v, 2) for k, v in mean.items()}}
+    return {
+        "comparison": comparison.name,
+        "variant": variant.name,
+        **{k: int(round(v)) if "parameters" in k else round(v, 2) for k, v in mean.items()},
+    }
 
 
 def cost_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    lines = ["| comparison | variant | training, all sites (min) | CPU (min) | one more site (min) | parameters, all "
-             "sites | parameters added per site |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| comparison | variant | training, all sites (min) | CPU (min) | one more site (min) | parameters, all "
+        "sites | parameters added per site |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['comparison']} | {r['variant']} | {r['wall_s'] / 60:.1f} | {r['cpu_s'] / 60:.1f} | "
-                     f"{r['added_wall_s'] / 60:.2f} | {int(r['parameters']):,} | {int(r['added_parameters']):,} |")
+        lines.append(
+            f"| {r['comparison']} | {r['variant']} | {r['wall_s'] / 60:.1f} | {r['cpu_s'] / 60:.1f} | "
+            f"{r['added_wall_s'] / 60:.2f} | {int(r['parameters']):,} | {int(r['added_parameters']):,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def curve_table(comparison: Comparison, entries: Sequence[Mapping[str, Any]],
-                costs: Mapping[str, Mapping[str, Any]]) -> str:
+def curve_table(
+    comparison: Comparison, entries: Sequence[Mapping[str, Any]], costs: Mapping[str, Mapping[str, Any]]
+) -> str:
     """Rows: labelled subjects n; columns per head strategy: Dice and F1 (any) as mean [95% CI], head seconds."""
     site = comparison.sites[0]
     found = {e["variant"]: e for e in entries if e["site"] == site}
@@ -100,8 +124,9 @@ def curve_table(comparison: Comparison, entries: Sequence[Mapping[str, Any]],
     zero = next((v for v in comparison.variants if v.n == 0), None)
     if zero is not None and zero.name in found:
         e = found[zero.name]
-        lines.append("| 0 (universal head) | " + " | ".join([cell(e, "dice"), cell(e, "f1_any"), "0"] * len(strategies))
-                     + " |")
+        lines.append(
+            "| 0 (universal head) | " + " | ".join([cell(e, "dice"), cell(e, "f1_any"), "0"] * len(strategies)) + " |"
+        )
     for n in sorted({v.n for v in comparison.variants if v.n}):
         cells = [str(n)]
         for strategy in strategies:
@@ -114,8 +139,10 @@ def curve_table(comparison: Comparison, entries: Sequence[Mapping[str, Any]],
     for variant in comparison.variants:
         if variant.n is None and variant.name in found:
             e = found[variant.name]
-            lines.append(f"\nReference, {variant.name}: Dice {cell(e, 'dice')}, F1 (any) {cell(e, 'f1_any')} "
-                         f"(n = {e['n']} test cases).")
+            lines.append(
+                f"\nReference, {variant.name}: Dice {cell(e, 'dice')}, F1 (any) {cell(e, 'f1_any')} "
+                f"(n = {e['n']} test cases)."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -180,8 +207,14 @@ def plot_curve(comparison: Comparison, entries: Sequence[Mapping[str, Any]], pat
     found = {e["variant"]: e for e in entries if e["site"] == site}
     ns = [0, *sorted({v.n for v in comparison.variants if v.n})]
     picture, draw = _canvas(max(480, 140 + 90 * len(ns)), 360)
-    y = _axis(draw, 50, picture.width - 10, 50, 290,
-              f"new site {site}: lesion Dice (95% CI); dashed: {site} in the backbone, all subjects")
+    y = _axis(
+        draw,
+        50,
+        picture.width - 10,
+        50,
+        290,
+        f"new site {site}: lesion Dice (95% CI); dashed: {site} in the backbone, all subjects",
+    )
     x = {n: 80 + 90 * i for i, n in enumerate(ns)}
     zero = next((v for v in comparison.variants if v.n == 0), None)
     strategies = sorted({v.strategy for v in comparison.variants if v.n and v.strategy})
@@ -208,12 +241,22 @@ def plot_curve(comparison: Comparison, entries: Sequence[Mapping[str, Any]], pat
     return _save(picture, path)
 
 
-def write_tables(out: Path, plan: Plan, entries: Mapping[str, list[dict[str, Any]]],
-                 cost_rows: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> list[Path]:
+def write_tables(
+    out: Path,
+    plan: Plan,
+    entries: Mapping[str, list[dict[str, Any]]],
+    cost_rows: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+) -> list[Path]:
     """``<comparison>.tsv``, ``cost.tsv`` and ``cases.tsv`` (every scored (case, head) row)."""
     written = [ev.write_csv(entries[c.name], out / f"{c.name}.tsv") for c in plan.comparisons if entries[c.name]]
     written.append(ev.write_csv(list(cost_rows), out / "cost.tsv"))
-    columns = ["model", "head", "site", "subject", *[k for k in rows[0] if k not in ("model", "head", "site",
-                                                                                     "subject")]]
+    columns = [
+        "model",
+        "head",
+        "site",
+        "subject",
+        *[k for k in rows[0] if k not in ("model", "head", "site", "subject")],
+    ]
     written.append(ev.write_csv([{c: r.get(c) for c in columns} for r in rows], out / "cases.tsv"))
     return written

@@ -13,11 +13,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments import report, runner, scoring
+from experiments.plan import (
+    Plan,
+    Settings,
+    base_config,
+    curve_order,
+    make_plan,
+    predicted_splits,
+    read_splits,
+    short_of,
+    subjects_per_site,
+)
 from sct_sitehead import __version__
 from sct_sitehead.errors import UsageError
-from experiments import report, runner, scoring
-from experiments.plan import (Plan, Settings, base_config, curve_order, make_plan, predicted_splits, read_splits, short_of,
-                   subjects_per_site)
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +39,10 @@ def prepare_data(settings: Settings) -> dict[str, dict[str, str]]:
         n = subjects_per_site(settings)
         runner.simulate_data(settings, n)
     if not (settings.sim / "participants.tsv").is_file():
-        raise UsageError(f"{settings.sim} is not a simulated dataset (no participants.tsv); run `sct_sitehead "
-                         "simulate` or leave -data out")
+        raise UsageError(
+            f"{settings.sim} is not a simulated dataset (no participants.tsv); run `sct_sitehead "
+            "simulate` or leave -data out"
+        )
     splits = read_splits(settings.sim)
     missing = [s for s in settings.sites if s not in splits]
     if missing:
@@ -50,17 +61,25 @@ def check_work_folder(settings: Settings, base: Mapping[str, Any]) -> None:
     More seeds or curve points are fine (they only add models and heads)."""
     config = runner.json_roundtrip(base)
     config["train"]["threads"] = None  # threads change speed, not results
-    identity = {"config": config, "sites": list(settings.sites), "new_site": settings.new_site,
-                "data": str(settings.sim.resolve()), "data_seed": settings.data_seed,
-                "holdout": list(settings.holdout), "exporter": settings.exporter}
+    identity = {
+        "config": config,
+        "sites": list(settings.sites),
+        "new_site": settings.new_site,
+        "data": str(settings.sim.resolve()),
+        "data_seed": settings.data_seed,
+        "holdout": list(settings.holdout),
+        "exporter": settings.exporter,
+    }
     path = settings.work / "experiment.json"
     stored = runner.read_json(path)
     if stored is None:
         runner.write_json(identity, path)
     elif stored != runner.json_roundtrip(identity):
         changed = sorted(k for k in identity if stored.get(k) != runner.json_roundtrip(identity[k]))
-        raise UsageError(f"{settings.work} was made with other settings ({', '.join(changed)} differ, see {path}); "
-                         "use another -work folder, or delete this one to start again")
+        raise UsageError(
+            f"{settings.work} was made with other settings ({', '.join(changed)} differ, see {path}); "
+            "use another -work folder, or delete this one to start again"
+        )
 
 
 def describe_plan(plan: Plan, base: Mapping[str, Any]) -> str:
@@ -71,10 +90,13 @@ def describe_plan(plan: Plan, base: Mapping[str, Any]) -> str:
         trained = [h for h in model.heads if h.steps != 0]
         steps += int(base["train"]["steps"])
         head_steps += len(trained) * int(base["head"]["steps"])
-        lines.append(f"{model.key}: {len(model.sites)} site(s), labels {model.mode}, seed {model.seed}, "
-                     f"{len(model.heads)} head(s) ({len(trained)} trained)")
-    lines.append(f"total: {len(plan.models)} backbones x {base['train']['steps']} steps = {steps} steps, "
-                 f"{head_steps} head steps")
+        lines.append(
+            f"{model.key}: {len(model.sites)} site(s), labels {model.mode}, seed {model.seed}, "
+            f"{len(model.heads)} head(s) ({len(trained)} trained)"
+        )
+    lines.append(
+        f"total: {len(plan.models)} backbones x {base['train']['steps']} steps = {steps} steps, {head_steps} head steps"
+    )
     return "\n".join(lines)
 
 
@@ -94,8 +116,9 @@ def train_all(settings: Settings, plan: Plan, base: Mapping[str, Any], verbosity
 
     order = sorted(plan.models, key=work, reverse=True)
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-    with ProcessPoolExecutor(settings.jobs, mp_context=context, initializer=_worker_logging,
-                             initargs=(verbosity,)) as pool:
+    with ProcessPoolExecutor(
+        settings.jobs, mp_context=context, initializer=_worker_logging, initargs=(verbosity,)
+    ) as pool:
         for future in [pool.submit(runner.train_model, settings, model, base) for model in order]:
             future.result()
 
@@ -134,8 +157,7 @@ def run_experiment(settings: Settings, *, plan_only: bool = False, verbosity: in
     entries = {c.name: scoring.summarize_comparison(c, index, subjects) for c in plan.comparisons}
     keys = [m.key for m in plan.models]
     costs = runner.costs(settings, keys)
-    cost_rows = [report.variant_cost(c, v, costs) for c in plan.comparisons if c.name != "curve"
-                 for v in c.variants]
+    cost_rows = [report.variant_cost(c, v, costs) for c in plan.comparisons if c.name != "curve" for v in c.variants]
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     report.write_tables(out, plan, entries, cost_rows, rows)
@@ -144,14 +166,22 @@ def run_experiment(settings: Settings, *, plan_only: bool = False, verbosity: in
             report.plot_curve(comparison, entries["curve"], out / "learning_curve.png")
         else:
             report.plot_bars(comparison, entries[comparison.name], out / f"dice_{comparison.name}.png")
-    runner.write_json({
-        "settings": settings.as_dict(), "base_config": base, "jobs": runner.job_configs(settings, keys),
-        "seeds": {c.name: list(c.seeds) for c in plan.comparisons}, "data": {"splits": splits},
-        "git": runner.version_of_git(REPO, settings.out), "sct_sitehead": __version__,
-        "python": platform.python_version(), "torch": _torch_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "plan": [dataclasses.asdict(m) for m in plan.models],
-    }, out / "configs_used.json")
+    runner.write_json(
+        {
+            "settings": settings.as_dict(),
+            "base_config": base,
+            "jobs": runner.job_configs(settings, keys),
+            "seeds": {c.name: list(c.seeds) for c in plan.comparisons},
+            "data": {"splits": splits},
+            "git": runner.version_of_git(REPO, settings.out),
+            "sct_sitehead": __version__,
+            "python": platform.python_version(),
+            "torch": _torch_version(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "plan": [dataclasses.asdict(m) for m in plan.models],
+        },
+        out / "configs_used.json",
+    )
     path = out / "report.md"
     from sct_sitehead.segment.pipeline import write_text_atomic
 
@@ -173,13 +203,18 @@ def _versus_release(base: Mapping[str, Any]) -> str:
 
     release = load_config("release")
     ours, theirs = base["train"], release["train"]
-    size = "the same size as" if ours["steps"] * ours["batch_size"] >= theirs["steps"] * theirs["batch_size"] \
+    size = (
+        "the same size as"
+        if ours["steps"] * ours["batch_size"] >= theirs["steps"] * theirs["batch_size"]
         else "smaller than"
-    return (f"This config is {size} the release's: backbone {ours['steps']} steps x batch {ours['batch_size']} "
-            f"per job ({ours['threads']} thread(s)) vs {theirs['steps']} x {theirs['batch_size']} per process on "
-            f"2 DDP processes; heads {base['head']['steps']} vs {release['head']['steps']} steps; architecture "
-            f"{base['model']['features']} vs {release['model']['features']}. Conclusions are about the methods, "
-            "not the release's absolute numbers.\n")
+    )
+    return (
+        f"This config is {size} the release's: backbone {ours['steps']} steps x batch {ours['batch_size']} "
+        f"per job ({ours['threads']} thread(s)) vs {theirs['steps']} x {theirs['batch_size']} per process on "
+        f"2 DDP processes; heads {base['head']['steps']} vs {release['head']['steps']} steps; architecture "
+        f"{base['model']['features']} vs {release['model']['features']}. Conclusions are about the methods, "
+        "not the release's absolute numbers.\n"
+    )
 
 
 def _data_table(settings: Settings, splits: Mapping[str, Mapping[str, str]]) -> str:
@@ -190,9 +225,15 @@ def _data_table(settings: Settings, splits: Mapping[str, Mapping[str, str]]) -> 
     return "\n".join(lines) + "\n"
 
 
-def document(settings: Settings, plan: Plan, base: Mapping[str, Any], splits: Mapping[str, Mapping[str, str]],
-             entries: Mapping[str, Sequence[Mapping[str, Any]]], cost_rows: Sequence[Mapping[str, Any]],
-             costs: Mapping[str, Mapping[str, Any]]) -> str:
+def document(
+    settings: Settings,
+    plan: Plan,
+    base: Mapping[str, Any],
+    splits: Mapping[str, Mapping[str, str]],
+    entries: Mapping[str, Sequence[Mapping[str, Any]]],
+    cost_rows: Sequence[Mapping[str, Any]],
+    costs: Mapping[str, Mapping[str, Any]],
+) -> str:
     """``report.md``."""
     git = runner.version_of_git(REPO, settings.out)
     train, head = base["train"], base["head"]
@@ -209,7 +250,9 @@ def document(settings: Settings, plan: Plan, base: Mapping[str, Any], splits: Ma
         f"Test split: simulated subjects whose anatomy comes from {', '.join(settings.holdout)} only (never "
         f"seen in training). Mean [bootstrap 95% CI over test cases]; ΔDice is paired over the same cases. "
         "F1 = lesion-wise F1, per case (any-voxel and 10%-overlap rules); AVD = absolute volume difference.\n",
-        _versus_release(base), "## Data\n", _data_table(settings, splits),
+        _versus_release(base),
+        "## Data\n",
+        _data_table(settings, splits),
     ]
     for comparison in plan.comparisons:
         seeds = f"{len(comparison.seeds)} seed(s): {list(comparison.seeds)}"
@@ -221,9 +264,11 @@ def document(settings: Settings, plan: Plan, base: Mapping[str, Any], splits: Ma
         else:
             parts[-1] += f"plot `dice_{comparison.name}.png`.\n"
         parts.append(report.comparison_table(comparison, entries[comparison.name]))
-    parts += ["## Cost\n",
-              "Training wall time on this machine (all sites, mean over seeds; including the shared backbone) and "
-              "parameter counts (every network a deployment of all sites needs; 'one more site' = what adding a "
-              "site trains: nothing for the universal head, one head, or one whole model).\n",
-              report.cost_table(cost_rows)]
+    parts += [
+        "## Cost\n",
+        "Training wall time on this machine (all sites, mean over seeds; including the shared backbone) and "
+        "parameter counts (every network a deployment of all sites needs; 'one more site' = what adding a "
+        "site trains: nothing for the universal head, one head, or one whole model).\n",
+        report.cost_table(cost_rows),
+    ]
     return "\n".join(parts)

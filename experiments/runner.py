@@ -112,8 +112,9 @@ def train_model(settings: Settings, spec: ModelSpec, base: Mapping[str, Any]) ->
     if not backbone.is_file():
         config = spec.config(base)
         _job_folder(folder / "backbone", settings, config)
-        logger.info("train %s: backbone on %s (labels %s, seed %d)", spec.key, ",".join(spec.sites), spec.mode,
-                    spec.seed)
+        logger.info(
+            "train %s: backbone on %s (labels %s, seed %d)", spec.key, ",".join(spec.sites), spec.mode, spec.seed
+        )
         _, took = timed(lambda: train_backbone(settings.sim, folder / "backbone", config))
         record_time(settings, spec.key, "backbone", {**took, "steps": config["train"]["steps"]})
     for head in spec.heads:
@@ -123,7 +124,11 @@ def train_model(settings: Settings, spec: ModelSpec, base: Mapping[str, Any]) ->
         config = spec.head_config(base, head)
         _job_folder(out, settings, config)
         logger.info("train %s: head %s (%s, %d steps)", spec.key, head.name, head.strategy, config["head"]["steps"])
-        _, took = timed(lambda: train_head(settings.sim, backbone, head.site, head.strategy, out, config))
+        _, took = timed(
+            lambda head=head, out=out, config=config: train_head(
+                settings.sim, backbone, head.site, head.strategy, out, config
+            )
+        )
         record_time(settings, spec.key, head.name, {**took, "steps": config["head"]["steps"]})
 
 
@@ -139,13 +144,26 @@ def export_and_publish(settings: Settings, spec: ModelSpec) -> dict[str, Any]:
     from sct_sitehead.registry.publish import publish
     from sct_sitehead.training import export_release
 
-    manifest, took = timed(lambda: export_release(folder / "backbone" / BACKBONE_FILE, heads, folder / "export",
-                                                  exporter=settings.exporter))
+    manifest, took = timed(
+        lambda: export_release(
+            folder / "backbone" / BACKBONE_FILE, heads, folder / "export", exporter=settings.exporter
+        )
+    )
     record_time(settings, spec.key, "export", took)
-    publish(folder / "export", registry_dir(settings), model=spec.key, version=VERSION, replace=True,
-            description=f"experiment model {spec.key}: sites {','.join(spec.sites)}, labels {spec.mode}")
-    done = {"heads": sorted(heads), "parameters": manifest["parameters"], "channels": manifest["channels"],
-            "max_abs_diff": max(manifest["check"]["max_abs_diff"].values())}
+    publish(
+        folder / "export",
+        registry_dir(settings),
+        model=spec.key,
+        version=VERSION,
+        replace=True,
+        description=f"experiment model {spec.key}: sites {','.join(spec.sites)}, labels {spec.mode}",
+    )
+    done = {
+        "heads": sorted(heads),
+        "parameters": manifest["parameters"],
+        "channels": manifest["channels"],
+        "max_abs_diff": max(manifest["check"]["max_abs_diff"].values()),
+    }
     write_json(done, marker)
     return done
 
@@ -155,8 +173,10 @@ def costs(settings: Settings, keys: list[str]) -> dict[str, dict[str, Any]]:
     out = {}
     for key in keys:
         folder = model_dir(settings, key)
-        out[key] = {"timing": read_json(folder / "timing.json", {}),
-                    "parameters": (read_json(folder / "published.json") or {}).get("parameters", {})}
+        out[key] = {
+            "timing": read_json(folder / "timing.json", {}),
+            "parameters": (read_json(folder / "published.json") or {}).get("parameters", {}),
+        }
     return out
 
 
@@ -176,10 +196,21 @@ def simulate_data(settings: Settings, n_per_site: int) -> None:
     """Simulate the dataset into ``<work>/sim`` (the real anatomy of ``holdout`` only in the test split)."""
     from sct_sitehead.simulate import simulate
 
-    logger.info("simulate %d subjects per site at %s (seed %d, holdout %s)", n_per_site, ",".join(settings.sites),
-                settings.data_seed, ",".join(settings.holdout))
-    simulate(settings.source, settings.work / "sim", n_per_site=n_per_site, seed=settings.data_seed,
-             holdout=list(settings.holdout), sites=list(settings.sites))
+    logger.info(
+        "simulate %d subjects per site at %s (seed %d, holdout %s)",
+        n_per_site,
+        ",".join(settings.sites),
+        settings.data_seed,
+        ",".join(settings.holdout),
+    )
+    simulate(
+        settings.source,
+        settings.work / "sim",
+        n_per_site=n_per_site,
+        seed=settings.data_seed,
+        holdout=list(settings.holdout),
+        sites=list(settings.sites),
+    )
 
 
 def registry_location(settings: Settings) -> str:
@@ -206,8 +237,9 @@ def version_of_git(repo: Path, exclude: Path | None = None) -> dict[str, Any]:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
-                                  text=True, timeout=30).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True, timeout=30
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from sct_sitehead.evaluation import evaluate as ev
 from experiments.plan import Comparison, Settings
 from experiments.runner import published_release, record_time, timed
+from sct_sitehead.evaluation import evaluate as ev
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ def evaluate_model(
         # it does not need.
         for site in sorted({case.site for case in mine}):
             heads = sorted(heads_by_site[site])
-            segmenter = Segmenter.open(release, heads, cache, Options(threads=settings.threads), offline=False,
-                                       progress=False)
+            segmenter = Segmenter.open(
+                release, heads, cache, Options(threads=settings.threads), offline=False, progress=False
+            )
             for case in (c for c in mine if c.site == site):
                 image, probabilities = segmenter.predict(case.image)
                 reference = np.asanyarray(nib.load(case.reference).dataobj) > 0
@@ -74,8 +75,15 @@ def evaluate_model(
                 for head in heads:
                     lesion = ev.lesion_index(segmenter, head)
                     prediction = probabilities[head][lesion] >= segmenter.threshold(head)
-                    rows.append({"model": key, "head": head, "site": case.site, "subject": case.subject,
-                                 **ev.score_case(prediction, reference, zooms)})
+                    rows.append(
+                        {
+                            "model": key,
+                            "head": head,
+                            "site": case.site,
+                            "subject": case.subject,
+                            **ev.score_case(prediction, reference, zooms),
+                        }
+                    )
         return rows
 
     rows, took = timed(score_all)
@@ -101,7 +109,9 @@ def seed_mean(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def variant_cases(
-    comparison: Comparison, variant, index: Mapping[tuple[str, str, str], Mapping[str, Any]],
+    comparison: Comparison,
+    variant,
+    index: Mapping[tuple[str, str, str], Mapping[str, Any]],
     subjects: Mapping[str, Sequence[str]],
 ) -> dict[str, dict[int, dict[str, Mapping[str, Any]]]]:
     """``{site: {seed: {subject: row}}}`` of one variant (cases without a row are left out)."""
@@ -126,7 +136,8 @@ def _groups(cases: Mapping[str, Mapping[int, Mapping[str, Any]]]) -> dict[str, d
 
 
 def summarize_comparison(
-    comparison: Comparison, index: Mapping[tuple[str, str, str], Mapping[str, Any]],
+    comparison: Comparison,
+    index: Mapping[tuple[str, str, str], Mapping[str, Any]],
     subjects: Mapping[str, Sequence[str]],
 ) -> list[dict[str, Any]]:
     """One entry per (variant, site or ``pooled``): n, seeds, mean and 95% interval of each summary metric,
@@ -152,9 +163,15 @@ def summarize_comparison(
                 continue
             rows = list(cases.values())
             stats = summarize(rows)
-            entry: dict[str, Any] = {"comparison": comparison.name, "variant": variant.name, "site": group,
-                                     "strategy": variant.strategy or "", "n_train": "" if variant.n is None
-                                     else variant.n, "n": len(rows), "seeds": len(comparison.seeds)}
+            entry: dict[str, Any] = {
+                "comparison": comparison.name,
+                "variant": variant.name,
+                "site": group,
+                "strategy": variant.strategy or "",
+                "n_train": "" if variant.n is None else variant.n,
+                "n": len(rows),
+                "seeds": len(comparison.seeds),
+            }
             for key in ev.SUMMARY_METRICS:
                 entry[key] = stats[key]["mean"]
                 entry[f"{key}_low"], entry[f"{key}_high"] = stats[key]["low"], stats[key]["high"]

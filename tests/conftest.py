@@ -64,9 +64,15 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                   patch_size: tuple[int, int, int] = (32, 32, 32), receptive_field: bool = False,
-                   localiser: dict | None = None, min_lesion_mm3: dict[str, float] | None = None) -> Path:
+def write_registry(
+    directory: Path,
+    *,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    patch_size: tuple[int, int, int] = (32, 32, 32),
+    receptive_field: bool = False,
+    localiser: dict | None = None,
+    min_lesion_mm3: dict[str, float] | None = None,
+) -> Path:
     """A registry folder with the tiny ONNX release of ``onnx_factory`` (model ``tiny``, version 1.0.0).
 
     ``localiser``: add a cord localiser (the tiny backbone and a head marking voxels brighter than
@@ -83,11 +89,16 @@ def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.
         return {"url": path.relative_to(directory).as_posix(), "sha256": sha256_of(path), "size": path.stat().st_size}
 
     heads = {
-        site: {**asset(path), "strategy": "finetune", "labels": tiny["labels"][site],
-               "threshold": tiny["thresholds"][site],
-               **({"min_lesion_mm3": min_lesion_mm3[site]} if site in (min_lesion_mm3 or {}) else {})}
+        site: {
+            **asset(path),
+            "strategy": "finetune",
+            "labels": tiny["labels"][site],
+            "threshold": tiny["thresholds"][site],
+            **({"min_lesion_mm3": min_lesion_mm3[site]} if site in (min_lesion_mm3 or {}) else {}),
+        }
         for site, path in tiny["heads"].items()
     }
+
     def localiser_entry(fields: dict) -> dict:
         import onnx
 
@@ -100,12 +111,18 @@ def write_registry(directory: Path, *, spacing: tuple[float, float, float] = (1.
         spacing = fields.pop("spacing", [2.0, 2.0, 2.0])
         return {
             "input": {
-                "orientation": "RAS", "spacing": list(spacing), "patch_size": [32, 32, 32], "divisor": 2,
+                "orientation": "RAS",
+                "spacing": list(spacing),
+                "patch_size": [32, 32, 32],
+                "divisor": 2,
                 "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]},
             },
             "backbone": {**asset(folder / "backbone.onnx"), "outputs": tiny["backbone_outputs"]},
             "head": asset(folder / "cord.onnx"),
-            "channel": 0, "threshold": 0.5, "margin_mm": 6.0, "cord_margin_mm": 3.0,
+            "channel": 0,
+            "threshold": 0.5,
+            "margin_mm": 6.0,
+            "cord_margin_mm": 3.0,
             **fields,
         }
 

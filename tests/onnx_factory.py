@@ -117,8 +117,12 @@ def head_model(
         initializers.append(_tensor(f"scales_{name}", [1.0, 1.0, 2.0, 2.0, 2.0]))
         nodes.append(
             helper.make_node(
-                "Resize", [name, "", f"scales_{name}"], [f"{name}_up"], mode="nearest",
-                coordinate_transformation_mode="asymmetric", nearest_mode="floor",
+                "Resize",
+                [name, "", f"scales_{name}"],
+                [f"{name}_up"],
+                mode="nearest",
+                coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor",
             )
         )
         parts.append(f"{name}_up")
@@ -193,8 +197,6 @@ def expected(batch: np.ndarray, *, receptive_field: bool = False) -> dict[str, n
     out = {}
     for site, spec in HEADS.items():
         stack = [channel for name in spec["inputs"] for channel in features[name]]
-        logits = [
-            sum(w * f for w, f in zip(row, stack)) + b for row, b in zip(spec["weight"], spec["bias"])
-        ]
+        logits = [sum(w * f for w, f in zip(row, stack)) + b for row, b in zip(spec["weight"], spec["bias"])]
         out[site] = 1.0 / (1.0 + np.exp(-np.concatenate(logits, axis=1)))
     return out

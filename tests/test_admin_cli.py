@@ -10,13 +10,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import sha256_of, write_registry
 
 from sct_sitehead.cli import admin as admin_cli
-
 from sct_sitehead.cli import deepseg_lesion as cli
 from sct_sitehead.registry.publish import publish
-
-from conftest import sha256_of, write_registry
 
 
 def sitehead(argv, capsys) -> tuple[int, str, str]:
@@ -35,7 +33,7 @@ def mirror(tmp_path: Path):
     hits: dict[str, int] = {}
 
     class Counting(RangeRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             hits[self.path] = hits.get(self.path, 0) + 1
             super().do_GET()
 
@@ -52,8 +50,9 @@ def mirror(tmp_path: Path):
 
 def test_models_install_then_offline_run_makes_no_request(mirror, tmp_path, capsys):
     url, hits = mirror
-    code, out, err = sitehead(["models", "install", "tiny@1.0.0", "-site", "montreal", "-registry", url,
-                               "-allow-unsigned"], capsys)
+    code, out, err = sitehead(
+        ["models", "install", "tiny@1.0.0", "-site", "montreal", "-registry", url, "-allow-unsigned"], capsys
+    )
     assert code == 0, err
     assert "montreal" in out and "universal" not in out
     assert hits["/tiny/1.0.0/backbone.onnx"] == 1 and hits["/tiny/1.0.0/heads/montreal.onnx"] == 1
@@ -119,12 +118,19 @@ def export_folder(tmp_path: Path) -> Path:
         return {"file": path.relative_to(folder).as_posix(), "sha256": sha256_of(path), "size": path.stat().st_size}
 
     manifest = {
-        "input": {"orientation": "RAS", "spacing": [1.0, 1.0, 1.0], "patch_size": [32, 32, 32],
-                  "divisor": tiny["divisor"], "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]}},
+        "input": {
+            "orientation": "RAS",
+            "spacing": [1.0, 1.0, 1.0],
+            "patch_size": [32, 32, 32],
+            "divisor": tiny["divisor"],
+            "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]},
+        },
         "channels": tiny["channels"],
         "backbone": {**entry(tiny["backbone"]), "outputs": tiny["backbone_outputs"]},
-        "heads": {site: {**entry(path), "strategy": "finetune", "labels": tiny["labels"][site]}
-                  for site, path in tiny["heads"].items()},
+        "heads": {
+            site: {**entry(path), "strategy": "finetune", "labels": tiny["labels"][site]}
+            for site, path in tiny["heads"].items()
+        },
     }
     (folder / "export.json").write_text(json.dumps(manifest))
     return folder
@@ -135,8 +141,9 @@ def test_publish_creates_then_extends_a_registry(tmp_path, capsys):
     registry = tmp_path / "registry"
     code, _, err = sitehead(["publish", folder, registry, "-model", "tiny", "-version", "1.0.0", "-default"], capsys)
     assert code == 0, err
-    code, _, err = sitehead(["publish", folder, registry, "-model", "tiny", "-version", "1.1.0",
-                             "-site", "montreal"], capsys)
+    code, _, err = sitehead(
+        ["publish", folder, registry, "-model", "tiny", "-version", "1.1.0", "-site", "montreal"], capsys
+    )
     assert code == 0, err
     index = json.loads((registry / "registry.json").read_text())
     assert index["serial"] == 2

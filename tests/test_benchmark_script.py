@@ -36,12 +36,34 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
     registry = write_registry(tmp_path / "registry")
     out = tmp_path / "report" / "bench.md"
     readme = tmp_path / "README.md"
-    readme.write_text("# Title\n\n## Performance\n\n<!-- benchmark:start (written by bin/benchmark -readme; edits "
-                      "here are overwritten) -->\nold table\n<!-- benchmark:end -->\n\n## Next\n")
+    readme.write_text(
+        "# Title\n\n## Performance\n\n<!-- benchmark:start (written by bin/benchmark -readme; edits "
+        "here are overwritten) -->\nold table\n<!-- benchmark:end -->\n\n## Next\n"
+    )
     command = [
-        sys.executable, str(SCRIPT), "-quick", "-inputs", "sagittal", "-registry", str(registry),
-        "-site", "montreal", "-sites", "montreal,toronto", "-threads", "1", "-device", "cpu",
-        "-work", str(tmp_path / "work"), "-out", str(out), "-help-runs", "1", "-readme", str(readme),
+        sys.executable,
+        str(SCRIPT),
+        "-quick",
+        "-inputs",
+        "sagittal",
+        "-registry",
+        str(registry),
+        "-site",
+        "montreal",
+        "-sites",
+        "montreal,toronto",
+        "-threads",
+        "1",
+        "-device",
+        "cpu",
+        "-work",
+        str(tmp_path / "work"),
+        "-out",
+        str(out),
+        "-help-runs",
+        "1",
+        "-readme",
+        str(readme),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -52,7 +74,8 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
     header, *rows = table(text, "input")
     assert header[:4] == ["input", "sites", "device", "wall s (ours / baseline)"]
     assert [(row[0], row[1], row[2]) for row in rows] == [
-        ("sagittal", "montreal", "cpu"), ("sagittal", "montreal,toronto", "cpu")
+        ("sagittal", "montreal", "cpu"),
+        ("sagittal", "montreal,toronto", "cpu"),
     ]
     for row in rows:
         ours, baseline = (float(value) for value in row[3].split(" / "))

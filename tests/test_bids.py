@@ -8,17 +8,27 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from sct_sitehead.evaluation.bids import Sample, read_bids
 from sct_sitehead.errors import InputImageError
+from sct_sitehead.evaluation.bids import Sample, read_bids
 
 
 def test_real_dataset(bids_dir: Path):
     samples, problems = read_bids(bids_dir)
     assert len(samples) == 44
     assert len({s.subject for s in samples}) == 25
-    assert {"sub-errsm30", "sub-pam50", "sub-unf01", "sub-tut05", "sub-ms01", "sub-gmc9418"} <= {s.subject for s in samples}
+    assert {"sub-errsm30", "sub-pam50", "sub-unf01", "sub-tut05", "sub-ms01", "sub-gmc9418"} <= {
+        s.subject for s in samples
+    }
     assert {s.site for s in samples} == {
-        "errsm", "template", "unf", "unknown", "ucl", "philips", "juntendo", "milan", "ceitec"
+        "errsm",
+        "template",
+        "unf",
+        "unknown",
+        "ucl",
+        "philips",
+        "juntendo",
+        "milan",
+        "ceitec",
     }
     with_cord = [s for s in samples if "cord" in s.labels]
     assert len(with_cord) == 22
@@ -130,7 +140,9 @@ def test_labels_from_another_derivatives_tree(tree: Path):
     by_subject = {s.subject: s for s in samples}
     # Every A image takes its cord from the truth tree, sub-a1's misaligned seg-manual is not even looked at.
     assert {s: set(by_subject[s].labels) for s in ("sub-a1", "sub-a2", "sub-a3")} == {
-        "sub-a1": {"cord"}, "sub-a2": {"cord"}, "sub-a3": {"cord"}
+        "sub-a1": {"cord"},
+        "sub-a2": {"cord"},
+        "sub-a3": {"cord"},
     }
     assert by_subject["sub-a1"].labels["cord"].parent.parts[-3:] == ("truth", "sub-a1", "anat")
     assert problems == []  # the labels tree's misaligned mask is not read; site B has no cord anywhere

@@ -16,8 +16,8 @@ from pytest_httpserver import HTTPServer
 from test_download import RecordingServer
 from test_registry import make_index, make_keys, serve_index, sha256, write_registry, write_signed_registry
 
-from sct_sitehead.registry.cache import Cache
 from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
+from sct_sitehead.registry.cache import Cache
 from sct_sitehead.registry.index import Asset, Registry, Release
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,8 +102,10 @@ def test_offline_run_makes_no_request_at_all(site: Site, cache: Cache) -> None:
     site.server.close()  # any network call would now fail
     offline_release = site.release(cache, offline=True)
     assert offline_release == release
-    assert [cache.fetch(offline_release.backbone, offline=True),
-            cache.fetch(offline_release.head("montreal").asset, offline=True)] == paths
+    assert [
+        cache.fetch(offline_release.backbone, offline=True),
+        cache.fetch(offline_release.head("montreal").asset, offline=True),
+    ] == paths
     assert len(site.server.requests) == total
 
 
@@ -272,8 +274,10 @@ def test_read_only_prefilled_cache_works_without_writing(site: Site, tmp_path: P
         before = snapshot(filler.root)
         reader = Cache(filler.root)
         offline_release = site.release(reader, offline=True)
-        got = [reader.fetch(offline_release.backbone, offline=True),
-               reader.fetch(offline_release.head("montreal").asset, offline=False)]
+        got = [
+            reader.fetch(offline_release.backbone, offline=True),
+            reader.fetch(offline_release.head("montreal").asset, offline=False),
+        ]
         assert got == expected
         assert snapshot(filler.root) == before
     finally:
@@ -353,11 +357,15 @@ def test_clean_leaves_an_asset_whose_lock_another_process_holds(site: Site, cach
     backbone, head = fill(site, cache)
     lock_path = cache.root / "locks" / f"{sha256(site.backbone)}.lock"
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time, filelock\n"
-         "lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(30)",
-         str(lock_path)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, filelock\n"
+            "lock = filelock.FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(30)",
+            str(lock_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -94,11 +94,15 @@ def test_mirroring_is_recorded_and_flips_back_what_it_flipped(tiny_registry, ima
     soft = {}
     for name, extra in (("plain", []), ("tta", ["-tta"])):
         out = tmp_path / name
-        code, _, err = run(["-i", image, "-site", "montreal,toronto", "-ofolder", out, "-registry", tiny_registry,
-                            "-soft", *extra], capsys)
+        code, _, err = run(
+            ["-i", image, "-site", "montreal,toronto", "-ofolder", out, "-registry", tiny_registry, "-soft", *extra],
+            capsys,
+        )
         assert code == 0, err
-        soft[name] = [np.asanyarray(nib.load(out / f"sub-01_T2w_lesionseg_{site}_soft.nii.gz").dataobj)
-                      for site in ("montreal", "toronto")]
+        soft[name] = [
+            np.asanyarray(nib.load(out / f"sub-01_T2w_lesionseg_{site}_soft.nii.gz").dataobj)
+            for site in ("montreal", "toronto")
+        ]
         sidecar = json.loads((out / "sub-01_T2w_lesionseg_montreal.json").read_text())
         assert sidecar["TestTimeMirroring"] == (["left-right"] if extra else [])
     assert axes == [[0]]  # once, for the -tta run, along the model grid's left-right axis (RAS: the first)
@@ -188,7 +192,9 @@ def test_o_with_two_inputs_is_usage_error(tiny_registry, image, tmp_path, capsys
 
 
 def test_offline_with_remote_registry_and_empty_cache(image, capsys):
-    code, _, err = run(["-i", image, "-site", "montreal", "-offline", "-registry", "https://example.org/r.json"], capsys)
+    code, _, err = run(
+        ["-i", image, "-site", "montreal", "-offline", "-registry", "https://example.org/r.json"], capsys
+    )
     assert code == 8, err
 
 
@@ -214,12 +220,14 @@ def test_help_imports_nothing_heavy():
 def test_subprocess_exit_codes_and_outputs(tiny_registry, image, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "sct_sitehead.cli.deepseg_lesion"]
-    ok = subprocess.run([*command, "-i", image, "-site", "toronto", "-registry", tiny_registry],
-                        capture_output=True, text=True, env=env)
+    ok = subprocess.run(
+        [*command, "-i", image, "-site", "toronto", "-registry", tiny_registry], capture_output=True, text=True, env=env
+    )
     assert ok.returncode == 0, ok.stderr
     assert image.with_name("sub-01_T2w_lesionseg.nii.gz").is_file()
-    unknown = subprocess.run([*command, "-i", image, "-site", "nowhere", "-registry", tiny_registry],
-                             capture_output=True, text=True, env=env)
+    unknown = subprocess.run(
+        [*command, "-i", image, "-site", "nowhere", "-registry", tiny_registry], capture_output=True, text=True, env=env
+    )
     assert unknown.returncode == 4 and "sites:" in unknown.stderr
     assert len(unknown.stderr.strip().splitlines()) == 1
     usage = subprocess.run([*command, "-site", "toronto", "-bogus"], capture_output=True, text=True, env=env)

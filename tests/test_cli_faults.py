@@ -78,7 +78,7 @@ class CountingServer:
                     outputfile.flush()
                     time.sleep(pause)
 
-            def log_message(self, format, *args) -> None:  # noqa: A002
+            def log_message(self, format, *args) -> None:
                 pass
 
         self.server = make_server(directory, 0, "127.0.0.1", handler=Handler)
@@ -167,11 +167,27 @@ def test_processes_share_one_cold_cache_over_http(signed_site, tmp_path: Path, k
     image = blob_image(tmp_path / "sub-01_T2w.nii.gz")
     cache, out = tmp_path / "cache", tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "sct_sitehead.cli.deepseg_lesion", "-i", str(image), "-site", "montreal",
-               "-registry", server.url("registry.json"), "-trust", str(public)]
+    command = [
+        sys.executable,
+        "-m",
+        "sct_sitehead.cli.deepseg_lesion",
+        "-i",
+        str(image),
+        "-site",
+        "montreal",
+        "-registry",
+        server.url("registry.json"),
+        "-trust",
+        str(public),
+    ]
     workers = [
-        subprocess.Popen([*command, "-o", str(out / f"mask{n}.nii.gz")], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=child_environment(cache))
+        subprocess.Popen(
+            [*command, "-o", str(out / f"mask{n}.nii.gz")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_environment(cache),
+        )
         for n in range(PROCESSES)
     ]
     victim = None
@@ -224,11 +240,27 @@ def test_sigint_mid_inference_exits_130_and_leaves_nothing(tmp_path: Path) -> No
     image = blob_image(tmp_path / "big.nii.gz", shape=(128, 128, 64))
     out = tmp_path / "out"
     out.mkdir()
-    command = [sys.executable, "-m", "sct_sitehead.cli.deepseg_lesion", "-i", str(image), "-site", "montreal", "-registry",
-               str(registry), "-o", str(out / "mask.nii.gz")]
+    command = [
+        sys.executable,
+        "-m",
+        "sct_sitehead.cli.deepseg_lesion",
+        "-i",
+        str(image),
+        "-site",
+        "montreal",
+        "-registry",
+        str(registry),
+        "-o",
+        str(out / "mask.nii.gz"),
+    ]
     environment = child_environment(tmp_path / "cache")
-    worker = subprocess.Popen([*command, "-v", "2", "-threads", "1"], stderr=subprocess.PIPE, text=True,
-                              env=environment, preexec_fn=default_sigint)
+    worker = subprocess.Popen(
+        [*command, "-v", "2", "-threads", "1"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        preexec_fn=default_sigint,
+    )
     lines: list[str] = []
     started = None
     try:
@@ -273,15 +305,20 @@ def universal(image: Path, registry: Path, out: Path) -> list[str | Path]:
     return ["-i", image, "-site", "universal", "-soft", "-registry", registry, "-ofolder", out, "-v", "0"]
 
 
-OUTPUTS = ["sub-01_T2w_lesionseg.nii.gz", "sub-01_T2w_lesionseg_soft.nii.gz", "sub-01_T2w_cordseg.nii.gz",
-           "sub-01_T2w_lesionseg.json"]
+OUTPUTS = [
+    "sub-01_T2w_lesionseg.nii.gz",
+    "sub-01_T2w_lesionseg_soft.nii.gz",
+    "sub-01_T2w_cordseg.nii.gz",
+    "sub-01_T2w_lesionseg.json",
+]
 
 
 @pytest.mark.parametrize("failure", ["ENOSPC", "KeyboardInterrupt"])
 @pytest.mark.parametrize("at", [1, 2, 3, "sidecar"])
 @pytest.mark.parametrize("previous", [False, True], ids=["fresh", "over-previous"])
-def test_failure_while_writing_leaves_the_previous_outputs(tiny_registry, image, tmp_path, capfd, monkeypatch,
-                                                           failure, at, previous) -> None:
+def test_failure_while_writing_leaves_the_previous_outputs(
+    tiny_registry, image, tmp_path, capfd, monkeypatch, failure, at, previous
+) -> None:
     """The n-th NIfTI (or the sidecar) fails half-written: exit 9 (full disk) or 130 (Ctrl-C), one line, no temp
     file, and the folder holds exactly what it held before: nothing, or the previous run's files, byte for byte."""
     out = tmp_path / "out"
@@ -329,8 +366,7 @@ def test_output_folder_under_a_regular_file(tiny_registry, image, tmp_path, capf
     blocker = tmp_path / "results.txt"
     blocker.write_text("not a folder")
     for option in (["-o", blocker / "mask.nii.gz"], ["-ofolder", blocker / "sub"], ["-qc", blocker / "qc"]):
-        code, lines = run_cli(["-i", image, "-site", "montreal", "-registry", tiny_registry, "-v", "0", *option],
-                              capfd)
+        code, lines = run_cli(["-i", image, "-site", "montreal", "-registry", tiny_registry, "-v", "0", *option], capfd)
         assert code == OutputError.exit_code, (option, lines)
         assert len(lines) == 1 and str(blocker) in lines[0] and "not a folder" in lines[0], lines
     assert blocker.read_text() == "not a folder"
@@ -351,8 +387,9 @@ def test_read_only_output_folder(tiny_registry, image, tmp_path, capfd, monkeypa
         return real_open(path, flags, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refusing_open)
-    code, lines = run_cli(["-i", image, "-site", "montreal", "-registry", tiny_registry, "-o", out / "mask.nii.gz",
-                           "-v", "0"], capfd)
+    code, lines = run_cli(
+        ["-i", image, "-site", "montreal", "-registry", tiny_registry, "-o", out / "mask.nii.gz", "-v", "0"], capfd
+    )
     assert code == OutputError.exit_code
     assert len(lines) == 1 and os.strerror(number) in lines[0] and "writable" in lines[0], lines
     assert list(out.iterdir()) == []
@@ -367,8 +404,21 @@ def test_output_folder_that_cannot_be_created(tiny_registry, image, tmp_path, ca
         return real_mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", refusing_mkdir)
-    code, lines = run_cli(["-i", image, "-site", "montreal", "-registry", tiny_registry,
-                           "-ofolder", tmp_path / "locked" / "deep", "-v", "0"], capfd)
+    code, lines = run_cli(
+        [
+            "-i",
+            image,
+            "-site",
+            "montreal",
+            "-registry",
+            tiny_registry,
+            "-ofolder",
+            tmp_path / "locked" / "deep",
+            "-v",
+            "0",
+        ],
+        capfd,
+    )
     assert code == OutputError.exit_code
     assert len(lines) == 1 and "cannot create the output folder" in lines[0] and "Permission denied" in lines[0]
 
@@ -379,8 +429,9 @@ def test_output_folder_without_write_permission(tiny_registry, image, tmp_path, 
     out.mkdir()
     out.chmod(0o500)
     try:
-        code, lines = run_cli(["-i", image, "-site", "montreal", "-registry", tiny_registry,
-                               "-o", out / "mask.nii.gz", "-v", "0"], capfd)
+        code, lines = run_cli(
+            ["-i", image, "-site", "montreal", "-registry", tiny_registry, "-o", out / "mask.nii.gz", "-v", "0"], capfd
+        )
     finally:
         out.chmod(0o700)
     assert code == OutputError.exit_code and len(lines) == 1 and "Permission denied" in lines[0]
@@ -412,10 +463,22 @@ def test_read_only_prefilled_cache_real_process(tiny_registry, image, tmp_path) 
     read-only: it runs from the cache and writes nothing there."""
     cache = tmp_path / "cache"
     environment = child_environment(cache)
-    command = [sys.executable, "-m", "sct_sitehead.cli.deepseg_lesion", "-i", str(image), "-site", "montreal",
-               "-registry", str(tiny_registry), "-v", "0"]
-    filled = subprocess.run([*command, "-o", str(tmp_path / "first.nii.gz")], capture_output=True, text=True,
-                            env=environment, timeout=300)
+    command = [
+        sys.executable,
+        "-m",
+        "sct_sitehead.cli.deepseg_lesion",
+        "-i",
+        str(image),
+        "-site",
+        "montreal",
+        "-registry",
+        str(tiny_registry),
+        "-v",
+        "0",
+    ]
+    filled = subprocess.run(
+        [*command, "-o", str(tmp_path / "first.nii.gz")], capture_output=True, text=True, env=environment, timeout=300
+    )
     assert filled.returncode == 0, filled.stderr
     shutil.rmtree(cache / "tmp", ignore_errors=True)
     for path in [cache, *cache.rglob("*")]:
@@ -423,9 +486,19 @@ def test_read_only_prefilled_cache_real_process(tiny_registry, image, tmp_path) 
     before = snapshot(cache)
     try:
         done = subprocess.run(
-            ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", *command,
-             "-o", str(tmp_path / "second.nii.gz")],
-            capture_output=True, text=True, env=environment, timeout=300,
+            [
+                "setpriv",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+                *command,
+                "-o",
+                str(tmp_path / "second.nii.gz"),
+            ],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=300,
         )
         after = snapshot(cache)
     finally:

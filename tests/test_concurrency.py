@@ -64,7 +64,16 @@ def test_processes_on_a_cold_cache_download_each_asset_once(tmp_path: Path) -> N
     environment = {**os.environ, "PYTHONPATH": str(Path(sct_sitehead.__file__).resolve().parents[1])}
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER, server.url("registry.json"), str(cache_root), str(go), str(number), str(public)],
+            [
+                sys.executable,
+                "-c",
+                WORKER,
+                server.url("registry.json"),
+                str(cache_root),
+                str(go),
+                str(number),
+                str(public),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -86,7 +95,7 @@ def test_processes_on_a_cold_cache_download_each_asset_once(tmp_path: Path) -> N
                 worker.kill()
         server.close()
 
-    for worker, (out, err) in zip(workers, results):
+    for worker, (_out, err) in zip(workers, results):
         assert worker.returncode == 0, err
     outputs = [json.loads(out) for out, _ in results]
     assert all(output == outputs[0] for output in outputs)

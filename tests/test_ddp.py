@@ -49,9 +49,21 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
-         str(data), str(out)],
-        env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(data),
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     model, meta = load_backbone(out / "backbone.safetensors")
@@ -65,13 +77,15 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path: Path) -> None:
 
 
 def test_cases_are_sharded_like_a_distributed_sampler() -> None:
-    from sct_sitehead.training.data import Case
-
     import numpy as np
 
+    from sct_sitehead.training.data import Case
+
     lesion = np.zeros((2, 2, 2), np.uint8)
-    cases = [Case(f"c{i}", "A", np.zeros((2, 2, 2), np.float32), {"lesion": lesion}, np.zeros((0, 3), np.int32), 0.0)
-             for i in range(5)]
+    cases = [
+        Case(f"c{i}", "A", np.zeros((2, 2, 2), np.float32), {"lesion": lesion}, np.zeros((0, 3), np.int32), 0.0)
+        for i in range(5)
+    ]
     space = build_label_space({"A": {"lesion": 0.1}})
     shards = [_shard(cases, space, Context(rank, 2, torch.device("cpu")))[0] for rank in (0, 1)]
     assert [c.name for c in shards[0]] == ["c0", "c2", "c4"] and [c.name for c in shards[1]] == ["c1", "c3"]

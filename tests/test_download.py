@@ -19,9 +19,9 @@ import requests
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
+from sct_sitehead.errors import DownloadError, IntegrityError, OutputError
 from sct_sitehead.registry import download as download_module
 from sct_sitehead.registry.download import check_url, download, is_loopback, new_session
-from sct_sitehead.errors import DownloadError, IntegrityError, OutputError
 from sct_sitehead.registry.server import RangeRequestHandler, make_server, parse_range
 
 FAST = {"retries": 2, "backoff": 0.0, "timeout": (2.0, 2.0)}
@@ -65,7 +65,7 @@ class RecordingServer:
                     body.close()
                 self.close_connection = True
 
-            def log_message(self, format, *args) -> None:  # noqa: A002
+            def log_message(self, format, *args) -> None:
                 pass
 
         self.server = make_server(directory, 0, "127.0.0.1", handler=Handler)
@@ -155,7 +155,12 @@ def test_read_timeout_is_retried(served: RecordingServer, body: bytes, tmp_path:
     served.stall["/file.bin"] = 1.0
     part = tmp_path / "x.part"
     download(
-        served.url("file.bin"), part, expected_size=len(body), max_size=len(body), retries=2, backoff=0.0,
+        served.url("file.bin"),
+        part,
+        expected_size=len(body),
+        max_size=len(body),
+        retries=2,
+        backoff=0.0,
         timeout=(2.0, 0.3),
     )
     assert part.read_bytes() == body
@@ -367,7 +372,11 @@ def test_progress_bar_only_when_asked(served: RecordingServer, body: bytes, tmp_
     download(served.url("file.bin"), tmp_path / "a.part", expected_size=len(body), max_size=len(body), **FAST)
     assert capsys.readouterr().err == ""
     download(
-        served.url("file.bin"), tmp_path / "b.part", expected_size=len(body), max_size=len(body), progress=True,
+        served.url("file.bin"),
+        tmp_path / "b.part",
+        expected_size=len(body),
+        max_size=len(body),
+        progress=True,
         **FAST,
     )
     assert "file.bin" in capsys.readouterr().err

@@ -15,10 +15,9 @@ import pytest
 
 pytest.importorskip("torch")
 
-from sct_sitehead.cli import admin as admin_cli  # noqa: E402
-
+from sct_sitehead.cli import admin as admin_cli
 from sct_sitehead.cli import deepseg_lesion as cli
-from sct_sitehead.evaluation.evaluate import MIN_LESIONS_MM3  # noqa: E402
+from sct_sitehead.evaluation.evaluate import MIN_LESIONS_MM3
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -37,25 +36,76 @@ def published(tmp_path_factory, bids_dir: Path) -> dict[str, Path]:
     sitehead("simulate", bids_dir, sim, "-n", 4, "-seed", 3, "-sites", "montreal,toronto", "-holdout", "sub-unf01")
     sitehead("train-backbone", sim, root / "backbone", "-config", "tiny")
     backbone = root / "backbone" / "backbone.safetensors"
-    sitehead("train-head", sim, root / "heads", "-backbone", backbone, "-site", "montreal", "-strategy", "wider",
-             "-config", "tiny")
-    sitehead("train-head", sim, root / "heads", "-backbone", backbone, "-site", "toronto", "-strategy", "spatial",
-             "-config", "tiny")
+    sitehead(
+        "train-head",
+        sim,
+        root / "heads",
+        "-backbone",
+        backbone,
+        "-site",
+        "montreal",
+        "-strategy",
+        "wider",
+        "-config",
+        "tiny",
+    )
+    sitehead(
+        "train-head",
+        sim,
+        root / "heads",
+        "-backbone",
+        backbone,
+        "-site",
+        "toronto",
+        "-strategy",
+        "spatial",
+        "-config",
+        "tiny",
+    )
     heads = [root / "heads" / f"head-{site}.safetensors" for site in ("montreal", "toronto")]
     sitehead("export", root / "export", "-backbone", backbone, *[x for h in heads for x in ("-head", h)])
     localiser = root / "localiser.json"
-    localiser.write_text(json.dumps({
-        "input": {"orientation": "RAS", "spacing": [4.0, 4.0, 4.0], "patch_size": [16, 16, 16], "divisor": 2,
-                  "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]}},
-        "model": {"features": [4, 8]},
-        "labels": {"grouping": {"cord": ["cord"]}, "suffixes": {"cord": ["seg-manual", "seg"]}},
-        "train": {"patch_size": [16, 16, 16], "batch_size": 2, "steps": 10, "lr": 0.01, "warmup_steps": 2,
-                  "device": "cpu", "checkpoint_every": 10, "log_every": 5},
-    }))
+    localiser.write_text(
+        json.dumps(
+            {
+                "input": {
+                    "orientation": "RAS",
+                    "spacing": [4.0, 4.0, 4.0],
+                    "patch_size": [16, 16, 16],
+                    "divisor": 2,
+                    "normalization": {"method": "zscore", "clip_percentiles": [0.5, 99.5]},
+                },
+                "model": {"features": [4, 8]},
+                "labels": {"grouping": {"cord": ["cord"]}, "suffixes": {"cord": ["seg-manual", "seg"]}},
+                "train": {
+                    "patch_size": [16, 16, 16],
+                    "batch_size": 2,
+                    "steps": 10,
+                    "lr": 0.01,
+                    "warmup_steps": 2,
+                    "device": "cpu",
+                    "checkpoint_every": 10,
+                    "log_every": 5,
+                },
+            }
+        )
+    )
     sitehead("train-backbone", sim, root / "localiser", "-config", localiser)
     sitehead("export", root / "localiser-export", "-backbone", root / "localiser" / "backbone.safetensors")
-    sitehead("publish", root / "export", root / "registry", "-model", "lesion", "-version", "0.1.0", "-default",
-             "-localiser", root / "localiser-export", "-margin", 15)
+    sitehead(
+        "publish",
+        root / "export",
+        root / "registry",
+        "-model",
+        "lesion",
+        "-version",
+        "0.1.0",
+        "-default",
+        "-localiser",
+        root / "localiser-export",
+        "-margin",
+        15,
+    )
     return {"root": root, "sim": sim, "registry": root / "registry" / "registry.json"}
 
 
@@ -63,7 +113,9 @@ def test_published_index_lists_every_head_with_its_strategy(published):
     index = json.loads(published["registry"].read_text())
     release = index["models"]["lesion"]["releases"]["0.1.0"]
     assert {site: head["strategy"] for site, head in release["heads"].items()} == {
-        "universal": "pooled", "montreal": "wider", "toronto": "spatial"
+        "universal": "pooled",
+        "montreal": "wider",
+        "toronto": "spatial",
     }
     assert index["serial"] == 1 and index["default_model"] == "lesion"
     localiser = release["localiser"]
@@ -74,8 +126,9 @@ def test_published_index_lists_every_head_with_its_strategy(published):
 def test_deploy_cli_runs_the_published_release(published, tmp_path, capsys):
     image = next(published["sim"].glob("sub-montreal*/anat/*.nii.gz"))
     out = tmp_path / "out"
-    code = cli.main(["-i", str(image), "-site", "montreal,toronto", "-ofolder", str(out),
-                     "-registry", str(published["registry"])])
+    code = cli.main(
+        ["-i", str(image), "-site", "montreal,toronto", "-ofolder", str(out), "-registry", str(published["registry"])]
+    )
     assert code == 0, capsys.readouterr().err
     source = nib.load(image)
     for site in ("montreal", "toronto"):
@@ -106,14 +159,26 @@ def test_tuned_thresholds_are_published(published, tmp_path):
     """tune-thresholds picks each head's threshold on the val split; publish -thresholds puts them in the index."""
     tuned = tmp_path / "thresholds.json"
     # The tiny dataset has few val subjects; any split but test will do here.
-    sitehead("tune-thresholds", published["sim"], "-o", tuned, "-split", "train", "-registry", published["registry"],
-             "-threads", 1, "-loo")
+    sitehead(
+        "tune-thresholds",
+        published["sim"],
+        "-o",
+        tuned,
+        "-split",
+        "train",
+        "-registry",
+        published["registry"],
+        "-threads",
+        1,
+        "-loo",
+    )
     heads = json.loads(tuned.read_text())["heads"]
     assert set(heads) == {"universal", "montreal", "toronto"}
     assert all(0 < row["threshold"] < 1 and row["dice"] >= row["dice_at_0.5"] for row in heads.values())
     assert all(row["threshold"] == 0.5 for row in heads.values() if not row["holds"])
-    assert all(row["min_lesion_mm3"] in MIN_LESIONS_MM3 and row["f1"] >= row["f1_all_lesions"]
-               for row in heads.values())
+    assert all(
+        row["min_lesion_mm3"] in MIN_LESIONS_MM3 and row["f1"] >= row["f1_all_lesions"] for row in heads.values()
+    )
     registry = tmp_path / "registry"
     root = published["root"]
     sitehead("publish", root / "export", registry, "-model", "lesion", "-version", "0.1.0", "-thresholds", tuned)
@@ -124,16 +189,42 @@ def test_tuned_thresholds_are_published(published, tmp_path):
     assert {site: head.get("min_lesion_mm3", 0.0) for site, head in release["heads"].items()} == {
         head: row["min_lesion_mm3"] for head, row in heads.items()
     }
-    assert admin_cli.main(["tune-thresholds", str(published["sim"]), "-o", str(tuned), "-split", "test",
-                           "-registry", str(published["registry"])]) == 2
+    assert (
+        admin_cli.main(
+            [
+                "tune-thresholds",
+                str(published["sim"]),
+                "-o",
+                str(tuned),
+                "-split",
+                "test",
+                "-registry",
+                str(published["registry"]),
+            ]
+        )
+        == 2
+    )
 
 
 def test_adding_a_site_changes_no_other_head(published, tmp_path):
     """Publishing a release with one more site keeps the backbone and every other head byte for byte."""
     root = published["root"]
     backbone = root / "backbone" / "backbone.safetensors"
-    admin_cli.main(["train-head", str(published["sim"]), str(root / "heads2"), "-backbone", str(backbone),
-                    "-site", "toronto", "-strategy", "finetune", "-config", "tiny"])
+    admin_cli.main(
+        [
+            "train-head",
+            str(published["sim"]),
+            str(root / "heads2"),
+            "-backbone",
+            str(backbone),
+            "-site",
+            "toronto",
+            "-strategy",
+            "finetune",
+            "-config",
+            "tiny",
+        ]
+    )
     heads = [root / "heads" / "head-montreal.safetensors", root / "heads2" / "head-toronto.safetensors"]
     sitehead("export", tmp_path / "export", "-backbone", backbone, *[x for h in heads for x in ("-head", h)])
     before = json.loads((root / "export" / "export.json").read_text())
@@ -150,8 +241,20 @@ def test_check_localiser_reports_where_the_cord_rule_keeps_lesions(published):
     import sys
 
     script = Path(__file__).resolve().parents[1] / "bin" / "check_localiser"
-    done = subprocess.run([sys.executable, str(script), str(published["sim"]), "-registry", str(published["registry"]),
-                           "-split", "train"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(published["sim"]),
+            "-registry",
+            str(published["registry"]),
+            "-split",
+            "train",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("all: ") and "lesions in the cord rule's region (lesion@0.1.0, train)" in last

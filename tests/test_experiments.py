@@ -9,19 +9,29 @@ from pathlib import Path
 
 import pytest
 
+from experiments import main, report, scoring
+from experiments import plan as xp
 from sct_sitehead.errors import TrainingError
-from experiments import main, plan as xp, report, scoring
 from sct_sitehead.training.config import load_config
 from sct_sitehead.training.labels import build_label_space
 
-SIZES = {"a": {"lesion": 0.001}, "b": {"cord": 0.02, "lesion": 0.002},
-         "c": {"csf": 0.05, "cord": 0.02, "lesion": 0.001}}
+SIZES = {
+    "a": {"lesion": 0.001},
+    "b": {"cord": 0.02, "lesion": 0.002},
+    "c": {"csf": 0.05, "cord": 0.02, "lesion": 0.001},
+}
 GROUPING = {"lesion": ["lesion"], "cord": ["cord"], "csf": ["csf"]}
 
 
 def settings(tmp_path: Path, **given) -> xp.Settings:
-    values = dict(config="tiny", work=tmp_path, out=tmp_path / "out", source=tmp_path,
-                  sites=("montreal", "toronto", "london"), curve=(1, 2, 4))
+    values = dict(
+        config="tiny",
+        work=tmp_path,
+        out=tmp_path / "out",
+        source=tmp_path,
+        sites=("montreal", "toronto", "london"),
+        curve=(1, 2, 4),
+    )
     values.update(given)
     return xp.Settings(**values)
 
@@ -62,8 +72,12 @@ def test_every_variant_points_at_a_trained_model_and_head(tmp_path: Path) -> Non
         assert key in heads, key
         for wanted in by_site.values():
             assert wanted <= heads[key], (key, wanted - heads[key])
-    assert {c.name: c.seeds for c in plan.comparisons} == {"heads": (0, 1, 2), "separate": (0,), "labels": (0,),
-                                                            "curve": (0,)}
+    assert {c.name: c.seeds for c in plan.comparisons} == {
+        "heads": (0, 1, 2),
+        "separate": (0,),
+        "labels": (0,),
+        "curve": (0,),
+    }
     minus = plan.model("pooled-minus-london-s0")
     assert "london" not in minus.sites
     subsets = [set(h.subjects) for h in minus.heads if h.strategy == "wider"]
@@ -89,13 +103,29 @@ def test_job_configs_select_sites_subjects_mode_and_seed(tmp_path: Path) -> None
 
 def _row(model: str, head: str, site: str, subject: str, dice: float) -> dict:
     counts = {f"{k}_{r}": 1.0 for k in ("tp", "fp", "fn") for r in ("any", "10pct")}
-    return {"model": model, "head": head, "site": site, "subject": subject, "dice": dice, "f1_any": dice,
-            "f1_10pct": dice, "sensitivity_any": 1.0, "precision_any": math.nan, "avd_mm3": 10.0, **counts}
+    return {
+        "model": model,
+        "head": head,
+        "site": site,
+        "subject": subject,
+        "dice": dice,
+        "f1_any": dice,
+        "f1_10pct": dice,
+        "sensitivity_any": 1.0,
+        "precision_any": math.nan,
+        "avd_mm3": 10.0,
+        **counts,
+    }
 
 
 def test_summaries_average_seeds_per_case_then_pair_against_the_baseline(tmp_path: Path) -> None:
-    comparison = next(c for c in xp.make_plan(settings(tmp_path, seeds=2, sites=("montreal", "london")),
-                                              ["sub-london001"] * 4).comparisons if c.name == "heads")
+    comparison = next(
+        c
+        for c in xp.make_plan(
+            settings(tmp_path, seeds=2, sites=("montreal", "london")), ["sub-london001"] * 4
+        ).comparisons
+        if c.name == "heads"
+    )
     rows = []
     for seed, shift in ((0, 0.0), (1, 0.2)):
         for subject, site in (("sub-m1", "montreal"), ("sub-m2", "montreal"), ("sub-l1", "london")):
@@ -118,14 +148,22 @@ def test_summaries_average_seeds_per_case_then_pair_against_the_baseline(tmp_pat
 def test_costs_count_a_shared_backbone_once_and_what_each_site_adds(tmp_path: Path) -> None:
     plan = xp.make_plan(settings(tmp_path, seeds=1, sites=("montreal", "london")), ["sub-london001"] * 4)
     timing = {"backbone": {"wall_s": 600.0, "cpu_s": 1000.0}}
-    costs = {m.key: {"timing": {**timing, **{h.name: {"wall_s": 60.0, "cpu_s": 100.0, "steps": h.steps}
-                                              for h in m.heads}},
-                     "parameters": {"backbone": 1000, "universal": 10, **{h.name: 20 for h in m.heads}}}
-             for m in plan.models}
-    rows = {(r["comparison"], r["variant"]): r for c in plan.comparisons if c.name != "curve"
-            for r in [report.variant_cost(c, v, costs) for v in c.variants]}
-    assert rows[("heads", "universal")] == pytest.approx({**rows[("heads", "universal")], "wall_s": 600.0,
-                                                          "parameters": 1010, "added_parameters": 0})
+    costs = {
+        m.key: {
+            "timing": {**timing, **{h.name: {"wall_s": 60.0, "cpu_s": 100.0, "steps": h.steps} for h in m.heads}},
+            "parameters": {"backbone": 1000, "universal": 10, **{h.name: 20 for h in m.heads}},
+        }
+        for m in plan.models
+    }
+    rows = {
+        (r["comparison"], r["variant"]): r
+        for c in plan.comparisons
+        if c.name != "curve"
+        for r in [report.variant_cost(c, v, costs) for v in c.variants]
+    }
+    assert rows[("heads", "universal")] == pytest.approx(
+        {**rows[("heads", "universal")], "wall_s": 600.0, "parameters": 1010, "added_parameters": 0}
+    )
     assert rows[("heads", "wider")]["wall_s"] == 720.0 and rows[("heads", "wider")]["parameters"] == 1040
     separate = rows[("separate", "separate")]
     assert separate["parameters"] == 2020 and separate["added_wall_s"] == 600
@@ -139,8 +177,18 @@ def test_quick_run_writes_the_whole_report_and_resumes(tmp_path: Path, bids_dir:
     work, out = tmp_path / "work", tmp_path / "report"
     argv = ["-quick", "-work", str(work), "-out", str(out), "-source", str(bids_dir), "-threads", "1", "-v", "0"]
     assert main(argv) == 0
-    for name in ("report.md", "heads.tsv", "separate.tsv", "labels.tsv", "curve.tsv", "cost.tsv", "cases.tsv",
-                 "configs_used.json", "dice_heads.png", "learning_curve.png"):
+    for name in (
+        "report.md",
+        "heads.tsv",
+        "separate.tsv",
+        "labels.tsv",
+        "curve.tsv",
+        "cost.tsv",
+        "cases.tsv",
+        "configs_used.json",
+        "dice_heads.png",
+        "learning_curve.png",
+    ):
         assert (out / name).is_file(), name
     text = (out / "report.md").read_text()
     for title in ("Site heads", "Separate full per-site", "Label-space", "New site london", "## Cost"):

@@ -16,9 +16,9 @@ ort = pytest.importorskip("onnxruntime")
 from test_train import make_dataset, tiny_config  # noqa: E402
 
 from sct_sitehead.errors import TrainingError  # noqa: E402
+from sct_sitehead.registry.cache import sha256_file as file_sha256  # noqa: E402
 from sct_sitehead.segment.inference import SiteHeadModel  # noqa: E402
 from sct_sitehead.training import export  # noqa: E402
-from sct_sitehead.registry.cache import sha256_file as file_sha256  # noqa: E402
 from sct_sitehead.training.export import check_onnx, export_release  # noqa: E402
 from sct_sitehead.training.train import load_backbone, train_backbone, train_head  # noqa: E402
 
@@ -82,8 +82,11 @@ def test_export_follows_the_model_contract(release: dict, tmp_path: Path) -> Non
 
 def test_the_deploy_path_runs_the_exported_release(release: dict, tmp_path: Path) -> None:
     export_release(release["backbone"], release["heads"], tmp_path, exporter="torchscript")
-    model = SiteHeadModel(tmp_path / "backbone.onnx",
-                          {s: tmp_path / "heads" / f"{s}.onnx" for s in ("universal", "siteA", "siteB")}, device="cpu")
+    model = SiteHeadModel(
+        tmp_path / "backbone.onnx",
+        {s: tmp_path / "heads" / f"{s}.onnx" for s in ("universal", "siteA", "siteB")},
+        device="cpu",
+    )
     batch = np.random.default_rng(1).standard_normal((2, 1, 16, 16, 16)).astype(np.float32)
     outputs = model(batch)
     unet, _ = load_backbone(release["backbone"])
@@ -107,8 +110,9 @@ def test_a_corrupted_onnx_file_fails_the_check(release: dict, tmp_path: Path) ->
         export_release(release["backbone"], release["heads"], tmp_path, exporter="torchscript")
 
 
-def test_an_exporter_that_writes_wrong_weights_is_caught(release: dict, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_exporter_that_writes_wrong_weights_is_caught(
+    release: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = export._export_graph
 
     def perturbed(module: torch.nn.Module, *args: object) -> None:
@@ -153,18 +157,22 @@ def test_adding_a_site_changes_no_other_file(release: dict, tmp_path: Path) -> N
 
     new_site = make_dataset(tmp_path / "bids", {"siteC": ["lesion", "cord"]}, cases_per_site=1, seed=5)
     site_c = train_head(new_site, release["backbone"], "siteC", "wider", tmp_path / "work", tiny_config())
-    manifest = export_release(release["backbone"], {"siteA": release["heads"]["siteA"], "siteC": site_c}, out,
-                              exporter="torchscript")
+    manifest = export_release(
+        release["backbone"], {"siteA": release["heads"]["siteA"], "siteC": site_c}, out, exporter="torchscript"
+    )
     assert file_sha256(release["backbone"]) == checkpoint_sha
     assert file_sha256(out / "backbone.onnx") == backbone_sha == manifest["backbone"]["sha256"]
     after_features = dict(zip(["skip0", "dec1"], _run(out / "backbone.onnx", {"image": image})))
     for site, probabilities in before.items():
         assert np.array_equal(_run(out / "heads" / f"{site}.onnx", after_features)[0], probabilities)
-    assert manifest["heads"]["siteC"]["labels"] == [{"name": "cord", "value": 1, "channel": 0},
-                                                    {"name": "lesion", "value": 1, "channel": 1}]
+    assert manifest["heads"]["siteC"]["labels"] == [
+        {"name": "cord", "value": 1, "channel": 0},
+        {"name": "lesion", "value": 1, "channel": 1},
+    ]
     # A fresh export of the same checkpoints gives the same bytes: the files do not depend on when they were made.
-    again = export_release(release["backbone"], {"siteA": release["heads"]["siteA"]}, tmp_path / "fresh",
-                           exporter="torchscript")
+    again = export_release(
+        release["backbone"], {"siteA": release["heads"]["siteA"]}, tmp_path / "fresh", exporter="torchscript"
+    )
     assert again["backbone"]["sha256"] == backbone_sha
     assert again["heads"]["siteA"]["sha256"] == manifest["heads"]["siteA"]["sha256"]
 
@@ -199,8 +207,16 @@ def test_release_heads_export_folded(tmp_path: Path, strategy: str) -> None:
             parameter.add_(0.1 * torch.randn_like(parameter))
         features = model.backbone(trace)
         args = tuple(features[n] for n in model.arch.outputs)
-        _export_graph(HeadGraph(fuse_head(head)), args, tmp_path / "h.onnx", model.arch.outputs, ["probabilities"],
-                      [2, 1], 17, "torchscript")
+        _export_graph(
+            HeadGraph(fuse_head(head)),
+            args,
+            tmp_path / "h.onnx",
+            model.arch.outputs,
+            ["probabilities"],
+            [2, 1],
+            17,
+            "torchscript",
+        )
         want = head(features).numpy()
     ops = [node.op_type for node in onnx.load(str(tmp_path / "h.onnx")).graph.node]
     assert ops.count("ConvTranspose") == 1 and "Concat" not in ops

@@ -31,10 +31,10 @@ from conftest import default_sigint
 from test_registry import make_index, make_keys, write_signed_registry
 
 import sct_sitehead
+from sct_sitehead.errors import DownloadError, IntegrityError, OutputError, RegistryError, SiteHeadError
 from sct_sitehead.registry import cache as cache_module
 from sct_sitehead.registry import download as download_module
 from sct_sitehead.registry.cache import Cache
-from sct_sitehead.errors import DownloadError, IntegrityError, OutputError, RegistryError, SiteHeadError
 from sct_sitehead.registry.index import Asset, Registry, Release
 from sct_sitehead.registry.server import RangeRequestHandler, make_server
 from sct_sitehead.registry.signing import load_private_key, sign_bytes
@@ -84,7 +84,7 @@ class FaultServer:
                     outputfile.write(chunk)
                     time.sleep(pause)
 
-            def log_message(self, format, *args) -> None:  # noqa: A002
+            def log_message(self, format, *args) -> None:
                 pass
 
         self.server = make_server(directory, 0, host, handler=Handler)
@@ -748,7 +748,10 @@ def test_read_only_cache(how: str, site: Site, tmp_path: Path, monkeypatch: pyte
         command = ["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--"] if how.startswith("setpriv") else []
         result = subprocess.run(
             [*command, sys.executable, "-c", READ_ONLY_CHECK, site.url, str(root), str(site.public_key)],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": PYTHONPATH}, check=False,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": PYTHONPATH},
+            check=False,
         )
         assert result.returncode == 0, result.stderr
         output = json.loads(result.stdout)

@@ -27,8 +27,9 @@ def _trained_like(head_stages: int = 1, channels: int = 2, final: tuple[int, int
 
     ``final``: (kernel, convolutions) of the last decoder stage; (1, 1) is the release's.
     """
-    arch = Arch(features=(4, 8, 16), channels=channels, head_stages=head_stages, final_kernel=final[0],
-                final_convs=final[1])
+    arch = Arch(
+        features=(4, 8, 16), channels=channels, head_stages=head_stages, final_kernel=final[0], final_convs=final[1]
+    )
     model = UNet(arch).eval()
     with torch.no_grad():
         for parameter in model.head.parameters():

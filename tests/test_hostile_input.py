@@ -135,8 +135,20 @@ def assert_correct_data(path: Path, image: nib.Nifti1Image, data: np.ndarray) ->
     np.testing.assert_allclose(affine, reference.affine)
 
 
-GRID_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
-               "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units")
+GRID_FIELDS = (
+    "qform_code",
+    "sform_code",
+    "quatern_b",
+    "quatern_c",
+    "quatern_d",
+    "qoffset_x",
+    "qoffset_y",
+    "qoffset_z",
+    "srow_x",
+    "srow_y",
+    "srow_z",
+    "xyzt_units",
+)
 
 
 def assert_same_grid(mask_path: Path, source: Path) -> None:
@@ -184,8 +196,20 @@ def cli_outcome(path: Path, registry: Path, out: Path, capfd: pytest.CaptureFixt
 
 
 # --- hypothesis: random header fields -----------------------------------------------------------------------------
-FIELDS = ("dim", "pixdim", "datatype", "vox_offset", "scaling", "xform_codes", "quaternion", "srow", "magic",
-          "sizeof_hdr", "extension", "payload")
+FIELDS = (
+    "dim",
+    "pixdim",
+    "datatype",
+    "vox_offset",
+    "scaling",
+    "xform_codes",
+    "quaternion",
+    "srow",
+    "magic",
+    "sizeof_hdr",
+    "extension",
+    "payload",
+)
 FLOATS = st.one_of(
     st.floats(width=32),  # any float32, NaN and +-Inf included
     st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-30, 1e30, float("nan"), float("inf"), -float("inf")]),
@@ -241,7 +265,7 @@ def hostile_files(draw: st.DrawFn) -> tuple[object, bytes, bytes, str, frozenset
         # Raw bytes for the declared size, when it is small; else a few bytes (a truncated file).
         try:
             size = int(np.prod(header.get_data_shape(), dtype=np.int64)) * np.dtype(header.get_data_dtype()).itemsize
-        except Exception:  # noqa: BLE001 - a header this broken has no size
+        except Exception:
             size = 64
         seed = draw(st.integers(0, 2**32 - 1))
         payload = np.random.default_rng(seed).bytes(size if 0 < size <= 1 << 20 else 64)
@@ -277,9 +301,16 @@ def test_random_header_fields_through_the_command_line(tiny_registry: Path, tmp_
 Builder = Callable[[Path], Path]
 
 
-def _raw(name: str, change: Callable[[nib.Nifti1Header], object] = lambda header: None, *, shape=SHAPE,
-         dtype=np.int16, payload: bytes | None = None, extension: bytes = b"\0\0\0\0",
-         klass: type = nib.Nifti1Header) -> Builder:
+def _raw(
+    name: str,
+    change: Callable[[nib.Nifti1Header], object] = lambda header: None,
+    *,
+    shape=SHAPE,
+    dtype=np.int16,
+    payload: bytes | None = None,
+    extension: bytes = b"\0\0\0\0",
+    klass: type = nib.Nifti1Header,
+) -> Builder:
     def build(folder: Path) -> Path:
         header = base_header(klass, shape=shape, dtype=dtype)
         change(header)
@@ -417,11 +448,23 @@ CASES: dict[str, tuple[Builder, str | None]] = {
     # data types nibabel reads
     **{
         f"dtype-{np.dtype(dtype).name}": (_saved(f"{np.dtype(dtype).name}.nii.gz", _blob(dtype=dtype)), None)
-        for dtype in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
-                      np.float32, np.float64)
+        for dtype in (
+            np.uint8,
+            np.int8,
+            np.int16,
+            np.uint16,
+            np.int32,
+            np.uint32,
+            np.int64,
+            np.uint64,
+            np.float32,
+            np.float64,
+        )
     },
-    "dtype-big-endian-int16": (_raw("big.nii", lambda h: None, payload=voxels(endianness=">"),
-                                    klass=lambda: nib.Nifti1Header(endianness=">")), None),
+    "dtype-big-endian-int16": (
+        _raw("big.nii", lambda h: None, payload=voxels(endianness=">"), klass=lambda: nib.Nifti1Header(endianness=">")),
+        None,
+    ),
     "dtype-complex64": (_saved("c64.nii.gz", lambda: _blob(dtype=np.float32)().astype(np.complex64)), "complex"),
     "dtype-complex128": (_saved("c128.nii.gz", lambda: _blob(dtype=np.float64)().astype(np.complex128)), "complex"),
     "dtype-rgb24": (_saved("rgb.nii.gz", _rgb("RGB")), "RGB colour image"),
@@ -444,11 +487,15 @@ CASES: dict[str, tuple[Builder, str | None]] = {
     "4d-one-volume": (_saved("one.nii.gz", lambda: _blob()()[..., None]), None),
     "5d-singleton": (_saved("five1.nii.gz", lambda: _blob()()[..., None, None]), None),
     "4d-time-series": (_saved("series.nii.gz", lambda: np.stack([_blob()()] * 3, axis=-1)), "time series of 3"),
-    "5d-vector": (_saved("vector.nii.gz", lambda: np.stack([_blob()()] * 3, axis=-1)[:, :, :, None, :]),
-                  "5 dimensions"),
+    "5d-vector": (
+        _saved("vector.nii.gz", lambda: np.stack([_blob()()] * 3, axis=-1)[:, :, :, None, :]),
+        "5 dimensions",
+    ),
     "single-slice-64x64x1": (_saved("slice.nii.gz", _blob(shape=(64, 64, 1))), None),
-    "single-slice-64x64x1-5mm": (lambda folder: save(folder / "thick.nii.gz", _blob(shape=(64, 64, 1))(),
-                                                     np.diag([0.5, 0.5, 5.0, 1.0])), None),
+    "single-slice-64x64x1-5mm": (
+        lambda folder: save(folder / "thick.nii.gz", _blob(shape=(64, 64, 1))(), np.diag([0.5, 0.5, 5.0, 1.0])),
+        None,
+    ),
     "single-slice-1x64x64": (_saved("sagittal.nii.gz", _blob(shape=(1, 64, 64))), None),
     "line-64x1x1": (_saved("line.nii.gz", _blob(shape=(64, 1, 1))), "2D or smaller"),
     "2d-file": (_raw("flat.nii", _set(dim=[2, 12, 10, 1, 1, 1, 1, 1])), "2D image"),
@@ -457,8 +504,10 @@ CASES: dict[str, tuple[Builder, str | None]] = {
     "dim0-out-of-range": (_raw("dim9.nii", _set(dim=[9, 12, 10, 8, 1, 1, 1, 1])), "dimensions"),
     "axis-over-4096": (_raw("wide.nii", _set(dim=[3, 5000, 10, 8, 1, 1, 1, 1])), "header claims shape"),
     "1e9-voxels": (_raw("giga.nii", _set(dim=[3, 1000, 1000, 1000, 1, 1, 1, 1])), "header claims shape"),
-    "nifti2-1e12-voxels": (_raw("tera.nii", _set(dim=[3, 10**4, 10**4, 10**4, 1, 1, 1, 1]),
-                                klass=nib.Nifti2Header), "header claims shape"),
+    "nifti2-1e12-voxels": (
+        _raw("tera.nii", _set(dim=[3, 10**4, 10**4, 10**4, 1, 1, 1, 1]), klass=nib.Nifti2Header),
+        "header claims shape",
+    ),
     # voxel sizes and geometry
     "pixdim-zero": (_raw("pz.nii", lambda h: h["pixdim"].__setitem__(2, 0.0)), "pixdim"),
     "pixdim-negative": (_raw("pn.nii.gz", lambda h: h["pixdim"].__setitem__(1, -1.0)), "pixdim"),
@@ -480,10 +529,14 @@ CASES: dict[str, tuple[Builder, str | None]] = {
     "vox-offset-368-aligned": (_raw("vox368.nii.gz", _set(vox_offset=368.0)), None),
     "extension-valid": (_raw("ext.nii.gz", _set(vox_offset=368.0), extension=_extension(16)), None),
     "extension-esize-0": (_raw("ext0.nii", _set(vox_offset=1024.0), extension=_extension(0)), "header extension"),
-    "extension-esize-negative": (_raw("extneg.nii.gz", _set(vox_offset=1024.0), extension=_extension(-64)),
-                                 "header extension"),
-    "extension-esize-2GB": (_raw("extbig.nii.gz", _set(vox_offset=1024.0), extension=_extension(2**31 - 1)),
-                            "header extension"),
+    "extension-esize-negative": (
+        _raw("extneg.nii.gz", _set(vox_offset=1024.0), extension=_extension(-64)),
+        "header extension",
+    ),
+    "extension-esize-2GB": (
+        _raw("extbig.nii.gz", _set(vox_offset=1024.0), extension=_extension(2**31 - 1)),
+        "header extension",
+    ),
     # truncated, corrupt, not NIfTI at all
     "truncated-data-nii": (_cut("cut.nii", 0.5), "truncated or corrupt"),
     "truncated-gzip": (_cut("cut.nii.gz", 0.5), "truncated or corrupt"),
@@ -492,12 +545,18 @@ CASES: dict[str, tuple[Builder, str | None]] = {
     "empty-gzip-file": (_bytes("empty.nii.gz", b""), "is empty"),
     "gzip-of-nothing": (_bytes("nothing.nii.gz", gzip.compress(b"")), "is empty"),
     "text-file": (_bytes("notes.nii", b"subject 1 notes\n" * 40), "not a NIfTI-1/2 image"),
-    "gzip-named-nii": (lambda folder: _bytes("packed.nii", gzip.compress(save(
-        folder / "src.nii", _blob()()).read_bytes()))(folder), "rename it to .nii.gz"),
-    "plain-named-nii-gz": (lambda folder: _bytes("plain.nii.gz", save(
-        folder / "src.nii", _blob()()).read_bytes())(folder), "cannot be read as NIfTI"),
-    "gzip-bomb-huge-header": (_gzip_bomb("bomb.nii.gz", _set(dim=[3, 2048, 2048, 1024, 1, 1, 1, 1])),
-                              "header claims shape"),
+    "gzip-named-nii": (
+        lambda folder: _bytes("packed.nii", gzip.compress(save(folder / "src.nii", _blob()()).read_bytes()))(folder),
+        "rename it to .nii.gz",
+    ),
+    "plain-named-nii-gz": (
+        lambda folder: _bytes("plain.nii.gz", save(folder / "src.nii", _blob()()).read_bytes())(folder),
+        "cannot be read as NIfTI",
+    ),
+    "gzip-bomb-huge-header": (
+        _gzip_bomb("bomb.nii.gz", _set(dim=[3, 2048, 2048, 1024, 1, 1, 1, 1])),
+        "header claims shape",
+    ),
     "gzip-bomb-trailing": (_gzip_bomb("trail.nii.gz", lambda h: None), "gzip bomb"),
     # the file system
     "folder": (_folder, "is a folder"),
@@ -561,8 +620,9 @@ def _refusal_cost(path: Path) -> tuple[str, float, int]:
         ("gzip-bomb-trailing", 10.0, 8 << 20),
     ],
 )
-def test_absurd_sizes_and_bombs_are_refused_without_allocating(name: str, seconds: float, peak: int,
-                                                                tmp_path: Path) -> None:
+def test_absurd_sizes_and_bombs_are_refused_without_allocating(
+    name: str, seconds: float, peak: int, tmp_path: Path
+) -> None:
     path = CASES[name][0](tmp_path)
     message, took, allocated = _refusal_cost(path)
     assert CASES[name][1] in message
@@ -610,8 +670,7 @@ def test_unreadable_file_through_the_library(unreadable: Path) -> None:
     assert message is not None and "cannot be opened (Permission denied)" in message
 
 
-def test_unreadable_file_through_the_command_line(unreadable: Path, tiny_registry: Path, tmp_path: Path,
-                                                  capfd) -> None:
+def test_unreadable_file_through_the_command_line(unreadable: Path, tiny_registry: Path, tmp_path: Path, capfd) -> None:
     line = cli_outcome(unreadable, tiny_registry, tmp_path / "out", capfd)
     assert line is not None and "Permission denied" in line
 
@@ -634,8 +693,9 @@ def test_several_inputs_each_bad_one_reported_on_its_own_line(tiny_registry: Pat
     folder.mkdir()
     paths = [CASES[name][0](folder) for name in names]
     out = tmp_path / "out"
-    code = main(["-i", *map(str, paths), "-site", "montreal", "-registry", str(tiny_registry), "-ofolder", str(out),
-                 "-v", "0"])
+    code = main(
+        ["-i", *map(str, paths), "-site", "montreal", "-registry", str(tiny_registry), "-ofolder", str(out), "-v", "0"]
+    )
     lines = capfd.readouterr().err.splitlines()
     assert code == InputImageError.exit_code
     assert len(lines) == len(names) - 1 and all(line.startswith(f"{PROG}: error: ") for line in lines)

@@ -15,13 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx_factory import HEADS, backbone_model, expected, head_model, write_tiny_release
 
-from sct_sitehead.segment import inference as inference
 from sct_sitehead.errors import (
     InferenceError,
     InputImageError,
     RegistryError,
     UsageError,
 )
+from sct_sitehead.segment import inference as inference
 from sct_sitehead.segment.inference import (
     MIN_WEIGHT,
     SiteHeadModel,
@@ -102,8 +102,14 @@ def voxelwise(batch: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=shapes, patch=patches, overlap=st.floats(0.0, 0.8), batch_size=st.integers(1, 5),
-       divisor=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+@given(
+    shape=shapes,
+    patch=patches,
+    overlap=st.floats(0.0, 0.8),
+    batch_size=st.integers(1, 5),
+    divisor=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**16),
+)
 def test_sliding_window_equals_whole_volume_for_a_voxelwise_network(shape, patch, overlap, batch_size, divisor, seed):
     volume = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     calls = []
@@ -440,7 +446,8 @@ def test_unwritable_optimized_dir_is_not_fatal(release, tmp_path):
 def test_deploy_modules_import_no_heavy_library():
     code = (
         "import sys\n"
-        "import sct_sitehead.segment.inference, sct_sitehead.segment.nifti, sct_sitehead.segment.spatial, sct_sitehead.segment.lesions, "
+        "import sct_sitehead.segment.inference, sct_sitehead.segment.nifti, sct_sitehead.segment.spatial, "
+        "sct_sitehead.segment.lesions, "
         "sct_sitehead.segment.qc\n"
         "print(sorted(m for m in ('onnxruntime', 'scipy', 'PIL', 'torch') if m in sys.modules))\n"
     )

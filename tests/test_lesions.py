@@ -74,8 +74,12 @@ def test_empty_mask_and_bad_zooms():
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=st.tuples(*[st.integers(1, 12)] * 3), density=st.floats(0.0, 0.4), seed=st.integers(0, 2**16),
-       zooms=st.tuples(*[st.floats(0.2, 5.0)] * 3))
+@given(
+    shape=st.tuples(*[st.integers(1, 12)] * 3),
+    density=st.floats(0.0, 0.4),
+    seed=st.integers(0, 2**16),
+    zooms=st.tuples(*[st.floats(0.2, 5.0)] * 3),
+)
 def test_stats_agree_with_a_direct_count(shape, density, seed, zooms):
     mask = np.random.default_rng(seed).random(shape) < density
     stats = lesion_stats(mask, zooms)

@@ -11,6 +11,7 @@ import pytest
 from conftest import save_image, write_registry
 
 from sct_sitehead.cli.deepseg_lesion import main
+from sct_sitehead.registry.index import InputSpec, LocaliserSpec
 from sct_sitehead.segment.localise import (
     Localised,
     crop_window,
@@ -20,7 +21,6 @@ from sct_sitehead.segment.localise import (
     native_bbox,
     one_window,
 )
-from sct_sitehead.registry.index import InputSpec, LocaliserSpec
 from sct_sitehead.segment.spatial import to_model_grid
 
 
@@ -124,7 +124,12 @@ def test_lesion_region_reaches_the_image_edge():
 def test_localise_returns_none_when_no_cord():
     spec = LocaliserSpec(
         input=InputSpec("RAS", (2.0, 2.0, 2.0), (16, 16, 16), 2, {"method": "zscore"}),
-        backbone=None, head=None, channel=0, threshold=0.5, margin_mm=5.0, cord_margin_mm=2.0,
+        backbone=None,
+        head=None,
+        channel=0,
+        threshold=0.5,
+        margin_mm=5.0,
+        cord_margin_mm=2.0,
     )
 
     def nothing(batch):
@@ -176,8 +181,16 @@ def test_windows_repeat_the_edge_along_the_cord_and_past_long_axes(tmp_path, cap
 
     monkeypatch.setattr(inference, "sliding_window", recording)
     registry = write_registry(tmp_path / "registry", localiser={})
-    argv = ["-i", two_blobs(tmp_path / "img.nii.gz"), "-site", "universal", "-registry", registry,
-            "-o", tmp_path / "out.nii.gz"] + ([] if crop else ["-no-crop"])
+    argv = [
+        "-i",
+        two_blobs(tmp_path / "img.nii.gz"),
+        "-site",
+        "universal",
+        "-registry",
+        registry,
+        "-o",
+        tmp_path / "out.nii.gz",
+    ] + ([] if crop else ["-no-crop"])
     code, _, err = run(argv, capsys)
     assert code == 0, err
     lesion_model = calls[-1]  # the localiser runs first, on its own grid

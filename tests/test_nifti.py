@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sct_sitehead.segment import outputs as outputs
 from sct_sitehead.errors import InputImageError, OutputError
+from sct_sitehead.segment import outputs as outputs
 from sct_sitehead.segment.nifti import image_data, load_image
 from sct_sitehead.segment.outputs import save_like
 
@@ -261,8 +261,9 @@ def _raw_header(path: Path) -> nib.Nifti1Header:
     suffix=st.sampled_from([".nii", ".nii.gz"]),
     scaled=st.booleans(),
 )
-def test_save_like_round_trip_keeps_the_header(tmp_path, codes, spacing, rotation, dtype, qform_code, sform_code,
-                                               units, suffix, scaled):
+def test_save_like_round_trip_keeps_the_header(
+    tmp_path, codes, spacing, rotation, dtype, qform_code, sform_code, units, suffix, scaled
+):
     shape = (5, 4, 3)
     rng = np.random.default_rng(0)
     data = rng.integers(1, 100, shape).astype(dtype)

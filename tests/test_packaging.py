@@ -20,7 +20,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (found,) = out.glob("sct_sitehead-*.whl")
     return found
@@ -50,13 +52,17 @@ def test_main_job_runs_from_a_wheel_in_a_fresh_environment(wheel: Path, tmp_path
     # Dependencies come from this environment (no download); the package itself only from the wheel.
     site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     ours = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(site, "deps.pth").write_text("\n".join(sorted(ours)) + "\n")
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["SCT_SITEHEAD_CACHE"] = str(tmp_path / "cache")
@@ -64,15 +70,28 @@ def test_main_job_runs_from_a_wheel_in_a_fresh_environment(wheel: Path, tmp_path
     work.mkdir()
     where = subprocess.run(
         [str(python), "-c", "import sct_sitehead; print(sct_sitehead.__file__)"],
-        check=True, capture_output=True, text=True, cwd=work, env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
     ).stdout.strip()
     assert Path(where).is_relative_to(env_dir), where
     bindir = env_dir / "bin"
-    subprocess.run([str(bindir / "sct_sitehead"), "phantom", "-o", "example_T2w.nii.gz", "-shape", "48", "48", "64"],
-                   check=True, capture_output=True, text=True, cwd=work, env=env)
+    subprocess.run(
+        [str(bindir / "sct_sitehead"), "phantom", "-o", "example_T2w.nii.gz", "-shape", "48", "48", "64"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
+    )
     done = subprocess.run(
         [str(bindir / "sct_deepseg_lesion"), "-i", "example_T2w.nii.gz", "-site", "montreal", "-offline"],
-        capture_output=True, text=True, cwd=work, env=env,
+        capture_output=True,
+        text=True,
+        cwd=work,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     assert (work / "example_T2w_lesionseg.nii.gz").is_file()

@@ -74,15 +74,19 @@ def test_lesions_are_elongated_along_the_cord(t2):
 
 
 def _cord_on(reference, other) -> np.ndarray:
-    moved = resample(arr(other.cord).astype(np.float32), other.cord.affine, reference.cord.shape,
-                     reference.cord.affine, order=1)
+    moved = resample(
+        arr(other.cord).astype(np.float32), other.cord.affine, reference.cord.shape, reference.cord.affine, order=1
+    )
     return moved >= 0.5
 
 
 @pytest.mark.parametrize(
     ("shape", "spacing", "orientation", "oblique"),
-    [((69, 40, 40), (0.7, 1.5, 1.2), "PSR", 0.0), ((40, 40, 30), (1.2, 1.2, 2.0), "LPI", 0.0),
-     ((48, 48, 60), (1.0, 1.0, 1.0), "RAS", 15.0)],
+    [
+        ((69, 40, 40), (0.7, 1.5, 1.2), "PSR", 0.0),
+        ((40, 40, 30), (1.2, 1.2, 2.0), "LPI", 0.0),
+        ((48, 48, 60), (1.0, 1.0, 1.0), "RAS", 15.0),
+    ],
 )
 def test_same_world_at_other_resolutions_and_orientations(t2, shape, spacing, orientation, oblique):
     other = make_phantom(shape, spacing, orientation=orientation, n_lesions=4, seed=7, oblique_deg=oblique)

@@ -7,11 +7,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-
-from sct_sitehead.segment import qc as qc
-from sct_sitehead.errors import OutputError, UsageError
-from sct_sitehead.segment.qc import write_qc, write_qc_index
 from test_nifti import AXIS_CODES, oriented_affine
+
+from sct_sitehead.errors import OutputError, UsageError
+from sct_sitehead.segment import qc as qc
+from sct_sitehead.segment.qc import write_qc, write_qc_index
 
 
 def first_axial_tile(png) -> np.ndarray:
@@ -108,8 +108,13 @@ def test_index_lists_every_entry_escaped(tmp_path):
     (tmp_path / "a b.png").write_bytes(b"png")
     entries = [
         {"image": "/data/sub-01_T2w.nii.gz", "site": "montreal", "png": "a b.png", "lesions": 3, "volume_mm3": 12.345},
-        {"image": "<script>alert(1)</script>.nii", "site": "x", "png": str(tmp_path / "a b.png"), "lesions": 0,
-         "volume_mm3": 0.0},
+        {
+            "image": "<script>alert(1)</script>.nii",
+            "site": "x",
+            "png": str(tmp_path / "a b.png"),
+            "lesions": 0,
+            "volume_mm3": 0.0,
+        },
     ]
     index = write_qc_index(tmp_path, entries)
     assert index == tmp_path / "index.html"

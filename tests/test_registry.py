@@ -15,9 +15,9 @@ import jsonschema
 import pytest
 from pytest_httpserver import HTTPServer
 
+from sct_sitehead.errors import DownloadError, OfflineError, RegistryError, UnknownModelError, UsageError
 from sct_sitehead.registry import index as registry_module
 from sct_sitehead.registry.cache import Cache
-from sct_sitehead.errors import DownloadError, OfflineError, RegistryError, UnknownModelError, UsageError
 from sct_sitehead.registry.index import (
     Asset,
     HeadSpec,
@@ -172,8 +172,10 @@ def test_valid_index_passes(index: dict) -> None:
         (lambda i: i["models"]["lesion"]["releases"]["1.0.0"]["input"].update(spacing=[1, 1]), "spacing"),
         (lambda i: i["models"]["lesion"]["releases"].update({"v2": {}}), "v2"),
         (lambda i: i["models"]["lesion"]["releases"]["1.0.0"].update(threshold=1.5), "threshold"),
-        (lambda i: i["models"]["lesion"]["releases"]["1.0.0"]["heads"]["montreal"].update(min_lesion_mm3=-1),
-         "min_lesion_mm3"),
+        (
+            lambda i: i["models"]["lesion"]["releases"]["1.0.0"]["heads"]["montreal"].update(min_lesion_mm3=-1),
+            "min_lesion_mm3",
+        ),
         (lambda i: i.update(mirrors=["ftp://mirror/"]), "mirrors/0"),
     ],
 )

@@ -23,9 +23,9 @@ from pytest_httpserver import HTTPServer
 from test_registry import make_index, make_keys, serve_index, sha256, write_registry, write_signed_registry
 
 import sct_sitehead
+from sct_sitehead.errors import DownloadError, IntegrityError, RegistryError, UsageError
 from sct_sitehead.registry import index as registry_module
 from sct_sitehead.registry.cache import Cache
-from sct_sitehead.errors import DownloadError, IntegrityError, RegistryError, UsageError
 from sct_sitehead.registry.index import Registry
 from sct_sitehead.registry.signing import (
     generate_keypair,
@@ -432,9 +432,7 @@ def test_an_unsigned_index_cannot_raise_the_bar_for_signed_ones(
         Registry.load(url, cache=cache, offline=False, allow_unsigned=True)
 
 
-def test_signed_local_indexes_are_rollback_protected_too(
-    tmp_path: Path, keys: tuple[Path, Path], cache: Cache
-) -> None:
+def test_signed_local_indexes_are_rollback_protected_too(tmp_path: Path, keys: tuple[Path, Path], cache: Cache) -> None:
     private, public = keys
     folder = tmp_path / "reg"
     write_signed_registry(folder, make_index(b"bb", {"x": b"h"}, serial=2), None, private)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from sct_sitehead.evaluation.bids import read_bids
 from sct_sitehead.errors import InputImageError, OutputError, UsageError
+from sct_sitehead.evaluation.bids import read_bids
 from sct_sitehead.simulate import insert_lesions, load_sites, make_phantom, simulate
 from sct_sitehead.simulate.annotation import annotate
 from sct_sitehead.simulate.deform import displacement_field, draw_deformation, source_coordinates
@@ -47,7 +47,7 @@ def subject_files(root: Path, participant: str) -> dict[str, Path]:
     files = {"image": image}
     for kind in ("labels", "truth"):
         for path in (root / "derivatives" / kind / participant / "anat").glob(f"{stem}_*.nii.gz"):
-            files[path.name[len(stem) + 1: -len(".nii.gz")]] = path
+            files[path.name[len(stem) + 1 : -len(".nii.gz")]] = path
     return files
 
 
@@ -85,8 +85,14 @@ def test_layout_and_every_site_label_set(dataset: Path):
 
 def test_same_seed_gives_identical_subject_files(bids_dir: Path, dataset: Path, tmp_path: Path):
     """A subject depends only on (seed, site, number): rerunning two of the sites gives the same bytes."""
-    again = simulate(bids_dir, tmp_path / "again", n_per_site=N_PER_SITE, seed=5, sites=["montreal", "bordeaux"],
-                     holdout=["sub-unf01"])
+    again = simulate(
+        bids_dir,
+        tmp_path / "again",
+        n_per_site=N_PER_SITE,
+        seed=5,
+        sites=["montreal", "bordeaux"],
+        holdout=["sub-unf01"],
+    )
     files = sorted(p.relative_to(again) for p in again.rglob("sub-*.nii.gz"))
     assert len(files) == N_PER_SITE * (5 + 6)  # image + 2 truths + the sites' 2 and 3 labels
     assert all((dataset / p).read_bytes() == (again / p).read_bytes() for p in files)
@@ -174,10 +180,14 @@ def phantom_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("phantom_bids")
     (root / "participants.tsv").write_text("participant_id\tsite\nsub-ph1\tlab\nsub-ph2\tlab\n")
     for number, (subject, contrast) in enumerate([("ph1", "T2w"), ("ph1", "T1w"), ("ph2", "T2w")]):
-        ph = make_phantom((40, 40, 50), (1.0, 1.2, 1.5), contrast=contrast, n_lesions=0, seed=number,
-                          center=(0, 8, -40 * number))
-        nib.save(ph.image, (root / f"sub-{subject}/anat").mkdir(parents=True, exist_ok=True)
-                 or root / f"sub-{subject}/anat/sub-{subject}_{contrast}.nii.gz")
+        ph = make_phantom(
+            (40, 40, 50), (1.0, 1.2, 1.5), contrast=contrast, n_lesions=0, seed=number, center=(0, 8, -40 * number)
+        )
+        nib.save(
+            ph.image,
+            (root / f"sub-{subject}/anat").mkdir(parents=True, exist_ok=True)
+            or root / f"sub-{subject}/anat/sub-{subject}_{contrast}.nii.gz",
+        )
         labels = root / f"derivatives/labels/sub-{subject}/anat"
         labels.mkdir(parents=True, exist_ok=True)
         nib.save(ph.cord, labels / f"sub-{subject}_{contrast}_seg-manual.nii.gz")
@@ -185,8 +195,10 @@ def phantom_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_phantom_source_whole_dataset_is_byte_identical(phantom_source: Path, tmp_path: Path):
-    runs = [simulate(phantom_source, tmp_path / name, n_per_site=2, seed=0, sites=["montreal", "toronto"])
-            for name in ("a", "b")]
+    runs = [
+        simulate(phantom_source, tmp_path / name, n_per_site=2, seed=0, sites=["montreal", "toronto"])
+        for name in ("a", "b")
+    ]
     files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(runs[1]) for p in runs[1].rglob("*") if p.is_file())
     assert len(files) == 3 + 1 + 1 + 2 * 5 + 2 * 4  # descriptions, participants, simulation.json, subjects
@@ -194,8 +206,9 @@ def test_phantom_source_whole_dataset_is_byte_identical(phantom_source: Path, tm
 
 
 def test_phantom_source_and_argument_errors(phantom_source: Path, tmp_path: Path):
-    out = simulate(phantom_source, tmp_path / "ds", n_per_site=2, seed=0, sites=["montreal", "zurich"],
-                   holdout=["sub-ph2"])
+    out = simulate(
+        phantom_source, tmp_path / "ds", n_per_site=2, seed=0, sites=["montreal", "zurich"], holdout=["sub-ph2"]
+    )
     rows = participants(out)
     assert [r["site"] for r in rows] == ["montreal"] * 2 + ["zurich"] * 2
     assert all(r["split"] == "test" for r in rows if r["source"].startswith("sub-ph2"))
@@ -212,8 +225,16 @@ def test_phantom_source_and_argument_errors(phantom_source: Path, tmp_path: Path
 
 
 def test_phantom_anatomies_and_a_fixed_test_size(phantom_source: Path, tmp_path: Path):
-    out = simulate(phantom_source, tmp_path / "ds", n_per_site=6, seed=0, sites=["montreal", "toronto"],
-                   holdout=["sub-ph2"], phantoms=3, test_per_site=2)
+    out = simulate(
+        phantom_source,
+        tmp_path / "ds",
+        n_per_site=6,
+        seed=0,
+        sites=["montreal", "toronto"],
+        holdout=["sub-ph2"],
+        phantoms=3,
+        test_per_site=2,
+    )
     rows = participants(out)
     for site in ("montreal", "toronto"):
         mine = [r for r in rows if r["site"] == site]
@@ -224,12 +245,19 @@ def test_phantom_anatomies_and_a_fixed_test_size(phantom_source: Path, tmp_path:
     from_phantoms = [r for r in rows if r["source"].startswith("sub-phantom")]
     assert from_phantoms and all(r["split"] in ("train", "val") for r in from_phantoms)
     assert json.loads((out / "simulation.json").read_text())["phantom_subjects"] == len(from_phantoms)
-    again = simulate(phantom_source, tmp_path / "again", n_per_site=6, seed=0, sites=["montreal", "toronto"],
-                     holdout=["sub-ph2"], phantoms=3, test_per_site=2)
+    again = simulate(
+        phantom_source,
+        tmp_path / "again",
+        n_per_site=6,
+        seed=0,
+        sites=["montreal", "toronto"],
+        holdout=["sub-ph2"],
+        phantoms=3,
+        test_per_site=2,
+    )
     assert (again / "participants.tsv").read_bytes() == (out / "participants.tsv").read_bytes()
     first = sorted(p for p in out.rglob("sub-montreal003*.nii.gz"))
     assert first and all(p.read_bytes() == (again / p.relative_to(out)).read_bytes() for p in first)
-
 
 
 def test_real_share_draws_train_subjects_from_real_anatomy_and_leaves_the_test_split_alone(
@@ -253,10 +281,19 @@ def test_real_share_draws_train_subjects_from_real_anatomy_and_leaves_the_test_s
     with pytest.raises(UsageError, match="real_share is 1.5"):
         simulate(phantom_source, tmp_path / "bad", **common, real_share=1.5)
 
+
 def test_borrowed_anatomy_takes_the_site_contrast_and_stays_out_of_test(phantom_source: Path, tmp_path: Path):
     """zurich (T1w) borrows T2w anatomy: inverted (cord brighter than CSF, air dark), dark lesions, train/val only."""
-    out = simulate(phantom_source, tmp_path / "ds", n_per_site=8, seed=1, sites=["zurich"], holdout=["sub-ph2"],
-                   test_per_site=2, sites_config=BORROW_SITES)
+    out = simulate(
+        phantom_source,
+        tmp_path / "ds",
+        n_per_site=8,
+        seed=1,
+        sites=["zurich"],
+        holdout=["sub-ph2"],
+        test_per_site=2,
+        sites_config=BORROW_SITES,
+    )
     rows = participants(out)
     borrowed = [r for r in rows if r["source"] == "sub-ph1_T2w as T1w"]
     assert borrowed and {r["split"] for r in borrowed} <= {"train", "val"}
@@ -311,8 +348,11 @@ def test_sites_file_is_checked(tmp_path: Path):
     with pytest.raises(UsageError, match="cannot be read"):
         load_sites(tmp_path / "missing.json")
     document["sites"]["montreal"]["acquisition"]["orientation"] = "LAS"
-    for borrow, message in [({"T2w": {"invert": True}}, "another contrast than the site's own"),
-                            ({"T1w": {"gamma": 0}}, "'gamma' \\(> 0\\)"), ([1], "give an object")]:
+    for borrow, message in [
+        ({"T2w": {"invert": True}}, "another contrast than the site's own"),
+        ({"T1w": {"gamma": 0}}, "'gamma' \\(> 0\\)"),
+        ([1], "give an object"),
+    ]:
         document["sites"]["montreal"]["borrow"] = borrow
         bad.write_text(json.dumps(document))
         with pytest.raises(UsageError, match=message):
@@ -323,16 +363,25 @@ def test_sites_file_is_checked(tmp_path: Path):
 def test_deformation_is_identity_when_drawn_with_zero_sizes():
     rng = np.random.default_rng(0)
     affine = grid_affine((10, 12, 14), (1.0, 0.8, 2.0), "LAS")
-    zero = draw_deformation(rng, (10, 12, 14), affine, rotation_deg=0, scale=0, translation_mm=0, elastic_mm=0,
-                            elastic_spacing_mm=10)
+    zero = draw_deformation(
+        rng, (10, 12, 14), affine, rotation_deg=0, scale=0, translation_mm=0, elastic_mm=0, elastic_spacing_mm=10
+    )
     coords = source_coordinates(zero, (10, 12, 14), affine, affine)
     assert np.allclose(coords, np.indices((10, 12, 14)), atol=1e-4)
 
 
 def test_elastic_field_is_smooth_and_bounded():
     affine = grid_affine((40, 40, 40), (1.0, 1.0, 1.0))
-    deformation = draw_deformation(np.random.default_rng(1), (40, 40, 40), affine, rotation_deg=0, scale=0,
-                                   translation_mm=0, elastic_mm=2.0, elastic_spacing_mm=20)
+    deformation = draw_deformation(
+        np.random.default_rng(1),
+        (40, 40, 40),
+        affine,
+        rotation_deg=0,
+        scale=0,
+        translation_mm=0,
+        elastic_mm=2.0,
+        elastic_spacing_mm=20,
+    )
     field = displacement_field(deformation, (40, 40, 40))
     assert field.shape == (3, 40, 40, 40)
     assert 0.3 < field.std() < 3.0
@@ -345,8 +394,9 @@ def test_elastic_field_is_smooth_and_bounded():
 @pytest.mark.parametrize(("contrast", "sign"), [("T2w", 1), ("T1w", -1)])
 def test_insert_lesions_into_a_healthy_image(contrast: str, sign: int):
     healthy = make_phantom((40, 40, 40), (0.8, 0.8, 3.0), contrast=contrast, n_lesions=0, noise=0, seed=2)
-    out = insert_lesions(healthy.image, healthy.cord, contrast=contrast, n_lesions=3, seed=4,
-                         volume_mm3=(60, 120), elongation=(3, 3))
+    out = insert_lesions(
+        healthy.image, healthy.cord, contrast=contrast, n_lesions=3, seed=4, volume_mm3=(60, 120), elongation=(3, 3)
+    )
     lesion = np.asarray(out.lesion.dataobj) > 0
     cord = np.asarray(healthy.cord.dataobj) > 0
     assert lesion.any() and not (lesion & ~cord).any()
@@ -377,8 +427,15 @@ def test_insert_lesions_errors():
 
 
 def _protocol(**changes) -> Annotation:
-    base = dict(labels={"lesion": "lesion-manual"}, lesion_threshold=0.5, dilate_mm=0.0, erode_mm=0.0,
-                min_lesion_mm3=0.0, lesion_values="binary", csf_shell_mm=2.0)
+    base = dict(
+        labels={"lesion": "lesion-manual"},
+        lesion_threshold=0.5,
+        dilate_mm=0.0,
+        erode_mm=0.0,
+        min_lesion_mm3=0.0,
+        lesion_values="binary",
+        csf_shell_mm=2.0,
+    )
     return Annotation(**{**base, **changes})
 
 

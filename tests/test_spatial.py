@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from test_nifti import AXIS_CODES, DTYPES, oriented_affine
 
 from sct_sitehead.errors import InferenceError, RegistryError, UsageError
 from sct_sitehead.segment.nifti import image_data, load_image
 from sct_sitehead.segment.spatial import from_model_grid, mask_from_model_grid, to_model_grid
-from test_nifti import AXIS_CODES, DTYPES, oriented_affine
 
 codes = st.sampled_from(AXIS_CODES)
 spacings = st.tuples(*[st.floats(0.3, 8.0)] * 3)
@@ -41,8 +41,14 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @PROPERTY
-@given(native=codes, target=codes, spacing=spacings, rotation=rotations, dtype=st.sampled_from(DTYPES),
-       shape=st.tuples(*[st.integers(2, 9)] * 3))
+@given(
+    native=codes,
+    target=codes,
+    spacing=spacings,
+    rotation=rotations,
+    dtype=st.sampled_from(DTYPES),
+    shape=st.tuples(*[st.integers(2, 9)] * 3),
+)
 def test_reorient_then_undo_is_the_identity(native, target, spacing, rotation, dtype, shape):
     affine = oriented_affine(native, spacing, rotation)
     model_mm = reoriented_voxel_sizes(affine, shape, target)
@@ -62,8 +68,7 @@ def test_reorient_then_undo_is_the_identity(native, target, spacing, rotation, d
 
 
 @PROPERTY
-@given(native=codes, target=codes, spacing=spacings, rotation=rotations,
-       model_mm=st.tuples(*[st.floats(0.5, 2.5)] * 3))
+@given(native=codes, target=codes, spacing=spacings, rotation=rotations, model_mm=st.tuples(*[st.floats(0.5, 2.5)] * 3))
 def test_model_affine_maps_model_voxels_to_world(native, target, spacing, rotation, model_mm):
     """A linear function of world position, resampled (order 1), stays that function on the model grid."""
     shape = tuple(int(np.clip(np.ceil(20.0 / s), 3, 40)) for s in spacing)
@@ -83,8 +88,14 @@ def test_model_affine_maps_model_voxels_to_world(native, target, spacing, rotati
 
 
 @PROPERTY
-@given(native=codes, target=codes, spacing=spacings, rotation=rotations,
-       model_mm=st.tuples(*[st.floats(0.5, 2.0)] * 3), shift=st.tuples(*[st.floats(-1.0, 1.0)] * 3))
+@given(
+    native=codes,
+    target=codes,
+    spacing=spacings,
+    rotation=rotations,
+    model_mm=st.tuples(*[st.floats(0.5, 2.0)] * 3),
+    shift=st.tuples(*[st.floats(-1.0, 1.0)] * 3),
+)
 def test_blob_comes_back_where_it_was(native, target, spacing, rotation, model_mm, shift):
     radius = 6.0
     shape = tuple(int(np.clip(np.ceil(4 * radius / s), 3, 80)) for s in spacing)
@@ -106,9 +117,15 @@ def test_blob_comes_back_where_it_was(native, target, spacing, rotation, model_m
 
 
 @PROPERTY
-@given(native=codes, target=codes, spacing=spacings, rotation=rotations,
-       model_mm=st.tuples(*[st.floats(0.4, 3.0)] * 3), seed=st.integers(0, 2**16),
-       threshold=st.sampled_from([0.2, 0.5, 0.9]))
+@given(
+    native=codes,
+    target=codes,
+    spacing=spacings,
+    rotation=rotations,
+    model_mm=st.tuples(*[st.floats(0.4, 3.0)] * 3),
+    seed=st.integers(0, 2**16),
+    threshold=st.sampled_from([0.2, 0.5, 0.9]),
+)
 def test_mask_resampled_near_its_hot_voxels_only_is_the_whole_resampled_mask(
     native, target, spacing, rotation, model_mm, seed, threshold
 ):
@@ -222,7 +239,9 @@ def test_real_images_go_to_the_model_grid_and_back(bids_dir):
 def test_real_cord_masks_survive_the_round_trip(bids_dir):
     # Cord masks only: a grey-matter mask is a few voxels thick in-plane, and 1 mm resampling of 0.5 mm voxels
     # moves its edge by a voxel (Dice 0.82 on sub-gmc9418), which says nothing about the round trip.
-    masks = sorted(p for p in (bids_dir / "derivatives" / "labels").glob("sub-*/anat/*.nii.gz") if "label-GM" not in p.name)
+    masks = sorted(
+        p for p in (bids_dir / "derivatives" / "labels").glob("sub-*/anat/*.nii.gz") if "label-GM" not in p.name
+    )
     assert len(masks) >= 22
     for path in masks:
         img = load_image(path)

@@ -12,19 +12,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sct_sitehead.evaluation.bids import read_bids  # noqa: E402
 from sct_sitehead.errors import TrainingError  # noqa: E402
+from sct_sitehead.evaluation.bids import read_bids  # noqa: E402
+from sct_sitehead.registry.cache import sha256_file as file_sha256  # noqa: E402
 from sct_sitehead.segment.inference import normalize  # noqa: E402
 from sct_sitehead.segment.nifti import image_data, load_image  # noqa: E402
 from sct_sitehead.segment.spatial import to_model_grid  # noqa: E402
 from sct_sitehead.training import loop  # noqa: E402
 from sct_sitehead.training.augment import augment_batch  # noqa: E402
-from sct_sitehead.registry.cache import sha256_file as file_sha256  # noqa: E402
 from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest  # noqa: E402
 from sct_sitehead.training.config import load_config  # noqa: E402
 from sct_sitehead.training.data import Case, case_weights, prepare_cases, sample_batch  # noqa: E402
-from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
 from sct_sitehead.training.loop import learning_rate  # noqa: E402
+from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
 from sct_sitehead.training.train import _samples, load_backbone, train_backbone, train_head  # noqa: E402
 
 pytestmark = pytest.mark.train
@@ -32,8 +32,13 @@ pytestmark = pytest.mark.train
 TWO_SITES = {"siteA": ["lesion"], "siteB": ["lesion", "cord"]}
 
 
-def make_dataset(root: Path, sites: dict[str, list[str]] = TWO_SITES, cases_per_site: int = 2,
-                 shape: tuple[int, int, int] = (24, 22, 20), seed: int = 0) -> Path:
+def make_dataset(
+    root: Path,
+    sites: dict[str, list[str]] = TWO_SITES,
+    cases_per_site: int = 2,
+    shape: tuple[int, int, int] = (24, 22, 20),
+    seed: int = 0,
+) -> Path:
     """A BIDS folder of synthetic T2w-like volumes: a bright cord cylinder along Z with brighter lesion balls.
 
     Images are stored LPS-like (x and y flipped), so the deploy preprocessing must reorient them to RAS.
@@ -175,8 +180,9 @@ def test_site_weights_draw_a_site_that_many_times_as_often() -> None:
     cases, targets = [], []
     for site, value in (("A", 0.0), ("B", 1.0), ("C", 2.0)):
         image = np.full((8, 8, 8), value, np.float32)
-        cases.append(Case(site, site, image, {"lesion": np.zeros((8, 8, 8), np.uint8)}, np.zeros((0, 3), np.int32),
-                          value))
+        cases.append(
+            Case(site, site, image, {"lesion": np.zeros((8, 8, 8), np.uint8)}, np.zeros((0, 3), np.int32), value)
+        )
         targets.append((np.zeros((1, 8, 8, 8), np.uint8), np.array([True])))
     assert case_weights(cases, {}) is None  # no weight: the uniform draw of before
     weights = case_weights(cases, {"B": 3})
@@ -207,8 +213,15 @@ def test_small_volumes_are_padded_with_their_minimum() -> None:
 
 
 def test_augmentation_is_seeded_and_keeps_targets_binary() -> None:
-    options = {**load_config("tiny")["augment"], "flip": 1.0, "affine": 1.0, "gamma": 1.0, "noise": 1.0,
-               "bias": 1.0, "resolution": 1.0}
+    options = {
+        **load_config("tiny")["augment"],
+        "flip": 1.0,
+        "affine": 1.0,
+        "gamma": 1.0,
+        "noise": 1.0,
+        "bias": 1.0,
+        "resolution": 1.0,
+    }
     torch.manual_seed(0)
     images = torch.randn(2, 1, 12, 12, 12)
     targets = (torch.rand(2, 2, 12, 12, 12) > 0.5).to(torch.uint8)
@@ -219,8 +232,10 @@ def test_augmentation_is_seeded_and_keeps_targets_binary() -> None:
     assert not torch.equal(a[0], c[0])
     assert a[0].shape == images.shape and a[1].shape == targets.shape
     assert set(a[1].unique().tolist()) <= {0.0, 1.0}
-    off = {k: (0.0 if isinstance(v, float) and k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
-           for k, v in options.items()}
+    off = {
+        k: (0.0 if isinstance(v, float) and k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
+        for k, v in options.items()
+    }
     same = augment_batch(images, targets, torch.Generator().manual_seed(3), off)
     assert torch.equal(same[0], images) and torch.equal(same[1], targets.float())
 
@@ -236,17 +251,19 @@ def test_inversion_negates_the_image_and_is_free_when_off() -> None:
     zero = augment_batch(images, targets, torch.Generator().manual_seed(5), {**options, "invert": 0.0})
     absent = augment_batch(images, targets, torch.Generator().manual_seed(5), without)
     assert torch.equal(zero[0], absent[0]) and torch.equal(zero[1], absent[1])
-    off = {k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
-           for k, v in options.items()}
+    off = {
+        k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v) for k, v in options.items()
+    }
     inverted = augment_batch(images, targets, torch.Generator().manual_seed(5), {**off, "invert": 1.0})
     assert torch.equal(inverted[0], -images) and torch.equal(inverted[1], targets.float())
 
 
-
 def test_intensity_curve_keeps_the_order_of_intensities_and_their_range() -> None:
     """curve 1.0: a lesion brighter than the cord stays brighter, the extremes stay put, contrasts change."""
-    off = {k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
-           for k, v in load_config("tiny")["augment"].items()}
+    off = {
+        k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
+        for k, v in load_config("tiny")["augment"].items()
+    }
     ramp = torch.linspace(-2.0, 3.0, 512).reshape(1, 1, 8, 8, 8)
     targets = torch.zeros(1, 1, 8, 8, 8, dtype=torch.uint8)
     curved, kept = augment_batch(ramp, targets, torch.Generator().manual_seed(2), {**off, "curve": 1.0})
@@ -257,8 +274,10 @@ def test_intensity_curve_keeps_the_order_of_intensities_and_their_range() -> Non
 
 
 def test_brightness_scales_then_shifts_within_its_ranges() -> None:
-    off = {k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
-           for k, v in load_config("tiny")["augment"].items()}
+    off = {
+        k: (0.0 if k in ("flip", "affine", "gamma", "noise", "bias", "resolution") else v)
+        for k, v in load_config("tiny")["augment"].items()
+    }
     options = {**off, "brightness": 1.0, "brightness_scale": [0.5, 2.0], "brightness_shift": 1.0}
     images = torch.randn(64, 1, 4, 4, 4)
     moved, _ = augment_batch(images, torch.zeros(64, 1, 4, 4, 4), torch.Generator().manual_seed(3), options)
@@ -284,8 +303,13 @@ def test_a_config_extending_another_lists_only_what_it_changes(tmp_path: Path) -
     variant = load_config("release_augment")
     base = load_config("release")
     assert {k: v for k, v in variant.items() if k != "augment"} == {k: v for k, v in base.items() if k != "augment"}
-    assert variant["augment"] == {**base["augment"], "curve": 0.3, "brightness": 0.5, "brightness_scale": [0.6, 1.6],
-                                  "brightness_shift": 1.0}
+    assert variant["augment"] == {
+        **base["augment"],
+        "curve": 0.3,
+        "brightness": 0.5,
+        "brightness_scale": [0.6, 1.6],
+        "brightness_shift": 1.0,
+    }
     looped = tmp_path / "looped.json"
     looped.write_text(json.dumps({"extends": str(looped)}))
     with pytest.raises(TrainingError, match="extends it back"):
@@ -307,14 +331,18 @@ def test_every_shipped_config_loads_and_each_variant_of_release_changes_only_its
     assert weighted == {**variant, "train": {**variant["train"], "site_weights": {"zurich": 3}}}
 
 
-@pytest.mark.parametrize("augment, message", [
-    ({"curve": 1.5}, "augment.curve is a probability"),
-    ({"brightness_scale": [1.2, 0.8]}, "brightness_scale"),
-    ({"curve_points": 0}, "curve_points"),
-])
+@pytest.mark.parametrize(
+    "augment, message",
+    [
+        ({"curve": 1.5}, "augment.curve is a probability"),
+        ({"brightness_scale": [1.2, 0.8]}, "brightness_scale"),
+        ({"curve_points": 0}, "curve_points"),
+    ],
+)
 def test_bad_intensity_augmentation_settings_are_refused(augment: dict, message: str) -> None:
     with pytest.raises(TrainingError, match=message):
         load_config({"augment": augment})
+
 
 # --- training loops ------------------------------------------------------------------------------------------------
 def test_tiny_backbone_training_decreases_the_loss(trained: Path) -> None:
@@ -345,8 +373,11 @@ def test_sites_with_nested_label_sets_share_channels_by_size(tmp_path: Path) -> 
     space = meta["label_space"]
     assert space["channels"] == 3
     # csf ring (radius 4 to 6) > cord disc (radius 4) > lesions, in every site that has them.
-    assert space["site_maps"] == {"siteA": {"lesion": 0}, "siteB": {"cord": 0, "lesion": 1},
-                                  "siteC": {"csf": 0, "cord": 1, "lesion": 2}}
+    assert space["site_maps"] == {
+        "siteA": {"lesion": 0},
+        "siteB": {"cord": 0, "lesion": 1},
+        "siteC": {"csf": 0, "cord": 1, "lesion": 2},
+    }
     assert space["universal_site"] == "siteC"
     assert meta["arch"]["channels"] == 3
 
@@ -363,8 +394,9 @@ def test_checkpoints_reload_bit_identically_without_pickle(trained: Path) -> Non
         load_checkpoint(trained, kind="head")
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(dataset: Path, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_run_resumes_to_the_same_weights(
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tiny_config(steps=8, checkpoint_every=3, log_every=2)
     straight = train_backbone(dataset, tmp_path / "straight", config)
     calls = {"n": 0}
@@ -390,8 +422,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(dataset: Path, tmp_path:
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "wider", "spatial"])
-def test_head_training_leaves_the_backbone_untouched(trained: Path, dataset: Path, tmp_path: Path,
-                                                     strategy: str) -> None:
+def test_head_training_leaves_the_backbone_untouched(
+    trained: Path, dataset: Path, tmp_path: Path, strategy: str
+) -> None:
     before = file_sha256(trained)
     path = train_head(dataset, trained, "siteB", strategy, tmp_path, tiny_config())
     assert file_sha256(trained) == before

@@ -31,19 +31,32 @@ def _verbosity(ctx: click.Context, _param: click.Parameter, value: int) -> int:
 
 
 verbosity_option = click.option(
-    "-v", "verbosity", type=click.IntRange(0, 2), default=1, show_default=True, expose_value=False,
-    callback=_verbosity, is_eager=True, help="0 quiet, 1 info, 2 debug (and tracebacks)",
+    "-v",
+    "verbosity",
+    type=click.IntRange(0, 2),
+    default=1,
+    show_default=True,
+    expose_value=False,
+    callback=_verbosity,
+    is_eager=True,
+    help="0 quiet, 1 info, 2 debug (and tracebacks)",
 )
-registry_option = click.option("-registry", "registry", metavar="URL_OR_PATH", help="registry index (default: embedded)")
+registry_option = click.option(
+    "-registry", "registry", metavar="URL_OR_PATH", help="registry index (default: embedded)"
+)
 offline_option = click.option("-offline", is_flag=True, help="no network at all: use the cache only")
 
 
 trust_option = click.option(
-    "-trust", "trust", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    "-trust",
+    "trust",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="also trust this ed25519 public key (repeatable)",
 )
-unsigned_option = click.option("-allow-unsigned", "allow_unsigned", is_flag=True,
-                               help="accept an unsigned remote registry index")
+unsigned_option = click.option(
+    "-allow-unsigned", "allow_unsigned", is_flag=True, help="accept an unsigned remote registry index"
+)
 
 
 def open_registry(registry: str | None, offline: bool, trust: tuple[Path, ...] = (), allow_unsigned: bool = False):
@@ -52,8 +65,12 @@ def open_registry(registry: str | None, offline: bool, trust: tuple[Path, ...] =
 
     cache = Cache(env.cache_dir())
     index = Registry.load(
-        registry or env.registry_location(), cache=cache, offline=offline or env.offline(),
-        allow_http=env.allow_plain_http(), trust=list(trust) or None, allow_unsigned=allow_unsigned,
+        registry or env.registry_location(),
+        cache=cache,
+        offline=offline or env.offline(),
+        allow_http=env.allow_plain_http(),
+        trust=list(trust) or None,
+        allow_unsigned=allow_unsigned,
     )
     return index, cache
 
@@ -201,8 +218,13 @@ def registry_keygen(private: Path, public: Path, force: bool) -> None:
 
 @registry.command("sign")
 @click.argument("index", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-key", "key", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="ed25519 private key (PEM)")
+@click.option(
+    "-key",
+    "key",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="ed25519 private key (PEM)",
+)
 @verbosity_option
 def registry_sign(index: Path, key: Path) -> None:
     """Sign a registry index: writes INDEX.sig next to it."""
@@ -227,8 +249,13 @@ def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique
     from sct_sitehead.simulate import make_phantom, write_phantom
 
     made = make_phantom(
-        tuple(shape), tuple(spacing), orientation=orientation, contrast=contrast, n_lesions=n_lesions,
-        seed=seed, oblique_deg=oblique_deg,
+        tuple(shape),
+        tuple(spacing),
+        orientation=orientation,
+        contrast=contrast,
+        n_lesions=n_lesions,
+        seed=seed,
+        oblique_deg=oblique_deg,
     )
     for label, path in write_phantom(made, out).items():
         click.echo(f"{label}: {path}")
@@ -240,30 +267,67 @@ def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique
 @click.option("-n", "n_per_site", type=click.IntRange(1), default=20, show_default=True, help="subjects per site")
 @click.option("-seed", type=int, default=0, show_default=True)
 @click.option("-sites", "sites", metavar="A,B", help="sites to simulate (default: all in the config)")
-@click.option("-config", "sites_config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="site profiles JSON (default: the packaged sites.json)")
+@click.option(
+    "-config",
+    "sites_config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="site profiles JSON (default: the packaged sites.json)",
+)
 @click.option("-holdout", metavar="SUB,SUB", help="source subjects whose anatomy only appears in the test split")
-@click.option("-phantoms", type=click.IntRange(0), default=0, show_default=True,
-              help="procedural phantom anatomies added to the sources (train and val only)")
-@click.option("-phantom-contrasts", metavar="A,B",
-              help="contrasts the phantoms cycle through (default: T1w,T2star,T2w)")
-@click.option("-test-n", "test_per_site", type=click.IntRange(1), default=None,
-              help="with -holdout: subjects per site drawn from the held-out anatomy (default: left to chance)")
-@click.option("-real-share", "real_share", type=click.FloatRange(0.0, 1.0), default=None,
-              help="share of a site's train/val subjects drawn from real anatomy when it also has phantoms "
-                   "(default: every source equally likely)")
+@click.option(
+    "-phantoms",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="procedural phantom anatomies added to the sources (train and val only)",
+)
+@click.option(
+    "-phantom-contrasts", metavar="A,B", help="contrasts the phantoms cycle through (default: T1w,T2star,T2w)"
+)
+@click.option(
+    "-test-n",
+    "test_per_site",
+    type=click.IntRange(1),
+    default=None,
+    help="with -holdout: subjects per site drawn from the held-out anatomy (default: left to chance)",
+)
+@click.option(
+    "-real-share",
+    "real_share",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="share of a site's train/val subjects drawn from real anatomy when it also has phantoms "
+    "(default: every source equally likely)",
+)
 @verbosity_option
-def simulate(source: Path, out: Path, n_per_site: int, seed: int, sites: str | None, sites_config: Path | None,
-             holdout: str | None, phantoms: int, phantom_contrasts: str | None, test_per_site: int | None,
-             real_share: float | None) -> None:
+def simulate(
+    source: Path,
+    out: Path,
+    n_per_site: int,
+    seed: int,
+    sites: str | None,
+    sites_config: Path | None,
+    holdout: str | None,
+    phantoms: int,
+    phantom_contrasts: str | None,
+    test_per_site: int | None,
+    real_share: float | None,
+) -> None:
     """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
     from sct_sitehead.cli.deepseg_lesion import parse_sites
     from sct_sitehead.simulate import simulate as run_simulation
 
     written = run_simulation(
-        source, out, sites_config=sites_config, n_per_site=n_per_site, seed=seed,
-        holdout=parse_sites(holdout) or None, sites=parse_sites(sites) or None, phantoms=phantoms,
-        test_per_site=test_per_site, phantom_contrasts=parse_sites(phantom_contrasts) or None,
+        source,
+        out,
+        sites_config=sites_config,
+        n_per_site=n_per_site,
+        seed=seed,
+        holdout=parse_sites(holdout) or None,
+        sites=parse_sites(sites) or None,
+        phantoms=phantoms,
+        test_per_site=test_per_site,
+        phantom_contrasts=parse_sites(phantom_contrasts) or None,
         real_share=real_share,
     )
     click.echo(f"simulated dataset: {written}")
@@ -284,7 +348,10 @@ def _training():
 
 
 config_option = click.option(
-    "-config", "config", default="release", show_default=True,
+    "-config",
+    "config",
+    default="release",
+    show_default=True,
     help="training config: a name in sct_sitehead/training/configs (release, smoke, tiny) or a JSON path",
 )
 
@@ -307,11 +374,21 @@ def train_backbone(data: Path, out: Path, config: str) -> None:
 @cli.command("train-head")
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("-backbone", "backbone", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="backbone checkpoint from train-backbone")
+@click.option(
+    "-backbone",
+    "backbone",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="backbone checkpoint from train-backbone",
+)
 @click.option("-site", "site", required=True, help="the site whose head to train")
-@click.option("-strategy", type=click.Choice(["finetune", "wider", "spatial"]), default="finetune",
-              show_default=True, help="finetune the universal head, widen it, or widen it with a spatial gate")
+@click.option(
+    "-strategy",
+    type=click.Choice(["finetune", "wider", "spatial"]),
+    default="finetune",
+    show_default=True,
+    help="finetune the universal head, widen it, or widen it with a spatial gate",
+)
 @config_option
 @verbosity_option
 def train_head(data: Path, out: Path, backbone: Path, site: str, strategy: str, config: str) -> None:
@@ -323,8 +400,13 @@ def train_head(data: Path, out: Path, backbone: Path, site: str, strategy: str, 
 @cli.command("export")
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-backbone", "backbone", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-head", "heads", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="a head checkpoint head-<site>.safetensors (repeatable); the universal head is always exported")
+@click.option(
+    "-head",
+    "heads",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="a head checkpoint head-<site>.safetensors (repeatable); the universal head is always exported",
+)
 @click.option("-opset", type=click.IntRange(17), default=17, show_default=True)
 @click.option("-atol", type=float, default=1e-4, show_default=True, help="ONNX Runtime vs PyTorch tolerance")
 @verbosity_option
@@ -334,10 +416,12 @@ def export(out: Path, backbone: Path, heads: tuple[Path, ...], opset: int, atol:
     for path in heads:
         if not path.name.startswith("head-") or not path.name.endswith(".safetensors"):
             raise click.BadParameter(f"{path.name} is not named head-<site>.safetensors", param_hint="-head")
-        by_site[path.name[len("head-"):-len(".safetensors")]] = path
+        by_site[path.name[len("head-") : -len(".safetensors")]] = path
     manifest = _training().export_release(backbone, by_site, out, opset=opset, atol=atol, rtol=atol)
     worst = max(manifest["check"]["max_abs_diff"].values())
-    click.echo(f"exported backbone + {len(manifest['heads'])} heads to {out}; largest ONNX/PyTorch difference {worst:.2g}")
+    click.echo(
+        f"exported backbone + {len(manifest['heads'])} heads to {out}; largest ONNX/PyTorch difference {worst:.2g}"
+    )
 
 
 @cli.command("publish")
@@ -350,20 +434,56 @@ def export(out: Path, backbone: Path, heads: tuple[Path, ...], opset: int, atol:
 @click.option("-description", default="", help="model description")
 @click.option("-default", "make_default", is_flag=True, help="make this the registry's default model")
 @click.option("-replace", is_flag=True, help="replace an already published version with other files")
-@click.option("-sign", "sign_key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="ed25519 private key: sign the new index")
-@click.option("-thresholds", "thresholds_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="per-head thresholds and smallest lesions from tune-thresholds (JSON)")
-@click.option("-localiser", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="export folder of a cord localiser (train-backbone -config localiser, then export)")
-@click.option("-margin", "margin_mm", type=click.FloatRange(0), default=12.0, show_default=True,
-              help="mm kept around the localised cord for the lesion model")
-@click.option("-cord-margin", "cord_margin_mm", type=click.FloatRange(0), default=5.0, show_default=True,
-              help="lesions further than this (mm) from the localised cord are dropped")
+@click.option(
+    "-sign",
+    "sign_key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="ed25519 private key: sign the new index",
+)
+@click.option(
+    "-thresholds",
+    "thresholds_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="per-head thresholds and smallest lesions from tune-thresholds (JSON)",
+)
+@click.option(
+    "-localiser",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="export folder of a cord localiser (train-backbone -config localiser, then export)",
+)
+@click.option(
+    "-margin",
+    "margin_mm",
+    type=click.FloatRange(0),
+    default=12.0,
+    show_default=True,
+    help="mm kept around the localised cord for the lesion model",
+)
+@click.option(
+    "-cord-margin",
+    "cord_margin_mm",
+    type=click.FloatRange(0),
+    default=5.0,
+    show_default=True,
+    help="lesions further than this (mm) from the localised cord are dropped",
+)
 @verbosity_option
-def publish(export_dir: Path, registry_dir: Path, model: str, version: str, threshold: float, sites: str | None,
-            description: str, make_default: bool, replace: bool, sign_key: Path | None,
-            thresholds_file: Path | None, localiser: Path | None, margin_mm: float, cord_margin_mm: float) -> None:
+def publish(
+    export_dir: Path,
+    registry_dir: Path,
+    model: str,
+    version: str,
+    threshold: float,
+    sites: str | None,
+    description: str,
+    make_default: bool,
+    replace: bool,
+    sign_key: Path | None,
+    thresholds_file: Path | None,
+    localiser: Path | None,
+    margin_mm: float,
+    cord_margin_mm: float,
+) -> None:
     """Add an exported release to the registry folder REGISTRY_DIR (index updated, assets copied)."""
     from sct_sitehead.cli.deepseg_lesion import parse_sites
     from sct_sitehead.registry.publish import publish as run_publish
@@ -375,32 +495,49 @@ def publish(export_dir: Path, registry_dir: Path, model: str, version: str, thre
             head_thresholds = {head: float(row["threshold"]) for head, row in tuned.items()}
             head_min_lesion = {head: float(row.get("min_lesion_mm3", 0.0)) for head, row in tuned.items()}
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise click.BadParameter(f"{thresholds_file}: not a tune-thresholds file ({exc})",
-                                     param_hint="-thresholds") from None
+            raise click.BadParameter(
+                f"{thresholds_file}: not a tune-thresholds file ({exc})", param_hint="-thresholds"
+            ) from None
     index = run_publish(
-        export_dir, registry_dir, model=model, version=version, threshold=threshold,
-        head_thresholds=head_thresholds, head_min_lesion_mm3=head_min_lesion,
-        sites=parse_sites(sites) or None, description=description, make_default=make_default,
-        replace=replace, sign_key=sign_key, localiser=localiser, localiser_margin_mm=margin_mm,
+        export_dir,
+        registry_dir,
+        model=model,
+        version=version,
+        threshold=threshold,
+        head_thresholds=head_thresholds,
+        head_min_lesion_mm3=head_min_lesion,
+        sites=parse_sites(sites) or None,
+        description=description,
+        make_default=make_default,
+        replace=replace,
+        sign_key=sign_key,
+        localiser=localiser,
+        localiser_margin_mm=margin_mm,
         cord_margin_mm=cord_margin_mm,
     )
     click.echo(f"published {model}@{version} in {index}")
 
 
 def open_all_heads(
-    registry: str | None, offline: bool, model: str | None, threads: int | None, *, crop: bool = True,
+    registry: str | None,
+    offline: bool,
+    model: str | None,
+    threads: int | None,
+    *,
+    crop: bool = True,
     mirror: bool = False,
 ):
     """The release (``model``, default: the registry's default) and a Segmenter over every one of its heads."""
-    from sct_sitehead.segment.pipeline import Options, Segmenter
     from sct_sitehead.registry.index import parse_model_spec
+    from sct_sitehead.segment.pipeline import Options, Segmenter
 
     index, cache = open_registry(registry, offline)
     name, version = parse_model_spec(model) if model else (None, None)
     release = index.release(name, version)
     options = Options(threads=threads, crop=crop, mirror=mirror)
-    segmenter = Segmenter.open(release, sorted(release.heads), cache, options,
-                               offline=offline or env.offline(), progress=False)
+    segmenter = Segmenter.open(
+        release, sorted(release.heads), cache, options, offline=offline or env.offline(), progress=False
+    )
     return release, segmenter
 
 
@@ -410,20 +547,38 @@ def open_all_heads(
 @click.option("-model", "model", metavar="NAME[@VERSION]", help="model (default: the registry's default)")
 @click.option("-split", default="test", show_default=True, help="participants.tsv split to evaluate")
 @click.option("-site", "sites", metavar="A,B", help="data sites to evaluate (default: all)")
-@click.option("-controls", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="BIDS folder of healthy controls (pathology HC): count false-positive lesions per head")
+@click.option(
+    "-controls",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="BIDS folder of healthy controls (pathology HC): count false-positive lesions per head",
+)
 @click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
 @click.option("-no-crop", "no_crop", is_flag=True, help="whole images, without the release's cord localiser")
-@click.option("-tta", "tta", is_flag=True,
-              help="also run on left-right mirrored images and average (the lesion network runs twice)")
+@click.option(
+    "-tta",
+    "tta",
+    is_flag=True,
+    help="also run on left-right mirrored images and average (the lesion network runs twice)",
+)
 @registry_option
 @offline_option
 @verbosity_option
-def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str | None, controls: Path | None,
-             threads: int | None, no_crop: bool, tta: bool, registry: str | None, offline: bool) -> None:
+def evaluate(
+    dataset: Path,
+    out: Path,
+    model: str | None,
+    split: str,
+    sites: str | None,
+    controls: Path | None,
+    threads: int | None,
+    no_crop: bool,
+    tta: bool,
+    registry: str | None,
+    offline: bool,
+) -> None:
     """Evaluate every head of a release on the labelled SPLIT of DATASET: per site and pooled, with 95% CIs."""
-    from sct_sitehead.evaluation import evaluate as ev
     from sct_sitehead.cli.deepseg_lesion import parse_sites
+    from sct_sitehead.evaluation import evaluate as ev
     from sct_sitehead.segment.pipeline import write_text_atomic
 
     release, segmenter = open_all_heads(registry, offline, model, threads, crop=not no_crop, mirror=tta)
@@ -437,14 +592,18 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
     ev.plot_dice(summary, out / "dice.png")
     how = "cord localiser on" if segmenter.localiser is not None else "whole images"
     how += ", left-right mirroring" if tta else ""
-    report = [f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases, {how})\n",
-              ev.markdown_table(summary)]
+    report = [
+        f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases, {how})\n",
+        ev.markdown_table(summary),
+    ]
     if controls is not None:
         control_rows = ev.check_controls(segmenter, ev.healthy_controls(controls))
         ev.write_csv(control_rows, out / "controls.tsv")
         flagged = [r for r in control_rows if r["lesions"]]
-        report.append(f"\nHealthy controls: {len({r['image'] for r in control_rows})} images x "
-                      f"{len(segmenter.sites)} heads, {len(flagged)} with a predicted lesion.\n")
+        report.append(
+            f"\nHealthy controls: {len({r['image'] for r in control_rows})} images x "
+            f"{len(segmenter.sites)} heads, {len(flagged)} with a predicted lesion.\n"
+        )
     write_text_atomic("\n".join(report), out / "report.md")
     click.echo("".join(report))
 
@@ -455,13 +614,25 @@ def evaluate(dataset: Path, out: Path, model: str | None, split: str, sites: str
 @click.option("-model", "model", metavar="NAME[@VERSION]", help="model (default: the registry's default)")
 @click.option("-split", default="val", show_default=True, help="participants.tsv split to tune on (never test)")
 @click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
-@click.option("-loo", "leave_one_out", is_flag=True,
-              help="leave a head at 0.5 unless its tuned threshold beats 0.5 leave-one-out on its cases")
+@click.option(
+    "-loo",
+    "leave_one_out",
+    is_flag=True,
+    help="leave a head at 0.5 unless its tuned threshold beats 0.5 leave-one-out on its cases",
+)
 @registry_option
 @offline_option
 @verbosity_option
-def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, threads: int | None,
-                    leave_one_out: bool, registry: str | None, offline: bool) -> None:
+def tune_thresholds(
+    dataset: Path,
+    out: Path,
+    model: str | None,
+    split: str,
+    threads: int | None,
+    leave_one_out: bool,
+    registry: str | None,
+    offline: bool,
+) -> None:
     """Each head's threshold with the best mean Dice on its site's SPLIT cases, then its smallest lesion with the
     best lesion-wise F1 there; for `publish -thresholds`."""
     from sct_sitehead.evaluation import evaluate as ev
@@ -484,9 +655,11 @@ def tune_thresholds(dataset: Path, out: Path, model: str | None, split: str, thr
             kept = ", left at 0.5: the pick does not hold leave-one-out"
         else:
             kept = ", does not hold leave-one-out (-loo would leave it at 0.5)"
-        click.echo(f"{head}: threshold {row['threshold']:.2f} (Dice {row['dice']:.3f}; {row['dice_at_0.5']:.3f} at "
-                   f"0.5; {loo}; {row['cases']} cases{kept}), smallest lesion {row['min_lesion_mm3']:g} mm³ "
-                   f"(F1 {row['f1']:.3f}; {row['f1_all_lesions']:.3f} keeping all)")
+        click.echo(
+            f"{head}: threshold {row['threshold']:.2f} (Dice {row['dice']:.3f}; {row['dice_at_0.5']:.3f} at "
+            f"0.5; {loo}; {row['cases']} cases{kept}), smallest lesion {row['min_lesion_mm3']:g} mm³ "
+            f"(F1 {row['f1']:.3f}; {row['f1_all_lesions']:.3f} keeping all)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,19 +57,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model")
     model.add_argument(
-        "-site", metavar="NAME[,NAME...]",
+        "-site",
+        metavar="NAME[,NAME...]",
         help="site head(s); 'universal' is the pooled head (default: $SCT_SITEHEAD_SITE)",
     )
     model.add_argument("-model", metavar="NAME[@VERSION]", help="model (default: the registry's default, latest)")
     model.add_argument("-thr", type=float, metavar="T", help="probability threshold (default: from the release)")
-    model.add_argument("-min-lesion", type=float, metavar="MM3", dest="min_lesion",
-                       help="drop lesions smaller than this volume, mm³; 0 keeps all (default: from the release)")
     model.add_argument(
-        "-no-crop", action="store_true",
+        "-min-lesion",
+        type=float,
+        metavar="MM3",
+        dest="min_lesion",
+        help="drop lesions smaller than this volume, mm³; 0 keeps all (default: from the release)",
+    )
+    model.add_argument(
+        "-no-crop",
+        action="store_true",
         help="run the lesion model on the whole image, not only around the cord the release's localiser finds",
     )
     model.add_argument(
-        "-tta", action="store_true",
+        "-tta",
+        action="store_true",
         help="also run the lesion model on the left-right mirrored image and average the two (it runs twice)",
     )
     model.add_argument("-registry", metavar="URL_OR_PATH", help="registry index (default: the embedded one)")
@@ -152,8 +160,8 @@ def check_inputs(paths: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_sitehead.segment.pipeline import Options, Segmenter, plan_outputs
     from sct_sitehead.registry.index import parse_model_spec
+    from sct_sitehead.segment.pipeline import Options, Segmenter, plan_outputs
 
     registry, cache = open_registry(args)
     if args.list_models:
@@ -180,11 +188,22 @@ def run(args: argparse.Namespace) -> int:
     check_inputs(args.i)
     plan = plan_outputs(args.i, sites, args.o, args.ofolder)
     options = Options(
-        threshold=args.thr, min_lesion_mm3=args.min_lesion, soft=args.soft, device=args.device, threads=args.threads,
-        qc_dir=args.qc, crop=not args.no_crop, mirror=args.tta,
+        threshold=args.thr,
+        min_lesion_mm3=args.min_lesion,
+        soft=args.soft,
+        device=args.device,
+        threads=args.threads,
+        qc_dir=args.qc,
+        crop=not args.no_crop,
+        mirror=args.tta,
     )
     segmenter = Segmenter.open(
-        release, sites, cache, options, offline=args.offline or env.offline(), progress=sys.stderr.isatty(),
+        release,
+        sites,
+        cache,
+        options,
+        offline=args.offline or env.offline(),
+        progress=sys.stderr.isatty(),
         allow_http=args.allow_http or env.allow_plain_http(),
     )
     failures: list[SiteHeadError] = []
@@ -200,13 +219,22 @@ def run(args: argparse.Namespace) -> int:
         for site_result in result.sites:
             logger.info(
                 "%s [%s]: %d lesion(s), %.1f mm3 -> %s (%.1f s)",
-                image, site_result.site, site_result.lesion_count, site_result.lesion_volume_mm3,
-                site_result.mask, result.seconds,
+                image,
+                site_result.site,
+                site_result.lesion_count,
+                site_result.lesion_volume_mm3,
+                site_result.mask,
+                result.seconds,
             )
             if args.qc is not None:
                 qc_entries.append(
-                    {"image": str(image), "site": site_result.site, "png": site_result.files[-1].name,
-                     "lesions": site_result.lesion_count, "volume_mm3": site_result.lesion_volume_mm3}
+                    {
+                        "image": str(image),
+                        "site": site_result.site,
+                        "png": site_result.files[-1].name,
+                        "lesions": site_result.lesion_count,
+                        "volume_mm3": site_result.lesion_volume_mm3,
+                    }
                 )
     if args.qc is not None and qc_entries:
         from sct_sitehead.segment.qc import write_qc_index
@@ -231,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted; no partial output was left\n")
         return EXIT_INTERRUPTED
-    except Exception as exc:  # noqa: BLE001 - the one place that turns a bug into one line and exit 1
+    except Exception as exc:
         if args.v >= 2:
             traceback.print_exc()
         sys.stderr.write(f"{PROG}: unexpected error: {type(exc).__name__}: {exc} (run with -v 2 for details)\n")

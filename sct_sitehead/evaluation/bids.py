@@ -122,8 +122,13 @@ def read_bids(
     _report_orphan_labels(labels_root, {s.image.parent / s.stem for s in samples}, used_labels, root, problems)
     for problem in problems:
         logger.warning("%s", problem)
-    logger.info("read %d images of %d subjects from %s (%d problems)", len(samples),
-                len({s.subject for s in samples}), root, len(problems))
+    logger.info(
+        "read %d images of %d subjects from %s (%d problems)",
+        len(samples),
+        len({s.subject for s in samples}),
+        root,
+        len(problems),
+    )
     return samples, problems
 
 
@@ -169,7 +174,9 @@ class _SiteTable:
             return site
         if subject not in self.reported:
             self.reported.add(subject)
-            what = "no row in participants.tsv" if site is None else f"no value in participants.tsv column {self.column!r}"
+            what = (
+                "no row in participants.tsv" if site is None else f"no value in participants.tsv column {self.column!r}"
+            )
             problems.append(f"{subject} has images but {what}; its site is {UNKNOWN_SITE!r}; add it")
         return UNKNOWN_SITE
 
@@ -270,7 +277,7 @@ def _read_geometry(
         shape = tuple(int(n) for n in img.shape)
         if check_data:
             np.asarray(img.dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many unrelated types for bad files
+    except Exception as exc:
         detail = " ".join(str(exc).split()) or type(exc).__name__
         problems.append(
             f"{_rel(path, root)} cannot be read ({type(exc).__name__}: {detail}); it was left out; "

@@ -59,9 +59,7 @@ def find_cases(dataset: Path, split: str = "test", sites: list[str] | None = Non
     cases = [
         Case(sample.subject, sample.site, sample.image, sample.labels["lesion"])
         for sample in samples
-        if "lesion" in sample.labels
-        and splits.get(sample.subject) == split
-        and (sites is None or sample.site in sites)
+        if "lesion" in sample.labels and splits.get(sample.subject) == split and (sites is None or sample.site in sites)
     ]
     if not cases:
         raise UsageError(f"no labelled {split!r} cases in {dataset}; check participants.tsv and derivatives/labels")
@@ -102,8 +100,9 @@ def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
         for head in segmenter.sites:
             lesion = lesion_index(segmenter, head)
             prediction = segmenter.lesion_mask(head, probabilities[head][lesion], zooms)
-            rows.append({"site": case.site, "subject": case.subject, "head": head,
-                         **score_case(prediction, reference, zooms)})
+            rows.append(
+                {"site": case.site, "subject": case.subject, "head": head, **score_case(prediction, reference, zooms)}
+            )
         logger.info("%d/%d %s (%s)", number, len(cases), case.subject, case.site)
     return rows
 
@@ -117,7 +116,11 @@ DICE_TOLERANCE = 0.005
 
 
 def tune_thresholds(
-    segmenter, cases: list[Case], thresholds=THRESHOLDS, min_lesions_mm3=MIN_LESIONS_MM3, *,
+    segmenter,
+    cases: list[Case],
+    thresholds=THRESHOLDS,
+    min_lesions_mm3=MIN_LESIONS_MM3,
+    *,
     leave_one_out: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Each head's probability threshold with the best mean lesion Dice on its own site's cases, then the
@@ -143,8 +146,8 @@ def tune_thresholds(
     import numpy as np
     from nibabel.affines import voxel_sizes
 
-    from sct_sitehead.segment.lesions import drop_small_lesions
     from sct_sitehead.evaluation.metrics import dice, lesion_detection
+    from sct_sitehead.segment.lesions import drop_small_lesions
 
     thresholds = tuple(float(t) for t in thresholds)
     volumes = tuple(float(v) for v in min_lesions_mm3)
@@ -183,18 +186,27 @@ def tune_thresholds(
         tp, fp, fn = np.moveaxis(detections[head], -1, 0)
         f1 = np.where(tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
         n = len(per_case)
-        held_out = [per_case_dice[k, best_threshold(np.delete(per_case_dice, k, axis=0).mean(axis=0))]
-                    for k in range(n)] if n > 1 else []
+        held_out = (
+            [per_case_dice[k, best_threshold(np.delete(per_case_dice, k, axis=0).mean(axis=0))] for k in range(n)]
+            if n > 1
+            else []
+        )
         loo_dice = float(np.mean(held_out)) if held_out else None
         holds = None if loo_dice is None else round(loo_dice, 6) > round(float(per_case_dice[:, half].mean()), 6)
         best = half if leave_one_out and not holds else best_threshold(mean[:, 0])
         allowed = [j for j in range(len(volumes)) if mean[best, j] >= mean[best, 0] - DICE_TOLERANCE]
         smallest = max(allowed, key=lambda j: (round(float(f1[best, j]), 6), -volumes[j]))
-        tuned[head] = {"threshold": thresholds[best], "dice": float(mean[best, 0]),
-                       "dice_at_0.5": float(mean[half, 0]), "cases": n, "loo_dice": loo_dice,
-                       "holds": holds,
-                       "min_lesion_mm3": volumes[smallest], "f1": float(f1[best, smallest]),
-                       "f1_all_lesions": float(f1[best, 0])}
+        tuned[head] = {
+            "threshold": thresholds[best],
+            "dice": float(mean[best, 0]),
+            "dice_at_0.5": float(mean[half, 0]),
+            "cases": n,
+            "loo_dice": loo_dice,
+            "holds": holds,
+            "min_lesion_mm3": volumes[smallest],
+            "f1": float(f1[best, smallest]),
+            "f1_all_lesions": float(f1[best, 0]),
+        }
     return tuned
 
 
@@ -253,12 +265,16 @@ def markdown_table(summary: list[dict[str, Any]], heads: list[str] | None = None
     lines = [header, "|" + "---|" * (4 + len(SUMMARY_METRICS))]
     for entry in selected:
         cells = [
-            f"{entry[k]:.3f} [{entry[k + '_low']:.3f}, {entry[k + '_high']:.3f}]" if k != "avd_mm3"
+            f"{entry[k]:.3f} [{entry[k + '_low']:.3f}, {entry[k + '_high']:.3f}]"
+            if k != "avd_mm3"
             else f"{entry[k]:.1f}"
             for k in SUMMARY_METRICS
         ]
-        lines.append(f"| {entry['site']} | {entry['head']} | {entry['n']} | " + " | ".join(cells)
-                     + f" | {entry['f1_pooled_any']:.3f} |")
+        lines.append(
+            f"| {entry['site']} | {entry['head']} | {entry['n']} | "
+            + " | ".join(cells)
+            + f" | {entry['f1_pooled_any']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -295,8 +311,7 @@ def plot_dice(summary: list[dict[str, Any]], path: Path) -> Path:
             draw.rectangle([left, y(entry["dice"]), left + 34, bottom], fill=colours[key])
             draw.line([(left + 17, y(entry["dice_low"])), (left + 17, y(entry["dice_high"]))], fill="black", width=2)
         draw.text((x0, bottom + 8), site, fill="black")
-    draw.text((margin, 12), "lesion Dice per site: grey universal head, red the site's own head (95% CI)",
-              fill="black")
+    draw.text((margin, 12), "lesion Dice per site: grey universal head, red the site's own head (95% CI)", fill="black")
     from sct_sitehead.segment.outputs import write_atomic
 
     write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
@@ -305,8 +320,9 @@ def plot_dice(summary: list[dict[str, Any]], path: Path) -> Path:
 
 def check_controls(segmenter, images: list[Path]) -> list[dict[str, Any]]:
     """Lesions predicted by every head on images of healthy controls (the right answer is none)."""
-    from sct_sitehead.segment.lesions import lesion_stats
     from nibabel.affines import voxel_sizes
+
+    from sct_sitehead.segment.lesions import lesion_stats
 
     rows = []
     for path in images:
@@ -315,14 +331,23 @@ def check_controls(segmenter, images: list[Path]) -> list[dict[str, Any]]:
         for head in segmenter.sites:
             lesion = lesion_index(segmenter, head)
             stats = lesion_stats(segmenter.lesion_mask(head, probabilities[head][lesion], zooms), zooms)
-            rows.append({"image": path.name, "head": head, "lesions": int(stats["count"]),
-                         "volume_mm3": float(stats["total_volume_mm3"])})
+            rows.append(
+                {
+                    "image": path.name,
+                    "head": head,
+                    "lesions": int(stats["count"]),
+                    "volume_mm3": float(stats["total_volume_mm3"]),
+                }
+            )
     return rows
 
 
 def healthy_controls(bids: Path) -> list[Path]:
     """Images of every participant whose ``pathology`` is ``HC`` in ``participants.tsv``."""
     with (bids / "participants.tsv").open(newline="", encoding="utf-8") as handle:
-        controls = {row["participant_id"] for row in csv.DictReader(handle, delimiter="\t")
-                    if row.get("pathology", "").upper() == "HC"}
+        controls = {
+            row["participant_id"]
+            for row in csv.DictReader(handle, delimiter="\t")
+            if row.get("pathology", "").upper() == "HC"
+        }
     return sorted(p for p in bids.glob("sub-*/**/anat/*.nii*") if p.parts[len(bids.parts)] in controls)

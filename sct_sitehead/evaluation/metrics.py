@@ -125,9 +125,7 @@ def absolute_volume_difference(pred: np.ndarray, ref: np.ndarray, voxel_mm3: flo
     return abs(int(p.sum()) - int(r.sum())) * float(voxel_mm3)
 
 
-def bootstrap_ci(
-    values: Iterable[float], n: int = 1000, alpha: float = 0.05, seed: int = 0
-) -> tuple[float, float]:
+def bootstrap_ci(values: Iterable[float], n: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean.
 
     NaN values (undefined scores, see the module docstring) are left out before resampling.

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sct_sitehead import env
-from sct_sitehead.registry.download import download, is_remote, remove
 from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
+from sct_sitehead.registry.download import download, is_remote, remove
 
 if TYPE_CHECKING:
     from filelock import FileLock

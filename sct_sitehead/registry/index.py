@@ -22,8 +22,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sct_sitehead import env
+from sct_sitehead.errors import (
+    DownloadError,
+    HTTPStatusError,
+    OfflineError,
+    RegistryError,
+    UnknownModelError,
+    UsageError,
+)
 from sct_sitehead.registry.download import check_url, download, is_remote
-from sct_sitehead.errors import DownloadError, HTTPStatusError, OfflineError, RegistryError, UnknownModelError, UsageError
 from sct_sitehead.registry.schema import validate_index
 from sct_sitehead.registry.signing import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX
 from sct_sitehead.registry.trust import check_signature, remember_index
@@ -191,7 +198,11 @@ class Registry:
         allow_http = allow_http or env.allow_plain_http()
         data, signature, fresh = fetch_remote_index(location, cache, offline=offline, allow_http=allow_http)
         key_id = check_signature(
-            data, signature, source=location, signature_source=signature_url(location), unsigned_ok=allow_unsigned,
+            data,
+            signature,
+            source=location,
+            signature_source=signature_url(location),
+            unsigned_ok=allow_unsigned,
             trust=trust,
         )
         if key_id is None:
@@ -424,7 +435,9 @@ def read_local_signature(index: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise RegistryError(f"cannot read the signature {path} of registry index {index}: {exc.strerror or exc}") from None
+        raise RegistryError(
+            f"cannot read the signature {path} of registry index {index}: {exc.strerror or exc}"
+        ) from None
     if len(data) > MAX_SIGNATURE_BYTES:
         raise RegistryError(f"signature file {path} is over the {MAX_SIGNATURE_BYTES}-byte limit; re-create it")
     return data
@@ -491,8 +504,7 @@ def fetch_remote_index(url: str, cache: Cache, *, offline: bool, allow_http: boo
         check_url(url, allow_http=allow_http)
     except DownloadError as exc:
         raise RegistryError(
-            f"{exc} The registry index carries the sha256 of every model file, so it must not travel over plain "
-            "http."
+            f"{exc} The registry index carries the sha256 of every model file, so it must not travel over plain http."
         ) from None
     try:
         data = download_small(url, cache, max_size=MAX_INDEX_BYTES, allow_http=allow_http)

@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from sct_sitehead.registry.cache import sha256_file, write_atomically
 from sct_sitehead.errors import OutputError, RegistryError, UsageError
+from sct_sitehead.registry.cache import sha256_file, write_atomically
 from sct_sitehead.registry.index import INDEX_NAME, version_key
 from sct_sitehead.registry.schema import validate_index
 
@@ -113,9 +113,7 @@ def localiser_entry(
     }
 
 
-def copy_assets(
-    manifest: dict[str, Any], export_dir: Path, target: Path, *, heads: list[str] | None = None
-) -> None:
+def copy_assets(manifest: dict[str, Any], export_dir: Path, target: Path, *, heads: list[str] | None = None) -> None:
     """Copy the ONNX files (the backbone and ``heads``, default all); an identical file in place is left alone."""
     chosen = [h for site, h in manifest["heads"].items() if heads is None or site in heads]
     for entry in [manifest["backbone"], *chosen]:
@@ -170,8 +168,13 @@ def publish(
     index = read_index(index_path, model)
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     entry = release_entry(
-        manifest, f"{model}/{version}", threshold=threshold, head_thresholds=head_thresholds or {},
-        sites=sites, date=now.date().isoformat(), head_min_lesion_mm3=head_min_lesion_mm3,
+        manifest,
+        f"{model}/{version}",
+        threshold=threshold,
+        head_thresholds=head_thresholds or {},
+        sites=sites,
+        date=now.date().isoformat(),
+        head_min_lesion_mm3=head_min_lesion_mm3,
     )
     models = index.setdefault("models", {})
     record = models.setdefault(model, {"description": description, "releases": {}})
@@ -186,7 +189,10 @@ def publish(
     if localiser is not None:
         loc_manifest = read_export(localiser)
         entry["localiser"] = localiser_entry(
-            loc_manifest, f"{model}/{version}/localiser", threshold=0.5, margin_mm=localiser_margin_mm,
+            loc_manifest,
+            f"{model}/{version}/localiser",
+            threshold=0.5,
+            margin_mm=localiser_margin_mm,
             cord_margin_mm=cord_margin_mm,
         )
         copy_assets(loc_manifest, localiser, registry_dir / model / version / "localiser", heads=["universal"])
@@ -206,8 +212,9 @@ def publish(
         # A stale signature would make every client refuse the new index.
         index_path.with_name(index_path.name + ".sig").unlink()
         logger.warning("removed the old signature of %s: sign the new index with `registry sign`", index_path)
-    logger.info("published %s@%s (%d heads) in %s, serial %d", model, version, len(entry["heads"]),
-                index_path, index["serial"])
+    logger.info(
+        "published %s@%s (%d heads) in %s, serial %d", model, version, len(entry["heads"]), index_path, index["serial"]
+    )
     return index_path
 
 

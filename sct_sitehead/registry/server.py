@@ -78,7 +78,7 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         if header is None or os.path.isdir(path) or self.path.endswith("/"):
             return super().send_head()
         try:
-            handle = open(path, "rb")  # noqa: SIM115 -- returned to the caller, which closes it
+            handle = open(path, "rb")
         except OSError:
             self.send_error(HTTPStatus.NOT_FOUND, "File not found")
             return None
@@ -114,7 +114,7 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         super().end_headers()
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 -- the base class's parameter name
+    def log_message(self, format: str, *args) -> None:
         logger.info("%s %s", self.address_string(), format % args)
 
 

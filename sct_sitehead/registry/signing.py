@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sct_sitehead.registry.cache import write_atomically
 from sct_sitehead.errors import OutputError, RegistryError, UsageError
+from sct_sitehead.registry.cache import write_atomically
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -203,7 +203,7 @@ def sign_index(index_path: Path, private_key_path: Path) -> Path:
     index = parse_index(data, str(index_path))
     if not index.get("serial"):
         logger.warning(
-            "%s has no serial (or 0): clients cannot tell a newer index from an older one; add \"serial\": 1 and "
+            '%s has no serial (or 0): clients cannot tell a newer index from an older one; add "serial": 1 and '
             "raise it at every publication",
             index_path,
         )

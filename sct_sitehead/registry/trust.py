@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sct_sitehead import env
-from sct_sitehead.registry.cache import write_atomically
 from sct_sitehead.errors import RegistryError, UsageError
+from sct_sitehead.registry.cache import write_atomically
 from sct_sitehead.registry.signing import parse_signature, public_key_from_pem, read_key_file, verify_index_bytes
 
 if TYPE_CHECKING:
@@ -191,8 +191,11 @@ def remember_index(cache: Cache, location: str, key_id: str | None, index: Mappi
     key = key_id or UNSIGNED
     serial = index.get("serial", 0)
     updated = index.get("updated")
-    now = Seen(serial if isinstance(serial, int) else 0, updated if isinstance(updated, str) else None,
-               hashlib.sha256(data).hexdigest())
+    now = Seen(
+        serial if isinstance(serial, int) else 0,
+        updated if isinstance(updated, str) else None,
+        hashlib.sha256(data).hexdigest(),
+    )
     path = cache.seen_path()
     recorded = read_state(path).get(location, {})
     refuse_rollback(location, key, now, recorded, path)
@@ -203,8 +206,13 @@ def remember_index(cache: Cache, location: str, key_id: str | None, index: Mappi
         Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=LOCK_TIMEOUT)
     except (OSError, Timeout) as exc:
-        logger.warning("cannot record serial %d of %s in %s (%s); rollback protection will not remember it",
-                       now.serial, location, path, exc)
+        logger.warning(
+            "cannot record serial %d of %s in %s (%s); rollback protection will not remember it",
+            now.serial,
+            location,
+            path,
+            exc,
+        )
         return
     try:
         state = read_state(path)  # again: another process may have recorded a newer index meanwhile
@@ -214,8 +222,13 @@ def remember_index(cache: Cache, location: str, key_id: str | None, index: Mappi
         try:
             write_atomically(path, encode_state(state))
         except OSError as exc:
-            logger.warning("cannot record serial %d of %s in %s (%s); rollback protection will not remember it",
-                           now.serial, location, path, exc.strerror or exc)
+            logger.warning(
+                "cannot record serial %d of %s in %s (%s); rollback protection will not remember it",
+                now.serial,
+                location,
+                path,
+                exc.strerror or exc,
+            )
     finally:
         lock.release()
 
@@ -272,7 +285,9 @@ def encode_state(state: Mapping[str, Mapping[str, Seen]]) -> bytes:
     document = {
         "format": STATE_FORMAT,
         "locations": {
-            location: {key: {"serial": s.serial, "updated": s.updated, "sha256": s.sha256} for key, s in records.items()}
+            location: {
+                key: {"serial": s.serial, "updated": s.updated, "sha256": s.sha256} for key, s in records.items()
+            }
             for location, records in sorted(state.items())
         },
     }

@@ -132,7 +132,7 @@ def mirrored(predict: Predict, axes: Sequence[int]) -> Predict:
         for key, output in outputs.items():
             total = np.array(output[:n], dtype=np.float32)
             for copy, dims in enumerate(flips, 1):
-                total += np.flip(output[copy * n:(copy + 1) * n], dims)
+                total += np.flip(output[copy * n : (copy + 1) * n], dims)
             averaged[key] = total / (len(flips) + 1)
         return averaged
 
@@ -259,9 +259,7 @@ def _positive_ints(values: Sequence[int], name: str) -> tuple[int, int, int]:
     return ints  # type: ignore[return-value]
 
 
-def normalize(
-    volume: np.ndarray, spec: Mapping[str, Any] | Any, reference: np.ndarray | None = None
-) -> np.ndarray:
+def normalize(volume: np.ndarray, spec: Mapping[str, Any] | Any, reference: np.ndarray | None = None) -> np.ndarray:
     """Intensity normalisation of DESIGN.md, on the model grid, in float32.
 
     ``zscore``: clip to the image's ``clip_percentiles`` (default: no clipping), then ``(x - mean) / std`` of the
@@ -503,7 +501,7 @@ class SiteHeadModel:
                 results = dict(zip(self._heads, self._pool().map(run_head, self._heads)))
             else:
                 results = {site: run_head(site) for site in self._heads}
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors (Fail, InvalidArgument...)
+        except Exception as exc:
             raise InferenceError(
                 f"ONNX Runtime failed on a batch of shape {batch.shape} ({self.provider}): {_one_line(exc)}; "
                 "each spatial size must be a multiple of the release's divisor; on out-of-memory lower the batch "
@@ -556,7 +554,7 @@ class SiteHeadModel:
         try:
             options = self._options(threads=threads)
             return ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
-        except Exception as exc:  # noqa: BLE001 - onnxruntime's load errors are untyped
+        except Exception as exc:
             raise InferenceError(
                 f"ONNX Runtime cannot load {path}: {_one_line(exc)}; the file may be corrupt (verify the cache: "
                 "sct_sitehead cache verify) or need a newer onnxruntime"
@@ -583,7 +581,7 @@ class SiteHeadModel:
         try:
             options = self._options(threads=threads)
             return ort.InferenceSession(str(saved), sess_options=options, providers=self._providers)
-        except Exception as exc:  # noqa: BLE001 - a stale or damaged optimised graph is rebuilt from the original
+        except Exception as exc:
             logger.warning("ignoring optimised graph %s (%s); using %s", saved, _one_line(exc), path.name)
             saved.unlink(missing_ok=True)
             return None
@@ -599,7 +597,7 @@ class SiteHeadModel:
             ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
             os.replace(tmp, saved)
             logger.debug("saved optimised graph of %s to %s", path.name, saved)
-        except Exception as exc:  # noqa: BLE001 - saving is an optimisation; the plain model still works
+        except Exception as exc:
             logger.warning("cannot save the optimised graph of %s to %s: %s", path.name, saved.parent, _one_line(exc))
         finally:
             with contextlib.suppress(OSError):

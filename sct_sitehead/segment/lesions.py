@@ -76,9 +76,7 @@ def drop_small_lesions(mask: np.ndarray, zooms: Sequence[float], min_volume_mm3:
     return mask
 
 
-def lesion_stats(
-    mask: np.ndarray, zooms: Sequence[float], affine: np.ndarray | None = None
-) -> dict[str, Any]:
+def lesion_stats(mask: np.ndarray, zooms: Sequence[float], affine: np.ndarray | None = None) -> dict[str, Any]:
     """Count lesions (26-connected components) and measure their volumes.
 
     Args:

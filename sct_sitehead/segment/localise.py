@@ -67,8 +67,13 @@ class Localised:
 
         matrix = np.linalg.inv(self.grid.affine) @ affine
         return ndimage.affine_transform(
-            self.near.view(np.uint8), matrix[:3, :3], offset=matrix[:3, 3], output_shape=tuple(shape),
-            output=np.uint8, order=0, mode="nearest",
+            self.near.view(np.uint8),
+            matrix[:3, :3],
+            offset=matrix[:3, 3],
+            output_shape=tuple(shape),
+            output=np.uint8,
+            order=0,
+            mode="nearest",
         ).view(bool)
 
 
@@ -88,6 +93,7 @@ def one_window(
     up to ``divisor``) and at most ``max_patches`` patches, so a long field of view (a whole spine) still goes in
     overlapping windows of bounded memory.
     """
+
     def up(value: float) -> int:
         return -(-int(value) // divisor) * divisor
 
@@ -111,13 +117,19 @@ def crop_window(size: int, whole: int, patch: int, divisor: int) -> int:
     along most axes: lesions found before the cord rule 51% with crops, 66% with whole axes; whole images: 63%).
     Elsewhere, :func:`one_window`.
     """
-    return one_window((patch if whole <= patch else size,) * 3, (patch,) * 3, divisor,
-                      max_patches=CROP_WINDOW_PATCHES)[0]
+    return one_window((patch if whole <= patch else size,) * 3, (patch,) * 3, divisor, max_patches=CROP_WINDOW_PATCHES)[
+        0
+    ]
 
 
 def fill_window(
-    bbox: Bbox, affine: np.ndarray, shape: tuple[int, ...], orientation: str, spacing: tuple[float, ...],
-    patch_size: tuple[int, ...], divisor: int,
+    bbox: Bbox,
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    orientation: str,
+    spacing: tuple[float, ...],
+    patch_size: tuple[int, ...],
+    divisor: int,
 ) -> tuple[Bbox, tuple[int, int, int]]:
     """``bbox`` grown with image voxels until its model grid fills its window, and that window.
 
@@ -193,9 +205,7 @@ def native_bbox(
     margin = float(margin_mm) / voxel_sizes(native_affine)
     start = np.floor(native.min(axis=0) + 0.5 - margin).astype(int)
     stop = np.ceil(native.max(axis=0) + 0.5 + margin).astype(int)
-    return tuple(
-        (max(0, int(a)), min(int(n), int(b))) for a, b, n in zip(start, stop, native_shape)
-    )  # type: ignore[return-value]
+    return tuple((max(0, int(a)), min(int(n), int(b))) for a, b, n in zip(start, stop, native_shape))  # type: ignore[return-value]
 
 
 def localise(
@@ -234,6 +244,11 @@ def localise(
     # Half a coarse voxel's diagonal more: the coarse mask's edge is that uncertain.
     near = distance <= spec.cord_margin_mm + 0.5 * float(np.linalg.norm(grid.spacing))
     bbox = native_bbox(cord, grid, grid.native_affine, grid.native_shape, spec.margin_mm)
-    logger.info("cord found: %d voxels at %s mm; lesion model on native box %s of %s", int(cord.sum()),
-                grid.spacing, bbox, grid.native_shape)
+    logger.info(
+        "cord found: %d voxels at %s mm; lesion model on native box %s of %s",
+        int(cord.sum()),
+        grid.spacing,
+        bbox,
+        grid.native_shape,
+    )
     return Localised(cord=cord, grid=grid, bbox=bbox, near=near, sample=sample)

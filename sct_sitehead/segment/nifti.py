@@ -77,14 +77,16 @@ def load_image(path: str | Path) -> nibabel.Nifti1Image:
     try:
         with _quiet_nibabel():
             img = nib.load(path)
-    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many unrelated types for bad files
+    except Exception as exc:
         raise _fail(
-            path, f"cannot be read as NIfTI ({type(exc).__name__}: {_one_line(exc)})",
+            path,
+            f"cannot be read as NIfTI ({type(exc).__name__}: {_one_line(exc)})",
             "check that it is a .nii or .nii.gz image and that the copy is complete",
         ) from exc
     if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
         raise _fail(
-            path, f"is a {type(img).__name__}, not a single-file NIfTI image",
+            path,
+            f"is a {type(img).__name__}, not a single-file NIfTI image",
             "convert it to .nii.gz (e.g. with sct_image or dcm2niix)",
         )
     # nibabel drops invalid qform/sform codes on load and may fall back to another affine than the one checked.
@@ -154,9 +156,10 @@ def _read_raw_header(path: Path) -> nibabel.Nifti1Header:
     try:
         with handle:
             block = handle.read(nib.Nifti2Header.sizeof_hdr)
-    except Exception as exc:  # noqa: BLE001 - gzip raises BadGzipFile, EOFError, zlib.error...
+    except Exception as exc:
         raise _fail(
-            path, f"cannot be read as NIfTI ({type(exc).__name__}: {_one_line(exc)})",
+            path,
+            f"cannot be read as NIfTI ({type(exc).__name__}: {_one_line(exc)})",
             "check that it is a .nii or .nii.gz image and that the copy is complete",
         ) from exc
     if not block:
@@ -166,12 +169,13 @@ def _read_raw_header(path: Path) -> nibabel.Nifti1Header:
         if len(block) >= size and klass.may_contain_header(block[:size]):
             try:
                 return klass(block[:size], check=False)
-            except Exception as exc:  # noqa: BLE001 - malformed header fields
+            except Exception as exc:
                 raise _fail(path, f"has a malformed NIfTI header ({_one_line(exc)})", "re-export the image") from exc
     if block[:2] == b"\x1f\x8b":
         raise _fail(path, "is gzip-compressed but not named .gz", "rename it to .nii.gz")
     raise _fail(
-        path, "is not a NIfTI-1/2 image (no NIfTI header at the start of the file)",
+        path,
+        "is not a NIfTI-1/2 image (no NIfTI header at the start of the file)",
         "convert it to .nii.gz (e.g. with dcm2niix or sct_image)",
     )
 
@@ -191,38 +195,44 @@ def _check_header(path: Path, header: nibabel.Nifti1Header) -> None:
     shown = "x".join(str(n) for n in shape) or "empty"
     if len(shape) < 3:
         raise _fail(
-            path, f"is a {len(shape)}D image (shape {shown})",
+            path,
+            f"is a {len(shape)}D image (shape {shown})",
             "the model needs a 3D volume; store a single slice as X x Y x 1 with its slice thickness in pixdim[3]",
         )
     if any(n < 1 for n in shape):
         raise _fail(path, f"has an empty dimension (shape {shown})", "the header is corrupt; re-export the image")
     if len(shape) == 4 and shape[3] > 1:
         raise _fail(
-            path, f"is a time series of {shape[3]} volumes (shape {shown})",
+            path,
+            f"is a time series of {shape[3]} volumes (shape {shown})",
             "extract one volume first, e.g. sct_image -i IMAGE -split t, or average them",
         )
     if len(shape) > 4 and any(n > 1 for n in shape[3:]):
         raise _fail(
-            path, f"has {len(shape)} dimensions with extra sizes {shape[3:]} (shape {shown})",
+            path,
+            f"has {len(shape)} dimensions with extra sizes {shape[3:]} (shape {shown})",
             "only 3D volumes are supported; extract one 3D component first",
         )
     spatial = shape[:3]
     if max(spatial) > MAX_AXIS_VOXELS or 4 * int(np.prod(spatial, dtype=np.int64)) > MAX_FLOAT32_BYTES:
         size_gb = 4 * float(np.prod(spatial, dtype=np.float64)) / 1e9
         raise _fail(
-            path, f"header claims shape {shown} ({size_gb:.3g} GB as float32)",
+            path,
+            f"header claims shape {shown} ({size_gb:.3g} GB as float32)",
             f"the limit is {MAX_AXIS_VOXELS} voxels per axis and {MAX_FLOAT32_BYTES / 1e9:g} GB; "
             "the header is probably corrupt, or crop the image first",
         )
     if sum(n < 2 for n in spatial) >= 2:
         raise _fail(
-            path, f"is 2D or smaller (shape {shown}: fewer than 2 voxels along 2 or more axes)",
+            path,
+            f"is 2D or smaller (shape {shown}: fewer than 2 voxels along 2 or more axes)",
             "the model needs a 3D volume or at least a full 2D slice stored as X x Y x 1",
         )
     pixdim = np.asarray(header["pixdim"][1:4], dtype=np.float64)
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
         raise _fail(
-            path, f"has voxel sizes pixdim[1:4] = {pixdim.tolist()} (must be finite and > 0)",
+            path,
+            f"has voxel sizes pixdim[1:4] = {pixdim.tolist()} (must be finite and > 0)",
             "fix the header, e.g. sct_image -copy-header from a good image or re-export from DICOM",
         )
     _check_data_type(path, header)
@@ -230,12 +240,14 @@ def _check_header(path: Path, header: nibabel.Nifti1Header) -> None:
     # Below the end of the header nibabel would read the header itself as voxels (0) or guess (1..351).
     if not np.isfinite(offset) or not header.sizeof_hdr + 4 <= offset <= MAX_VOX_OFFSET:
         raise _fail(
-            path, f"has a data offset vox_offset = {offset:g} bytes (a single-file NIfTI needs "
-            f"{header.sizeof_hdr + 4} to {MAX_VOX_OFFSET})", "the header is corrupt; re-export the image",
+            path,
+            f"has a data offset vox_offset = {offset:g} bytes (a single-file NIfTI needs "
+            f"{header.sizeof_hdr + 4} to {MAX_VOX_OFFSET})",
+            "the header is corrupt; re-export the image",
         )
     try:
         affine = header.get_best_affine()
-    except Exception as exc:  # noqa: BLE001 - nibabel's quaternion code raises ValueError, LinAlgError...
+    except Exception as exc:
         raise _fail(
             path, f"has a malformed qform/sform ({_one_line(exc)})", "fix the header, e.g. sct_image -copy-header"
         ) from None
@@ -247,21 +259,24 @@ def _check_data_type(path: Path, header: nibabel.Nifti1Header) -> None:
     code = int(header["datatype"])
     try:
         dtype = np.dtype(header.get_data_dtype())
-    except Exception:  # noqa: BLE001 - unknown codes raise KeyError or HeaderDataError depending on the version
+    except Exception:
         dtype = np.dtype("V0")
     if dtype.kind == "c":
         raise _fail(
-            path, f"holds complex values ({dtype.name}, datatype {code})",
+            path,
+            f"holds complex values ({dtype.name}, datatype {code})",
             "segment a magnitude image: take the absolute value first (e.g. fslcomplex -realabs)",
         )
     if dtype.fields is not None:
         raise _fail(
-            path, f"is an RGB colour image ({len(dtype.fields)} channels, datatype {code})",
+            path,
+            f"is an RGB colour image ({len(dtype.fields)} channels, datatype {code})",
             "the model needs a greyscale MRI; give the original scan, not a colour rendering",
         )
     if dtype.kind not in "biuf" or dtype.itemsize == 0:
         raise _fail(
-            path, f"has data type code {code}, which is not a supported numeric NIfTI type",
+            path,
+            f"has data type code {code}, which is not a supported numeric NIfTI type",
             "convert it to int16 or float32 (e.g. sct_image -type float32); the header may also be corrupt",
         )
 
@@ -276,7 +291,8 @@ def _check_affine(path: Path, affine: np.ndarray) -> None:
         singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
     if singular[-1] <= _SINGULAR_RTOL * max(singular[0], np.finfo(float).tiny):
         raise _fail(
-            path, f"has a singular affine (voxel axes not independent: {np.round(affine[:3, :3], 4).tolist()})",
+            path,
+            f"has a singular affine (voxel axes not independent: {np.round(affine[:3, :3], 4).tolist()})",
             "fix the qform/sform, e.g. sct_image -copy-header from a good image",
         )
 
@@ -306,16 +322,19 @@ def _check_extensions(path: Path, header: nibabel.Nifti1Header) -> None:
                 esize, ecode = struct.unpack(order + "ii", raw)
                 if not 8 <= esize <= end - position:
                     raise _fail(
-                        path, f"has a header extension (code {ecode}) of {esize} bytes where {end - position} "
-                        "remain before the voxel data", "the header is corrupt; re-export the image",
+                        path,
+                        f"has a header extension (code {ecode}) of {esize} bytes where {end - position} "
+                        "remain before the voxel data",
+                        "the header is corrupt; re-export the image",
                     )
                 handle.seek(esize - 8, os.SEEK_CUR)
                 position += esize
     except InputImageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - truncated gzip: EOFError; bad data: zlib.error...
+    except Exception as exc:
         raise _fail(
-            path, f"header extensions cannot be read ({type(exc).__name__}: {_one_line(exc)})",
+            path,
+            f"header extensions cannot be read ({type(exc).__name__}: {_one_line(exc)})",
             "the file is truncated or corrupt; copy or export it again",
         ) from exc
 
@@ -396,9 +415,10 @@ def _with_data_in_memory(path: Path, img: nibabel.Nifti1Image) -> nibabel.Nifti1
                 raise EOFError(f"expected {size} bytes of voxel data, got {got}")
     except InputImageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - truncated gzip: EOFError; bad CRC: BadGzipFile; zlib.error...
+    except Exception as exc:
         raise _fail(
-            path, f"voxel data cannot be read ({type(exc).__name__}: {_one_line(exc)})",
+            path,
+            f"voxel data cannot be read ({type(exc).__name__}: {_one_line(exc)})",
             "the file is truncated or corrupt; copy or export it again",
         ) from exc
     # Extra dimensions are all 1 here (checked), so the 3D shape has the same voxel order.
@@ -409,9 +429,10 @@ def _with_data_in_memory(path: Path, img: nibabel.Nifti1Image) -> nibabel.Nifti1
     try:
         with _quiet_nibabel():
             loaded = type(img)(_LoadedArray(raw, slope, inter), img.affine, img.header, extra=img.extra)
-    except Exception as exc:  # noqa: BLE001 - nibabel re-derives qform/sform from the affine (HeaderDataError)
+    except Exception as exc:
         raise _fail(
-            path, f"has a header nibabel cannot rebuild ({_one_line(exc)})",
+            path,
+            f"has a header nibabel cannot rebuild ({_one_line(exc)})",
             "fix the header, e.g. sct_image -copy-header",
         ) from exc
     loaded.set_filename(str(path))
@@ -438,8 +459,10 @@ def _drain_to_end(path: Path, handle: Any) -> None:
         extra += len(chunk)
         if extra > MAX_TRAILING_BYTES:
             raise _fail(
-                path, f"decompresses to more than {MAX_TRAILING_BYTES >> 20} MiB beyond the voxel data its header "
-                "declares (a gzip bomb, or a wrong header)", "re-export the image; it was not decompressed further",
+                path,
+                f"decompresses to more than {MAX_TRAILING_BYTES >> 20} MiB beyond the voxel data its header "
+                "declares (a gzip bomb, or a wrong header)",
+                "re-export the image; it was not decompressed further",
             )
 
 
@@ -470,9 +493,7 @@ def image_data(img: nibabel.Nifti1Image) -> np.ndarray:
                 f"{name}: scaling by scl_slope={scaling[0]:g}, scl_inter={scaling[1]:g} makes {bad} voxel(s) "
                 "overflow float32; fix scl_slope/scl_inter in the header"
             )
-        raise InputImageError(
-            f"{name}: {bad} voxel(s) are NaN or Inf; replace them (e.g. with 0) before segmenting"
-        )
+        raise InputImageError(f"{name}: {bad} voxel(s) are NaN or Inf; replace them (e.g. with 0) before segmenting")
     low, high = float(data.min()), float(data.max())
     if low == high:
         raise InputImageError(

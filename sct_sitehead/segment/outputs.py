@@ -23,9 +23,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def save_like(
-    data: np.ndarray, reference: nibabel.Nifti1Image, path: Path, dtype: Any = np.uint8
-) -> None:
+def save_like(data: np.ndarray, reference: nibabel.Nifti1Image, path: Path, dtype: Any = np.uint8) -> None:
     """Write ``data`` on the reference's grid, atomically.
 
     The output has the reference's shape, affine, qform and sform (codes and matrices), pixdim and xyzt units;
@@ -80,8 +78,10 @@ def _save(image: nibabel.Nifti1Image, path: Path) -> None:
         return
     # No file name (it would be the temp file's) and mtime 0, as nibabel's own writer: the same mask gives the same
     # bytes.
-    with open(path, "wb") as raw, igzip.IGzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw,
-                                                  mtime=0) as handle:
+    with (
+        open(path, "wb") as raw,
+        igzip.IGzipFile(filename="", mode="wb", compresslevel=1, fileobj=raw, mtime=0) as handle,
+    ):
         image.to_file_map(type(image).make_file_map({"image": handle}))
 
 

@@ -168,7 +168,12 @@ def grid_window(grid: ModelGrid) -> tuple[slice, slice, slice]:
 
 
 def _write_label(
-    channel: np.ndarray, grid: ModelGrid, threshold: float, image, path: Path, soft: Path | None = None,
+    channel: np.ndarray,
+    grid: ModelGrid,
+    threshold: float,
+    image,
+    path: Path,
+    soft: Path | None = None,
     min_lesion_mm3: float = 0.0,
 ) -> np.ndarray:
     """One label's model-grid probabilities back on the input grid, thresholded into a uint8 mask and written
@@ -272,8 +277,14 @@ class Segmenter:
                 threads=options.threads,
                 optimized_dir=cache.ort_dir(),
             )
-        logger.info("%s@%s on %s, sites: %s%s", release.model, release.version, model.provider, ", ".join(sites),
-                    " (cord localiser on)" if localiser is not None else "")
+        logger.info(
+            "%s@%s on %s, sites: %s%s",
+            release.model,
+            release.version,
+            model.provider,
+            ", ".join(sites),
+            " (cord localiser on)" if localiser is not None else "",
+        )
         return cls(release, sites, paths, model, options, localiser)
 
     def threshold(self, site: str) -> float:
@@ -341,8 +352,9 @@ class Segmenter:
             found = localise(data, image.affine, self.release.localiser, self.localiser)
         bbox, patch = None, tuple(spec.patch_size)
         if found is not None:
-            bbox, patch = fill_window(found.bbox, image.affine, data.shape, spec.orientation, spec.spacing,
-                                      spec.patch_size, spec.divisor)
+            bbox, patch = fill_window(
+                found.bbox, image.affine, data.shape, spec.orientation, spec.spacing, spec.patch_size, spec.divisor
+            )
         self.last_crop = None if bbox is None else {"Bbox": [list(pair) for pair in bbox]}
         volume, grid = to_model_grid(data, image.affine, spec.orientation, spec.spacing, bbox=bbox)
         del data
@@ -415,8 +427,15 @@ class Segmenter:
                     if soft is not None:
                         written.append(soft)
                     job = pool.submit(
-                        contextvars.copy_context().run, _write_label, outputs_on_grid[site][index], grid, threshold,
-                        image, path, soft, self.min_lesion_mm3(site) if lesion else 0.0,
+                        contextvars.copy_context().run,
+                        _write_label,
+                        outputs_on_grid[site][index],
+                        grid,
+                        threshold,
+                        image,
+                        path,
+                        soft,
+                        self.min_lesion_mm3(site) if lesion else 0.0,
                     )
                     jobs.append((lesion, job))
                 plans.append((site, threshold, mask_path, written, jobs))
@@ -450,7 +469,10 @@ class Segmenter:
         full = np.zeros(image.shape[:3], dtype=bool)
         full[window] = lesions
         return write_qc(
-            image_data(image), full, image.affine, self.options.qc_dir / f"{stem}.png",
+            image_data(image),
+            full,
+            image.affine,
+            self.options.qc_dir / f"{stem}.png",
             f"{image_path.name} | {self.release.model}@{self.release.version} | site {site}",
         )
 

@@ -74,13 +74,18 @@ def write_qc(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, out_png: P
     window = (low, high if high > low else low + 1.0)
 
     axial = [
-        _tile(volume[:, :, z].T[::-1, ::-1], lesions[:, :, z].T[::-1, ::-1], (zooms[1], zooms[0]), window, f"z={z}",
-              AXIAL_BOX)
+        _tile(
+            volume[:, :, z].T[::-1, ::-1],
+            lesions[:, :, z].T[::-1, ::-1],
+            (zooms[1], zooms[0]),
+            window,
+            f"z={z}",
+            AXIAL_BOX,
+        )
         for z in _pick_slices(lesions, 2, AXIAL_TILES, spread=0.8, zoom=zooms[2])
     ]
     sagittal = [
-        _tile(volume[x].T[::-1, ::-1], lesions[x].T[::-1, ::-1], (zooms[2], zooms[1]), window, f"x={x}",
-              SAGITTAL_BOX)
+        _tile(volume[x].T[::-1, ::-1], lesions[x].T[::-1, ::-1], (zooms[2], zooms[1]), window, f"x={x}", SAGITTAL_BOX)
         for x in _pick_slices(lesions, 0, SAGITTAL_TILES, spread=None, zoom=zooms[0])
     ]
     _letters(axial[0], left="R", top="A")
@@ -154,9 +159,12 @@ def _tile(
     mm_per_px = max(cols_mm / box[0], rows_mm / box[1])
     size = (max(1, round(cols_mm / mm_per_px)), max(1, round(rows_mm / mm_per_px)))
     grey_px = np.asarray(Image.fromarray(scaled, mode="L").resize(size, Image.BILINEAR), dtype=np.float32)
-    lesion_px = np.asarray(
-        Image.fromarray(np.ascontiguousarray(lesion, dtype=np.uint8) * 255, mode="L").resize(size, Image.NEAREST)
-    ) > 0
+    lesion_px = (
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(lesion, dtype=np.uint8) * 255, mode="L").resize(size, Image.NEAREST)
+        )
+        > 0
+    )
     rgb = np.repeat(grey_px[:, :, None], 3, axis=2)
     rgb[lesion_px] = (1 - OVERLAY_ALPHA) * rgb[lesion_px] + OVERLAY_ALPHA * np.asarray(OVERLAY_RGB, np.float32)
     tile = Image.fromarray(rgb.round().astype(np.uint8), mode="RGB")

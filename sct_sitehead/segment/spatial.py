@@ -152,9 +152,7 @@ def to_model_grid(
     return volume, grid
 
 
-def from_model_grid(
-    volume: np.ndarray, grid: ModelGrid, order: int = 1, *, window_only: bool = False
-) -> np.ndarray:
+def from_model_grid(volume: np.ndarray, grid: ModelGrid, order: int = 1, *, window_only: bool = False) -> np.ndarray:
     """Bring a model-grid array back onto the native grid, voxel for voxel aligned with the input image.
 
     Args:
@@ -272,7 +270,13 @@ def _resample(
         source = source.astype(np.float32)
     # A 1-D matrix is a diagonal one: scipy then takes its faster separable zoom-and-shift path.
     return ndimage.affine_transform(
-        source, scale, offset=offset, output_shape=tuple(shape), output=dtype, order=order, mode="nearest",
+        source,
+        scale,
+        offset=offset,
+        output_shape=tuple(shape),
+        output=dtype,
+        order=order,
+        mode="nearest",
         prefilter=False,
     )
 

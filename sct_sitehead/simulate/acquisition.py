@@ -78,11 +78,10 @@ def plan_grid(
     for world in range(3):
         low, high = _line_inside(source_shape, source_affine, anchor, world)
         fov_world[world] = min(fov_world[world], high - low)
-        center[world] = np.clip(center[world], anchor[world] + low + fov_world[world] / 2,
-                                anchor[world] + high - fov_world[world] / 2)
-    shape = tuple(
-        max(1, int(round(fov_world[world] / spacing[axis]))) for axis, world in enumerate(world_axis)
-    )
+        center[world] = np.clip(
+            center[world], anchor[world] + low + fov_world[world] / 2, anchor[world] + high - fov_world[world] / 2
+        )
+    shape = tuple(max(1, int(round(fov_world[world] / spacing[axis]))) for axis, world in enumerate(world_axis))
     affine = grid_affine(shape, spacing, acquisition.orientation, center)
     grid = TargetGrid(shape, affine, tuple(float(s) for s in spacing), world_axis)  # type: ignore[arg-type]
     return grid, {"shape": list(shape), "center_mm": [round(float(v), 3) for v in center]}
@@ -128,9 +127,7 @@ def _slice_sigma_mm(target: TargetGrid, spacing: float) -> np.ndarray:
     return np.sqrt(np.maximum(wanted**2 - spacing**2, 0.0)) / _FWHM_PER_SIGMA
 
 
-def sample_to_target(
-    volumes: Sequence[np.ndarray], work_affine: np.ndarray, target: TargetGrid
-) -> list[np.ndarray]:
+def sample_to_target(volumes: Sequence[np.ndarray], work_affine: np.ndarray, target: TargetGrid) -> list[np.ndarray]:
     """Blur working-grid volumes to the target voxel size along each world axis, then resample them.
 
     Args:
@@ -189,8 +186,10 @@ def transfer_intensities(
 
 def _bias_field(shape: Sequence[int], coefficients: np.ndarray, strength: float) -> np.ndarray:
     """exp(strength * p) with p a random quadratic polynomial of the grid coordinates scaled to [-1, 1]."""
-    u = [np.linspace(-1.0, 1.0, n, dtype=np.float32).reshape([n if i == a else 1 for i in range(3)])
-         for a, n in enumerate(shape)]
+    u = [
+        np.linspace(-1.0, 1.0, n, dtype=np.float32).reshape([n if i == a else 1 for i in range(3)])
+        for a, n in enumerate(shape)
+    ]
     terms = [u[0], u[1], u[2], u[0] ** 2 - 0.5, u[1] ** 2 - 0.5, u[2] ** 2 - 0.5, u[0] * u[1], u[1] * u[2], u[0] * u[2]]
     poly = np.zeros(tuple(shape), dtype=np.float32)
     for c, term in zip(coefficients, terms):

@@ -75,8 +75,11 @@ def annotate(
     if "csf" in protocol.labels:
         shell = (_distance_outside(cord, zooms) <= protocol.csf_shell_mm) & ~cord
         labels["csf"] = shell.astype(np.uint8)
-    info = {"annotated_lesions": int(count), "left_out_small": left_out,
-            "annotated_volume_mm3": round(float(lesion.sum()) * voxel_mm3, 2)}
+    info = {
+        "annotated_lesions": int(count),
+        "left_out_small": left_out,
+        "annotated_volume_mm3": round(float(lesion.sum()) * voxel_mm3, 2),
+    }
     return labels, info
 
 

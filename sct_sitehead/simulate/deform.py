@@ -135,5 +135,6 @@ def warp(data: np.ndarray, coords: np.ndarray, *, order: int = 1) -> np.ndarray:
     """
     from scipy import ndimage
 
-    return ndimage.map_coordinates(np.asarray(data, dtype=np.float32), coords, order=order, mode="nearest",
-                                   prefilter=False)
+    return ndimage.map_coordinates(
+        np.asarray(data, dtype=np.float32), coords, order=order, mode="nearest", prefilter=False
+    )

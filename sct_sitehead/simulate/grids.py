@@ -115,9 +115,7 @@ def resample(
     )
 
 
-def world_extent(
-    shape: Sequence[int], affine: np.ndarray, *, edges: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
+def world_extent(shape: Sequence[int], affine: np.ndarray, *, edges: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(3,) lowest and (3,) highest world coordinates of the grid (axis-aligned box).
 
     With ``edges`` the box holds the voxels' outer faces, so two grids covering the same field of view at

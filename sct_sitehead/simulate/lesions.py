@@ -118,8 +118,15 @@ def insert_lesions(
         raise InputImageError("cord mask affine differs from the image's; resample the mask onto the image grid")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     out, fraction, records = insert_lesions_array(
-        data, np.clip(cord, 0.0, 1.0), image.affine, contrast=contrast, n_lesions=n_lesions, rng=rng,
-        volume_mm3=volume_mm3, elongation=elongation, lesion_contrast=lesion_contrast,
+        data,
+        np.clip(cord, 0.0, 1.0),
+        image.affine,
+        contrast=contrast,
+        n_lesions=n_lesions,
+        rng=rng,
+        volume_mm3=volume_mm3,
+        elongation=elongation,
+        lesion_contrast=lesion_contrast,
     )
     header = image.header.copy()
     header.set_data_dtype(np.float32)
@@ -190,8 +197,14 @@ def insert_lesions_array(
 
 
 def _draw(
-    rng: np.random.Generator, centres: np.ndarray, affine: np.ndarray, n: int,
-    volume_mm3: Sequence[float], elongation: Sequence[float], contrast_range: Sequence[float], cord: np.ndarray,
+    rng: np.random.Generator,
+    centres: np.ndarray,
+    affine: np.ndarray,
+    n: int,
+    volume_mm3: Sequence[float],
+    elongation: Sequence[float],
+    contrast_range: Sequence[float],
+    cord: np.ndarray,
 ) -> list[_Spec]:
     from scipy import ndimage
 
@@ -216,15 +229,17 @@ def _draw(
         width = (3 * volume / (4 * np.pi * ratio)) ** (1 / 3)
         squash = float(rng.uniform(0.8, 1.25))
         directions = rng.normal(size=(3, 3))
-        specs.append(_Spec(
-            center=center,
-            axes=np.stack([along, across, np.cross(along, across)]),
-            semi_axes=np.array([ratio * width, width * squash, width / squash]),
-            wobble_dirs=directions / np.linalg.norm(directions, axis=1, keepdims=True),
-            wobble_phases=rng.uniform(0, 2 * np.pi, size=3),
-            contrast=float(rng.uniform(*contrast_range)),
-            nominal_mm3=volume,
-        ))
+        specs.append(
+            _Spec(
+                center=center,
+                axes=np.stack([along, across, np.cross(along, across)]),
+                semi_axes=np.array([ratio * width, width * squash, width / squash]),
+                wobble_dirs=directions / np.linalg.norm(directions, axis=1, keepdims=True),
+                wobble_phases=rng.uniform(0, 2 * np.pi, size=3),
+                contrast=float(rng.uniform(*contrast_range)),
+                nominal_mm3=volume,
+            )
+        )
     return specs
 
 

@@ -31,15 +31,38 @@ logger = logging.getLogger(__name__)
 
 #: Tissue intensities per contrast, relative to the brightest tissue (x 1000 in the written image).
 INTENSITIES: dict[str, dict[str, float]] = {
-    "T2w": {"air": 0.0, "fat": 0.55, "muscle": 0.2, "bone": 0.3, "disc": 0.65, "csf": 1.0, "cord": 0.38,
-            "lesion": 0.75},
-    "T2star": {"air": 0.0, "fat": 0.35, "muscle": 0.25, "bone": 0.15, "disc": 0.5, "csf": 0.85, "cord": 0.5,
-               "lesion": 0.72},
-    "T1w": {"air": 0.0, "fat": 0.95, "muscle": 0.4, "bone": 0.55, "disc": 0.35, "csf": 0.12, "cord": 0.55,
-            "lesion": 0.32},
+    "T2w": {
+        "air": 0.0,
+        "fat": 0.55,
+        "muscle": 0.2,
+        "bone": 0.3,
+        "disc": 0.65,
+        "csf": 1.0,
+        "cord": 0.38,
+        "lesion": 0.75,
+    },
+    "T2star": {
+        "air": 0.0,
+        "fat": 0.35,
+        "muscle": 0.25,
+        "bone": 0.15,
+        "disc": 0.5,
+        "csf": 0.85,
+        "cord": 0.5,
+        "lesion": 0.72,
+    },
+    "T1w": {
+        "air": 0.0,
+        "fat": 0.95,
+        "muscle": 0.4,
+        "bone": 0.55,
+        "disc": 0.35,
+        "csf": 0.12,
+        "cord": 0.55,
+        "lesion": 0.32,
+    },
     # magnetisation transfer (MT on): low contrast, the cord a little darker than the CSF, lesions brighter
-    "MTS": {"air": 0.0, "fat": 0.4, "muscle": 0.3, "bone": 0.2, "disc": 0.45, "csf": 0.5, "cord": 0.42,
-            "lesion": 0.62},
+    "MTS": {"air": 0.0, "fat": 0.4, "muscle": 0.3, "bone": 0.2, "disc": 0.45, "csf": 0.5, "cord": 0.42, "lesion": 0.62},
 }
 NOISE_SIGMA = 0.02
 _SCALE = 1000.0
@@ -183,7 +206,7 @@ def _render_slab(
     # Outside in: skin, subcutaneous fat, muscle; then bone, epidural fat, sac, cord, lesion, each painted over.
     skin = _ellipse_distance(x, y - 15.0, np.float32(65.0), np.float32(55.0))
     texture = 1.0 + 0.08 * np.mean([np.cos(w[0] * x + w[1] * y + w[2] * z + w[3]) for w in waves], axis=0)
-    image = (intensity["fat"] * _soft(skin, width) + (intensity["muscle"] - intensity["fat"]) * _soft(skin + 6, width))
+    image = intensity["fat"] * _soft(skin, width) + (intensity["muscle"] - intensity["fat"]) * _soft(skin + 6, width)
     image = np.broadcast_to(image * texture, shape).astype(np.float32)
 
     def paint(fraction: np.ndarray, value: float) -> None:
@@ -265,12 +288,17 @@ def make_phantom(
     lesions = _place_lesions(rng, n_lesions, float(low[2]), float(high[2]), tables)
     wavelength = rng.uniform(12.0, 40.0, size=(4, 1))
     direction = rng.normal(size=(4, 3))
-    waves = np.hstack([2 * np.pi * direction / np.linalg.norm(direction, axis=1, keepdims=True) / wavelength,
-                       rng.uniform(0, 2 * np.pi, size=(4, 1))]).astype(np.float32)
+    waves = np.hstack(
+        [
+            2 * np.pi * direction / np.linalg.norm(direction, axis=1, keepdims=True) / wavelength,
+            rng.uniform(0, 2 * np.pi, size=(4, 1)),
+        ]
+    ).astype(np.float32)
     width = float(np.mean(np.linalg.norm(affine[:3, :3], axis=0)))
     long_axis = int(np.argmax(np.abs(affine[2, :3]) / np.linalg.norm(affine[:3, :3], axis=0)))
-    outputs = _render(shape, affine, long_axis, tables, lesions, waves, INTENSITIES[contrast], width, noise, seed,
-                      np.dtype(dtype))
+    outputs = _render(
+        shape, affine, long_axis, tables, lesions, waves, INTENSITIES[contrast], width, noise, seed, np.dtype(dtype)
+    )
     images = [nib.Nifti1Image(data, affine) for data in outputs]
     for img in images:
         img.header.set_xyzt_units("mm", "sec")
@@ -281,8 +309,17 @@ def make_phantom(
 
 
 def _render(
-    shape: tuple[int, ...], affine: np.ndarray, long_axis: int, tables: dict, lesions: list[_Lesion],
-    waves: np.ndarray, intensity: dict[str, float], width: float, noise: float, seed: int, dtype: np.dtype,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    long_axis: int,
+    tables: dict,
+    lesions: list[_Lesion],
+    waves: np.ndarray,
+    intensity: dict[str, float],
+    width: float,
+    noise: float,
+    seed: int,
+    dtype: np.dtype,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     image = np.empty(shape, dtype=dtype)
     cord, lesion, csf = (np.zeros(shape, dtype=np.uint8) for _ in range(3))

@@ -62,8 +62,14 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: Sequen
             orientation = ORIENTATIONS[int(rng.integers(len(ORIENTATIONS)))]
             axis_shape = shape if orientation != "PSR" else (shape[1], shape[2], shape[0])
             phantom = make_phantom(
-                axis_shape, (SPACING_MM,) * 3, orientation=orientation, contrast=contrast, n_lesions=0,
-                seed=int(rng.integers(1 << 30)), oblique_deg=float(rng.uniform(-15, 15)), center=center,
+                axis_shape,
+                (SPACING_MM,) * 3,
+                orientation=orientation,
+                contrast=contrast,
+                n_lesions=0,
+                seed=int(rng.integers(1 << 30)),
+                oblique_deg=float(rng.uniform(-15, 15)),
+                center=center,
             )
             stem = f"{subject}_{contrast}"
             anat = staging / subject / "anat"
@@ -75,9 +81,14 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: Sequen
             rows.append(f"{subject}\tphantom\tsct_sitehead phantom (z {center[2]:.0f} mm, {orientation})")
             logger.info("%s: %s at z %.0f mm, %s", subject, contrast, center[2], orientation)
         (staging / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-        _write_json(staging / "dataset_description.json", {
-            "Name": "sct_sitehead phantom anatomy", "BIDSVersion": "1.8.0", "DatasetType": "raw",
-        })
+        _write_json(
+            staging / "dataset_description.json",
+            {
+                "Name": "sct_sitehead phantom anatomy",
+                "BIDSVersion": "1.8.0",
+                "DatasetType": "raw",
+            },
+        )
         if out.exists():
             out.rmdir()
         staging.rename(out)

@@ -33,9 +33,16 @@ from typing import Any
 import numpy as np
 
 from sct_sitehead import __version__
-from sct_sitehead.evaluation.bids import Sample, read_bids
 from sct_sitehead.errors import InputImageError, OutputError, UsageError
-from sct_sitehead.simulate.acquisition import TargetGrid, blur_margin_mm, plan_grid, sample_to_target, transfer_intensities, working_grid
+from sct_sitehead.evaluation.bids import Sample, read_bids
+from sct_sitehead.simulate.acquisition import (
+    TargetGrid,
+    blur_margin_mm,
+    plan_grid,
+    sample_to_target,
+    transfer_intensities,
+    working_grid,
+)
 from sct_sitehead.simulate.annotation import annotate, truth_masks
 from sct_sitehead.simulate.deform import draw_deformation, source_coordinates, warp
 from sct_sitehead.simulate.grids import world_extent
@@ -79,7 +86,7 @@ def load_anatomy(sample: Sample, borrow: Borrow | None = None) -> Anatomy:
 
     image = nib.load(sample.image)
     data = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])
-    cord = (np.asarray(nib.load(sample.labels["cord"]).dataobj, dtype=np.float32).reshape(data.shape) >= 0.5)
+    cord = np.asarray(nib.load(sample.labels["cord"]).dataobj, dtype=np.float32).reshape(data.shape) >= 0.5
     if not cord.any():
         raise InputImageError(f"{sample.labels['cord']} is empty; give a cord mask with the cord in it")
     scale = float(np.percentile(data, 99.5)) or float(data.max()) or 1.0
@@ -138,8 +145,15 @@ def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> 
     allowed = np.zeros(work_shape, dtype=bool)
     allowed[inside] = True
     image, lesion, records = insert_lesions_array(
-        image, cord, work_affine, contrast=anatomy.sample.contrast, n_lesions=n_lesions, rng=rng,
-        volume_mm3=profile.volume_mm3, elongation=profile.elongation, allowed=allowed,
+        image,
+        cord,
+        work_affine,
+        contrast=anatomy.sample.contrast,
+        n_lesions=n_lesions,
+        rng=rng,
+        volume_mm3=profile.volume_mm3,
+        elongation=profile.elongation,
+        allowed=allowed,
     )
     image_t, cord_t, lesion_t = sample_to_target([image, cord, lesion], work_affine, grid)
     written, intensity_params = transfer_intensities(image_t, grid, acquisition, rng)
@@ -248,17 +262,27 @@ def simulate(
         if extra is not None:
             from sct_sitehead.simulate.phantom_sources import write_phantom_sources
 
-            written = write_phantom_sources(Path(extra.name) / "phantoms", phantoms, seed=seed,
-                                            contrasts=phantom_contrasts)
+            written = write_phantom_sources(
+                Path(extra.name) / "phantoms", phantoms, seed=seed, contrasts=phantom_contrasts
+            )
             made = _sources(written)
             phantom_subjects = {s.subject for s in made}
             samples = samples + made
         rows, subjects = _simulate_all(
-            samples, profiles, staging, n_per_site, seed, holdout, split_fractions, test_per_site,
-            real_share=real_share, phantom_subjects=phantom_subjects,
+            samples,
+            profiles,
+            staging,
+            n_per_site,
+            seed,
+            holdout,
+            split_fractions,
+            test_per_site,
+            real_share=real_share,
+            phantom_subjects=phantom_subjects,
         )
-        _write_dataset_files(staging, source, rows, subjects, profiles, n_per_site, seed, holdout, split_fractions,
-                             real_share)
+        _write_dataset_files(
+            staging, source, rows, subjects, profiles, n_per_site, seed, holdout, split_fractions, real_share
+        )
         if out.exists():
             out.rmdir()
         staging.rename(out)
@@ -268,8 +292,13 @@ def simulate(
     finally:
         if extra is not None:
             extra.cleanup()
-    logger.info("simulated %d subjects at %d sites into %s in %.1f s", len(rows), len(profiles), out,
-                time.perf_counter() - started)
+    logger.info(
+        "simulated %d subjects at %d sites into %s in %.1f s",
+        len(rows),
+        len(profiles),
+        out,
+        time.perf_counter() - started,
+    )
     return out
 
 
@@ -307,9 +336,17 @@ def _staging_folder(out: Path) -> Path:
 
 
 def _simulate_all(
-    samples: list[Sample], profiles: list[Site], root: Path, n_per_site: int, seed: int,
-    holdout: list[str], split_fractions: tuple[float, float, float], test_per_site: int | None = None,
-    *, real_share: float | None = None, phantom_subjects: set[str] | frozenset[str] = frozenset(),
+    samples: list[Sample],
+    profiles: list[Site],
+    root: Path,
+    n_per_site: int,
+    seed: int,
+    holdout: list[str],
+    split_fractions: tuple[float, float, float],
+    test_per_site: int | None = None,
+    *,
+    real_share: float | None = None,
+    phantom_subjects: set[str] | frozenset[str] = frozenset(),
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     anatomies: dict[tuple[Path, Borrow | None], Anatomy] = {}
     rows: list[dict[str, str]] = []
@@ -366,7 +403,8 @@ def _eligible(samples: list[Sample], site: Site, holdout: list[str]) -> list[_So
         )
     borrowed = [
         _Source(replace(s, contrast=site.contrasts[0], entities={}), site.borrow[s.contrast])
-        for s in samples if s.contrast in site.borrow and s.subject not in holdout
+        for s in samples
+        if s.contrast in site.borrow and s.subject not in holdout
     ]
     return own + borrowed
 
@@ -394,7 +432,9 @@ def _real_or_phantom(
 
 
 def _splits(
-    chosen: list[tuple[str, _Source]], holdout: list[str], fractions: tuple[float, float, float],
+    chosen: list[tuple[str, _Source]],
+    holdout: list[str],
+    fractions: tuple[float, float, float],
     rng: np.random.Generator,
 ) -> dict[str, str]:
     """Holdout anatomy -> test; the rest shuffled into train/val/test by the fractions (train/val with a holdout)."""
@@ -449,8 +489,15 @@ def _write_subject(root: Path, participant: str, sample: Sample, site: Site, res
 
 
 def _write_dataset_files(
-    root: Path, source: Path, rows: list[dict[str, str]], subjects: dict[str, Any], profiles: list[Site],
-    n_per_site: int, seed: int, holdout: list[str], split_fractions: tuple[float, float, float],
+    root: Path,
+    source: Path,
+    rows: list[dict[str, str]],
+    subjects: dict[str, Any],
+    profiles: list[Site],
+    n_per_site: int,
+    seed: int,
+    holdout: list[str],
+    split_fractions: tuple[float, float, float],
     real_share: float | None = None,
 ) -> None:
     header = ["participant_id", "site", "source", "split"]
@@ -458,26 +505,42 @@ def _write_dataset_files(
     lines = ["\t".join(header)] + ["\t".join(row[k] for k in header) for row in ordered]
     (root / "participants.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     generated = [{"Name": "sct_sitehead simulate", "Version": __version__}]
-    _write_json(root / "dataset_description.json", {
-        "Name": "sct_sitehead simulated multi-site spinal cord lesions", "BIDSVersion": "1.8.0",
-        "DatasetType": "raw", "GeneratedBy": generated, "SourceDatasets": [{"Name": source.name}],
-    })
+    _write_json(
+        root / "dataset_description.json",
+        {
+            "Name": "sct_sitehead simulated multi-site spinal cord lesions",
+            "BIDSVersion": "1.8.0",
+            "DatasetType": "raw",
+            "GeneratedBy": generated,
+            "SourceDatasets": [{"Name": source.name}],
+        },
+    )
     for name, description in (("labels", "site annotations"), ("truth", "unannotated lesion and cord truth")):
-        _write_json(root / "derivatives" / name / "dataset_description.json", {
-            "Name": f"sct_sitehead simulated {description}", "BIDSVersion": "1.8.0",
-            "DatasetType": "derivative", "GeneratedBy": generated,
-        })
-    _write_json(root / "simulation.json", {
-        "generator": {"name": "sct_sitehead.simulate", "version": __version__},
-        "source": source.name,
-        "phantom_subjects": sum(1 for s in subjects.values() if s["source"].startswith("sub-phantom")),
-        "seed": seed, "n_per_site": n_per_site, "holdout": holdout,
-        "split_fractions": list(split_fractions),
-        # Written only when set, so a default run writes the same file as before the option existed.
-        **({"real_share": real_share} if real_share is not None else {}),
-        "sites": {site.name: site.as_dict() for site in profiles},
-        "subjects": subjects,
-    })
+        _write_json(
+            root / "derivatives" / name / "dataset_description.json",
+            {
+                "Name": f"sct_sitehead simulated {description}",
+                "BIDSVersion": "1.8.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": generated,
+            },
+        )
+    _write_json(
+        root / "simulation.json",
+        {
+            "generator": {"name": "sct_sitehead.simulate", "version": __version__},
+            "source": source.name,
+            "phantom_subjects": sum(1 for s in subjects.values() if s["source"].startswith("sub-phantom")),
+            "seed": seed,
+            "n_per_site": n_per_site,
+            "holdout": holdout,
+            "split_fractions": list(split_fractions),
+            # Written only when set, so a default run writes the same file as before the option existed.
+            **({"real_share": real_share} if real_share is not None else {}),
+            "sites": {site.name: site.as_dict() for site in profiles},
+            "subjects": subjects,
+        },
+    )
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:

@@ -155,8 +155,9 @@ def _site(path: Path, name: str, body: Any, defaults: Mapping[str, Any]) -> Site
         raise UsageError(f"{where}: {exc}; see {DEFAULT_SITES} for every key") from exc
     if not contrasts:
         raise UsageError(f"{where}: 'contrasts' is empty; list the BIDS suffixes it scans, e.g. ['T2w']")
-    return Site(name, str(body.get("description", "")), contrasts, acquisition, annotation, lesions, deformation,
-                borrow)
+    return Site(
+        name, str(body.get("description", "")), contrasts, acquisition, annotation, lesions, deformation, borrow
+    )
 
 
 def _borrow(where: str, raw: Any, contrasts: tuple[str, ...]) -> dict[str, Borrow]:

@@ -176,7 +176,9 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise TrainingError(f"model.features must list >= 2 positive channel counts, got {features!r}")
     levels = len(features)
     if not 1 <= int(model["head_stages"]) <= levels - 1:
-        raise TrainingError(f"model.head_stages must be 1 to {levels - 1} for {levels} levels, got {model['head_stages']!r}")
+        raise TrainingError(
+            f"model.head_stages must be 1 to {levels - 1} for {levels} levels, got {model['head_stages']!r}"
+        )
     if int(model["final_kernel"]) not in (1, 3) or int(model["final_convs"]) < 1:
         raise TrainingError(
             f"model.final_kernel must be 1 or 3 and final_convs >= 1, got {model['final_kernel']!r}, "

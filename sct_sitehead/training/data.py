@@ -166,8 +166,13 @@ def prepare_cases(samples: Sequence[Any], spec: Mapping[str, Any], cache_dir: Pa
         folder = Path(cache_dir) / cache_key(sample, spec)
         if not (folder / "case.json").is_file():
             volume, labels = preprocess(sample, spec)
-            info = {"name": sample.image.name, "site": sample.site, "labels": sorted(labels), "shape": volume.shape,
-                    "minimum": float(volume.min())}
+            info = {
+                "name": sample.image.name,
+                "site": sample.site,
+                "labels": sorted(labels),
+                "shape": volume.shape,
+                "minimum": float(volume.min()),
+            }
             _write_case(folder, volume, labels, info)
             logger.debug("cached %s at %s", sample.image.name, folder)
         cases.append(_read_case(folder))

@@ -87,8 +87,15 @@ def _export_graph(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation and instance-norm notices
             torch.onnx.export(
-                module, args, str(path), input_names=input_names, output_names=output_names, dynamic_axes=axes,
-                opset_version=opset, dynamo=False, do_constant_folding=True,
+                module,
+                args,
+                str(path),
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=axes,
+                opset_version=opset,
+                dynamo=False,
+                do_constant_folding=True,
             )
         return
     from torch.export import Dim
@@ -101,8 +108,14 @@ def _export_graph(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opset conversion and pytree deprecation notices from the exporter
         program = torch.onnx.export(
-            module, args, input_names=input_names, output_names=output_names, dynamic_shapes=shapes,
-            opset_version=opset, dynamo=True, verbose=False,
+            module,
+            args,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=shapes,
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
         )
     program.save(str(path))
 
@@ -123,7 +136,7 @@ def _source_of(path: Path) -> str | None:
 
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - an unreadable old file is simply exported again
+    except Exception:
         return None
     return next((p.value for p in model.metadata_props if p.key == _SOURCE_KEY), None)
 
@@ -165,14 +178,21 @@ def check_onnx(
         if not np.all(diff <= atol + rtol * np.abs(want)):
             raise TrainingError(
                 f"{path.name}: output {name} differs from PyTorch by up to {float(diff.max()):.3g} (tolerance atol "
-                f"{atol:g} + rtol {rtol:g} x |value|); the export is wrong; re-export, or report the torch/onnx versions"
+                f"{atol:g} + rtol {rtol:g} x |value|); the export is wrong; re-export, or report the torch/onnx "
+                "versions"
             )
     return worst
 
 
 def _write_checked(
-    path: Path, module: nn.Module, args: tuple[Tensor, ...], names: tuple[list[str], list[str]], scales: list[int],
-    source: str, check: tuple[Callable, dict[str, np.ndarray]], options: Mapping[str, Any],
+    path: Path,
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    names: tuple[list[str], list[str]],
+    scales: list[int],
+    source: str,
+    check: tuple[Callable, dict[str, np.ndarray]],
+    options: Mapping[str, Any],
 ) -> float:
     """Export to ``path`` unless it already holds the same source, then check it against PyTorch."""
     if not (path.is_file() and _source_of(path) == source):
@@ -184,7 +204,7 @@ def _write_checked(
             os.replace(tmp, path)
         except TrainingError:
             raise
-        except Exception as exc:  # noqa: BLE001 - exporters raise many types; the message carries the cause
+        except Exception as exc:
             raise TrainingError(f"exporting {path.name} failed ({type(exc).__name__}: {exc}); see the log") from exc
         finally:
             tmp.unlink(missing_ok=True)
@@ -251,27 +271,42 @@ def export_release(
         def backbone_reference(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             return {k: v.numpy() for k, v in unet.backbone(torch.from_numpy(inputs[IMAGE_INPUT])).items()}
 
-        diffs = {"backbone": _write_checked(
-            out_dir / "backbone.onnx", BackboneGraph(unet.backbone).eval(), (trace,), ([IMAGE_INPUT], arch.outputs),
-            [arch.divisor], f"backbone|{backbone_sha}|{tag}", (backbone_reference, {IMAGE_INPUT: image}), options,
-        )}
+        diffs = {
+            "backbone": _write_checked(
+                out_dir / "backbone.onnx",
+                BackboneGraph(unet.backbone).eval(),
+                (trace,),
+                ([IMAGE_INPUT], arch.outputs),
+                [arch.divisor],
+                f"backbone|{backbone_sha}|{tag}",
+                (backbone_reference, {IMAGE_INPUT: image}),
+                options,
+            )
+        }
         heads: dict[str, tuple[Head, dict[str, Any]]] = {UNIVERSAL: (unet.head, universal_meta(meta))}
         heads.update({site: _load_head(Path(p), backbone_sha) for site, p in head_ckpts.items()})
         scales = [2 ** (arch.head_stages - int(name.removeprefix("skip").removeprefix("dec"))) for name in arch.outputs]
         manifest_heads = {}
         for site, (head, head_meta) in heads.items():
+
             def head_reference(inputs: dict[str, np.ndarray], head: Head = head) -> dict[str, np.ndarray]:
                 return {HEAD_OUTPUT: head({k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()}
 
             path = out_dir / "heads" / f"{site}.onnx"
             diffs[site] = _write_checked(
-                path, HeadGraph(fuse_head(head)), trace_features, (arch.outputs, [HEAD_OUTPUT]), scales,
+                path,
+                HeadGraph(fuse_head(head)),
+                trace_features,
+                (arch.outputs, [HEAD_OUTPUT]),
+                scales,
                 f"head|{backbone_sha}|{weights_digest(head)}|{json.dumps(head.describe(), sort_keys=True)}|{tag}",
-                (head_reference, features), options,
+                (head_reference, features),
+                options,
             )
             labels = sorted(head_meta["labels"].items(), key=lambda item: (item[1], item[0]))
             manifest_heads[site] = {
-                **_asset(path, out_dir), "strategy": head_meta["strategy"],
+                **_asset(path, out_dir),
+                "strategy": head_meta["strategy"],
                 "labels": [{"name": name, "value": 1, "channel": channel} for name, channel in labels],
             }
     manifest = {
@@ -281,12 +316,18 @@ def export_release(
         "heads": manifest_heads,
         "opset": opset,
         "check": {"atol": atol, "rtol": rtol, "max_abs_diff": diffs},
-        "parameters": {"backbone": count_parameters(unet.backbone),
-                       **{site: count_parameters(head) for site, (head, _) in heads.items()}},
+        "parameters": {
+            "backbone": count_parameters(unet.backbone),
+            **{site: count_parameters(head) for site, (head, _) in heads.items()},
+        },
     }
     (out_dir / "export.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    logger.info("release in %s: backbone + %d heads, largest ONNX/PyTorch difference %.2g", out_dir, len(heads),
-                max(diffs.values()))
+    logger.info(
+        "release in %s: backbone + %d heads, largest ONNX/PyTorch difference %.2g",
+        out_dir,
+        len(heads),
+        max(diffs.values()),
+    )
     return manifest
 
 

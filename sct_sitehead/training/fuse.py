@@ -42,8 +42,9 @@ class FusedBlock(nn.Module):
         weight, bias = full_weight(wide)
         if input_order is not None:
             weight = weight[:, input_order]
-        self.conv = nn.Conv3d(weight.shape[1], weight.shape[0], weight.shape[2], stride=wide.stride,
-                              padding=wide.padding)
+        self.conv = nn.Conv3d(
+            weight.shape[1], weight.shape[0], weight.shape[2], stride=wide.stride, padding=wide.padding
+        )
         self.conv.weight.data.copy_(weight)
         self.conv.bias.data.copy_(bias)
         gamma, beta = block.norm.weight.detach(), block.norm.bias.detach()

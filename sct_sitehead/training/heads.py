@@ -80,7 +80,9 @@ class Head(nn.Module):
     def from_description(cls, data: Mapping[str, Any]) -> Head:
         """A new (randomly initialised) head of the described shape; load its weights next."""
         return cls(
-            Arch.from_dict(data["arch"]), extra=int(data["extra"]), spatial=bool(data["spatial"]),
+            Arch.from_dict(data["arch"]),
+            extra=int(data["extra"]),
+            spatial=bool(data["spatial"]),
             map_width=int(data["map_width"]),
         )
 

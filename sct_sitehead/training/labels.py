@@ -209,8 +209,9 @@ def build_label_space(
         sizes={s: {k: float(v) for k, v in m.items()} for s, m in sorted(site_label_sizes.items())},
         groups=groups,
     )
-    logger.info("label space: %d channels, %s; universal head follows site %s", channels, space.site_maps,
-                space.universal_site)
+    logger.info(
+        "label space: %d channels, %s; universal head follows site %s", channels, space.site_maps, space.universal_site
+    )
     return space
 
 
@@ -253,7 +254,7 @@ def _group_maps(
     site_label_sizes: Mapping[str, Mapping[str, float]], grouping: Mapping[str, Sequence[str]]
 ) -> dict[str, dict[str, int]]:
     channel_of: dict[str, int] = {}
-    for channel, (group, members) in enumerate(grouping.items()):
+    for channel, members in enumerate(grouping.values()):
         for label in members:
             if label in channel_of:
                 raise TrainingError(f"label {label!r} is in two groups of labels.grouping; keep it in one")

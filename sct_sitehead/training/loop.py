@@ -129,12 +129,19 @@ def fit(
     for step in range(start, job.steps):
         rng = np.random.default_rng([seed, step, ctx.rank])
         images, labels, masks = sample_batch(
-            cases, targets, train["patch_size"], int(train["batch_size"]), rng, float(train["lesion_fraction"]),
+            cases,
+            targets,
+            train["patch_size"],
+            int(train["batch_size"]),
+            rng,
+            float(train["lesion_fraction"]),
             weights,
         )
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         image_t, label_t = augment_batch(
-            torch.from_numpy(images).to(ctx.device), torch.from_numpy(labels).to(ctx.device), generator,
+            torch.from_numpy(images).to(ctx.device),
+            torch.from_numpy(labels).to(ctx.device),
+            generator,
             config["augment"],
         )
         mask_t = torch.from_numpy(masks).to(ctx.device)
@@ -158,8 +165,12 @@ def fit(
             last_loss = mean_over_ranks(float(np.mean(window)), ctx)
             window = []
             if ctx.is_main:
-                entry = {"step": done, "loss": last_loss, "lr": optimizer.param_groups[0]["lr"],
-                         "seconds": round(time.perf_counter() - started, 3)}
+                entry = {
+                    "step": done,
+                    "loss": last_loss,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
                 with log_path.open("a", encoding="utf-8") as handle:
                     handle.write(json.dumps(entry) + "\n")
                 logger.info("%s step %d/%d loss %.4f lr %.2e", job.name, done, job.steps, last_loss, entry["lr"])

@@ -158,7 +158,12 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
     mine, targets = _shard(cases, space, ctx)
     train = config["train"]
     job = Job(
-        "backbone", model, model, int(train["steps"]), float(train["lr"]), int(train["warmup_steps"]),
+        "backbone",
+        model,
+        model,
+        int(train["steps"]),
+        float(train["lr"]),
+        int(train["warmup_steps"]),
         signature={"arch": arch.to_dict(), "labels": space.site_maps, "input": spec},
     )
     result = fit(job, mine, targets, config, ctx, out_dir, train["site_weights"])
@@ -180,8 +185,14 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
 
 
 def _provenance(result: Result, n_cases: int) -> dict[str, Any]:
-    return {"steps": result.steps, "final_loss": result.loss, "rank_digests": result.digests, "cases": n_cases,
-            "seconds": round(result.seconds, 1), "torch": torch.__version__}
+    return {
+        "steps": result.steps,
+        "final_loss": result.loss,
+        "rank_digests": result.digests,
+        "cases": n_cases,
+        "seconds": round(result.seconds, 1),
+        "torch": torch.__version__,
+    }
 
 
 def load_backbone(path: Path) -> tuple[UNet, dict[str, Any]]:
@@ -247,27 +258,41 @@ def train_head(
     mine, targets = _shard(cases, space, ctx)
     options = config["head"]
     job = Job(
-        f"head-{site}", model, head, int(options["steps"]), float(options["lr"]), int(options["warmup_steps"]),
-        signature={"backbone": meta["backbone_sha256"], "site": site, "strategy": strategy,
-                   "head": head.describe(), "labels": space.label_map(site)},
+        f"head-{site}",
+        model,
+        head,
+        int(options["steps"]),
+        float(options["lr"]),
+        int(options["warmup_steps"]),
+        signature={
+            "backbone": meta["backbone_sha256"],
+            "site": site,
+            "strategy": strategy,
+            "head": head.describe(),
+            "labels": space.label_map(site),
+        },
     )
     result = fit(job, mine, targets, config, ctx, out_dir)
     if weights_digest(unet.backbone) != meta["backbone_sha256"]:
         raise TrainingError(f"the backbone changed while training head {site!r}; report this as a bug")
     path = out_dir / head_file(site)
     if ctx.is_main:
-        save_checkpoint(path, head.cpu().state_dict(), {
-            "kind": "head",
-            "site": site,
-            "strategy": strategy,
-            "head": head.describe(),
-            "labels": space.label_map(site),
-            "label_sizes": space.sizes.get(site, {}),
-            "backbone_sha256": meta["backbone_sha256"],
-            "input": spec,
-            "config": config,
-            **_provenance(result, len(cases)),
-        })
+        save_checkpoint(
+            path,
+            head.cpu().state_dict(),
+            {
+                "kind": "head",
+                "site": site,
+                "strategy": strategy,
+                "head": head.describe(),
+                "labels": space.label_map(site),
+                "label_sizes": space.sizes.get(site, {}),
+                "backbone_sha256": meta["backbone_sha256"],
+                "input": spec,
+                "config": config,
+                **_provenance(result, len(cases)),
+            },
+        )
         logger.info("head %s (%s) checkpoint %s", site, strategy, path)
     barrier(ctx)
     return path
@@ -276,5 +301,9 @@ def train_head(
 def universal_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     """Head-checkpoint-like metadata of the universal head inside a backbone checkpoint."""
     space = LabelSpace.from_json(meta["label_space"])
-    return {"site": "universal", "strategy": UNIVERSAL_STRATEGY, "labels": space.label_map("universal"),
-            "backbone_sha256": meta["backbone_sha256"]}
+    return {
+        "site": "universal",
+        "strategy": UNIVERSAL_STRATEGY,
+        "labels": space.label_map("universal"),
+        "backbone_sha256": meta["backbone_sha256"],
+    }

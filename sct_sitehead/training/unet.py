@@ -184,4 +184,3 @@ class UNet(nn.Module):
     def probabilities(self, image: Tensor) -> Tensor:
         """(N, 1, X, Y, Z) -> (N, K, X, Y, Z) sigmoid probabilities."""
         return torch.sigmoid(self(image))
-

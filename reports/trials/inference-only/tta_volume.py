@@ -1,10 +1,15 @@
 """Trial: mirror test-time augmentation patched into the deploy path's sliding window, the whole volume flipped along every combination of TTA_AXES (default 0,1,2: 8 copies). Run as `python tta_volume.py evaluate ...` with the arguments of `sct_sitehead evaluate`."""
-import itertools, os, sys
+
+import itertools
+import os
+import sys
+
 import numpy as np
 import sct_sitehead.inference as inf
 
 AXES = [int(a) for a in os.environ.get("TTA_AXES", "0,1,2").split(",") if a != ""]
 _orig = inf.sliding_window
+
 
 def tta(volume, predict, patch_size, **kw):
     total, n = None, 0
@@ -16,10 +21,13 @@ def tta(volume, predict, patch_size, **kw):
             if total is None:
                 total = {key: val.astype(np.float32).copy() for key, val in out.items()}
             else:
-                for key in total: total[key] += out[key]
+                for key in total:
+                    total[key] += out[key]
             n += 1
     return {key: np.ascontiguousarray(val / n) for key, val in total.items()}
 
+
 inf.sliding_window = tta
 from sct_sitehead.admin_cli import main
+
 sys.exit(main(sys.argv[1:]))

@@ -1,12 +1,13 @@
 """Dice of the reference lesion mask after the deploy path's round trip (native -> 1 mm RAS -> native, threshold 0.5)."""
+
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from sct_sitehead.evaluate import find_cases
 
 from sct_sitehead import spatial
-from sct_sitehead.evaluate import find_cases
 
 sim, split = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "test"
 by_site = {}

@@ -1,10 +1,15 @@
 """Leave-one-out on the val split: a site head's own tuned threshold vs the universal head's tuned one vs 0.5."""
+
 import sys
 from pathlib import Path
-import numpy as np, nibabel as nib
-from sct_sitehead import evaluate as ev
+
+import nibabel as nib
+import numpy as np
 from sct_sitehead.admin_cli import open_all_heads
 from sct_sitehead.metrics import dice
+
+from sct_sitehead import evaluate as ev
+
 registry, model, dataset = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 release, seg = open_all_heads(registry, True, model, 2)
 T = ev.THRESHOLDS
@@ -15,7 +20,8 @@ for case in cases:
     image, prob = seg.predict(case.image)
     ref = np.asanyarray(nib.load(case.reference).dataobj) > 0
     row = {h: np.array([dice(prob[h][ev.lesion_index(seg, h)] >= t, ref) for t in T]) for h in ("universal", case.site)}
-    own.append(row[case.site]); uni.append(row["universal"])
+    own.append(row[case.site])
+    uni.append(row["universal"])
 own, uni = np.array(own), np.array(uni)
 sites = np.array([c.site for c in cases])
 out = {"own": np.zeros(len(cases)), "universal's": np.zeros(len(cases)), "0.5": own[:, half]}
