@@ -155,7 +155,7 @@ def _canvas(width: int, height: int):
 
 
 def _save(picture, path: Path) -> Path:
-    from sct_sitehead.segment.outputs import write_atomic
+    from sct_sitehead.deploy.outputs import write_atomic
 
     write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path

@@ -183,7 +183,7 @@ def run_experiment(settings: Settings, *, plan_only: bool = False, verbosity: in
         out / "configs_used.json",
     )
     path = out / "report.md"
-    from sct_sitehead.segment.pipeline import write_text_atomic
+    from sct_sitehead.deploy.pipeline import write_text_atomic
 
     write_text_atomic(document(settings, plan, base, splits, entries, cost_rows, costs), path)
     return path

@@ -46,7 +46,7 @@ def evaluate_model(
 ) -> list[dict[str, Any]]:
     """One row per (test case of a site in ``heads_by_site``, head wanted for that site); reuses the stored
     rows when they already cover every wanted (case, head)."""
-    from sct_sitehead.segment.pipeline import Options, Segmenter, write_text_atomic
+    from sct_sitehead.deploy.pipeline import Options, Segmenter, write_text_atomic
 
     mine = [case for case in cases if case.site in heads_by_site]
     wanted = {(case.subject, head) for case in mine for head in heads_by_site[case.site]}

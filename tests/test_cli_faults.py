@@ -29,7 +29,7 @@ from conftest import default_sigint, save_image, write_registry
 from test_faults import assert_cache_sound, holder_of, inject_read_only
 
 import sct_sitehead
-import sct_sitehead.segment.outputs
+import sct_sitehead.deploy.outputs
 from sct_sitehead.cli.deepseg_lesion import main
 from sct_sitehead.errors import EXIT_INTERRUPTED, OutputError
 from sct_sitehead.registry.server import RangeRequestHandler, make_server
@@ -329,7 +329,7 @@ def test_failure_while_writing_leaves_the_previous_outputs(
     before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else {}
     error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if failure == "ENOSPC" else KeyboardInterrupt()
     # Every NIfTI output goes through outputs._save (nibabel, or ISA-L's gzip for .nii.gz).
-    real_save, real_write_text = sct_sitehead.segment.outputs._save, Path.write_text
+    real_save, real_write_text = sct_sitehead.deploy.outputs._save, Path.write_text
     saves = []
 
     def failing_save(img, filename):
@@ -345,7 +345,7 @@ def test_failure_while_writing_leaves_the_previous_outputs(
             raise error
         return real_write_text(self, data, *args, **kwargs)
 
-    monkeypatch.setattr(sct_sitehead.segment.outputs, "_save", failing_save)
+    monkeypatch.setattr(sct_sitehead.deploy.outputs, "_save", failing_save)
     monkeypatch.setattr(Path, "write_text", failing_write_text)
     code, lines = run_cli(universal(image, tiny_registry, out), capfd)
     monkeypatch.undo()

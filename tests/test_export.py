@@ -15,9 +15,9 @@ ort = pytest.importorskip("onnxruntime")
 
 from test_train import make_dataset, tiny_config  # noqa: E402
 
+from sct_sitehead.deploy.inference import SiteHeadModel  # noqa: E402
 from sct_sitehead.errors import TrainingError  # noqa: E402
 from sct_sitehead.registry.cache import sha256_file as file_sha256  # noqa: E402
-from sct_sitehead.segment.inference import SiteHeadModel  # noqa: E402
 from sct_sitehead.training import export  # noqa: E402
 from sct_sitehead.training.export import check_onnx, export_release  # noqa: E402
 from sct_sitehead.training.train import load_backbone, train_backbone, train_head  # noqa: E402

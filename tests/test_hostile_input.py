@@ -38,8 +38,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from sct_sitehead.cli.deepseg_lesion import main
+from sct_sitehead.deploy.nifti import MAX_TRAILING_BYTES, image_data, load_image
 from sct_sitehead.errors import InputImageError
-from sct_sitehead.segment.nifti import MAX_TRAILING_BYTES, image_data, load_image
 
 SHAPE = (12, 10, 8)
 ZOOMS = (1.0, 1.2, 2.0)

@@ -15,14 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx_factory import HEADS, backbone_model, expected, head_model, write_tiny_release
 
-from sct_sitehead.errors import (
-    InferenceError,
-    InputImageError,
-    RegistryError,
-    UsageError,
-)
-from sct_sitehead.segment import inference as inference
-from sct_sitehead.segment.inference import (
+from sct_sitehead.deploy import inference as inference
+from sct_sitehead.deploy.inference import (
     MIN_WEIGHT,
     SiteHeadModel,
     edge_beyond_for,
@@ -33,6 +27,12 @@ from sct_sitehead.segment.inference import (
     patch_starts,
     select_providers,
     sliding_window,
+)
+from sct_sitehead.errors import (
+    InferenceError,
+    InputImageError,
+    RegistryError,
+    UsageError,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -429,7 +429,7 @@ def test_optimised_graphs_are_saved_once_and_reused(release, tmp_path, monkeypat
         np.testing.assert_allclose(value, reference[site], atol=1e-6)
     monkeypatch.undo()
     saved[0].write_bytes(b"damaged")
-    with caplog.at_level(logging.WARNING, logger="sct_sitehead.segment.inference"):
+    with caplog.at_level(logging.WARNING, logger="sct_sitehead.deploy.inference"):
         repaired = SiteHeadModel(release["backbone"], release["heads"], device="cpu", optimized_dir=tmp_path / "ort")
     assert "ignoring optimised graph" in caplog.text
     for site, value in repaired(batch).items():
@@ -446,9 +446,9 @@ def test_unwritable_optimized_dir_is_not_fatal(release, tmp_path):
 def test_deploy_modules_import_no_heavy_library():
     code = (
         "import sys\n"
-        "import sct_sitehead.segment.inference, sct_sitehead.segment.nifti, sct_sitehead.segment.spatial, "
-        "sct_sitehead.segment.lesions, "
-        "sct_sitehead.segment.qc\n"
+        "import sct_sitehead.deploy.inference, sct_sitehead.deploy.nifti, sct_sitehead.deploy.spatial, "
+        "sct_sitehead.deploy.lesions, "
+        "sct_sitehead.deploy.qc\n"
         "print(sorted(m for m in ('onnxruntime', 'scipy', 'PIL', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)

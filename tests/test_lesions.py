@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
+from sct_sitehead.deploy.lesions import binarize, drop_small_lesions, label_lesions, lesion_stats
 from sct_sitehead.errors import UsageError
-from sct_sitehead.segment.lesions import binarize, drop_small_lesions, label_lesions, lesion_stats
 
 
 def test_binarize_includes_the_threshold():

@@ -11,8 +11,7 @@ import pytest
 from conftest import save_image, write_registry
 
 from sct_sitehead.cli.deepseg_lesion import main
-from sct_sitehead.registry.index import InputSpec, LocaliserSpec
-from sct_sitehead.segment.localise import (
+from sct_sitehead.deploy.localise import (
     Localised,
     crop_window,
     fill_window,
@@ -21,7 +20,8 @@ from sct_sitehead.segment.localise import (
     native_bbox,
     one_window,
 )
-from sct_sitehead.segment.spatial import to_model_grid
+from sct_sitehead.deploy.spatial import to_model_grid
+from sct_sitehead.registry.index import InputSpec, LocaliserSpec
 
 
 def two_blobs(path: Path) -> Path:
@@ -170,7 +170,7 @@ def test_cli_with_localiser_runs_near_the_cord_only(tmp_path, capsys, crop):
 def test_windows_repeat_the_edge_along_the_cord_and_past_long_axes(tmp_path, capsys, monkeypatch, crop):
     # Along S-I (the RAS model grid's third axis) a window past the image repeats its edge; across, only where it
     # runs past an image longer than a patch (a crop's window is rounded up to the divisor). Whole images alike.
-    import sct_sitehead.segment.inference as inference
+    import sct_sitehead.deploy.inference as inference
 
     calls = []
     original = inference.sliding_window
@@ -215,7 +215,7 @@ def test_lesions_away_from_the_cord_are_dropped_inside_the_box(tmp_path, capsys)
 
 
 def test_one_window_covers_small_volumes_in_one_piece_and_bounds_long_ones():
-    from sct_sitehead.segment.localise import one_window
+    from sct_sitehead.deploy.localise import one_window
 
     assert one_window((50, 70, 140), (64, 64, 64), 16) == (64, 80, 144)
     assert one_window((40, 40, 900), (64, 64, 64), 16) == (48, 48, 192)  # not below 3/4 of a patch

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sct_sitehead.deploy import outputs as outputs
+from sct_sitehead.deploy.nifti import image_data, load_image
+from sct_sitehead.deploy.outputs import save_like
 from sct_sitehead.errors import InputImageError, OutputError
-from sct_sitehead.segment import outputs as outputs
-from sct_sitehead.segment.nifti import image_data, load_image
-from sct_sitehead.segment.outputs import save_like
 
 AXIS_CODES = [
     "".join(p) for pair_order in permutations([("R", "L"), ("A", "P"), ("S", "I")]) for p in product(*pair_order)

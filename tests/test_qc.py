@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from PIL import Image
 from test_nifti import AXIS_CODES, oriented_affine
 
+from sct_sitehead.deploy import qc as qc
+from sct_sitehead.deploy.qc import write_qc, write_qc_index
 from sct_sitehead.errors import OutputError, UsageError
-from sct_sitehead.segment import qc as qc
-from sct_sitehead.segment.qc import write_qc, write_qc_index
 
 
 def first_axial_tile(png) -> np.ndarray:

@@ -11,9 +11,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_nifti import AXIS_CODES, DTYPES, oriented_affine
 
+from sct_sitehead.deploy.nifti import image_data, load_image
+from sct_sitehead.deploy.spatial import from_model_grid, mask_from_model_grid, to_model_grid
 from sct_sitehead.errors import InferenceError, RegistryError, UsageError
-from sct_sitehead.segment.nifti import image_data, load_image
-from sct_sitehead.segment.spatial import from_model_grid, mask_from_model_grid, to_model_grid
 
 codes = st.sampled_from(AXIS_CODES)
 spacings = st.tuples(*[st.floats(0.3, 8.0)] * 3)

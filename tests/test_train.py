@@ -12,12 +12,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from sct_sitehead.deploy.inference import normalize  # noqa: E402
+from sct_sitehead.deploy.nifti import image_data, load_image  # noqa: E402
+from sct_sitehead.deploy.spatial import to_model_grid  # noqa: E402
 from sct_sitehead.errors import TrainingError  # noqa: E402
 from sct_sitehead.evaluation.bids import read_bids  # noqa: E402
 from sct_sitehead.registry.cache import sha256_file as file_sha256  # noqa: E402
-from sct_sitehead.segment.inference import normalize  # noqa: E402
-from sct_sitehead.segment.nifti import image_data, load_image  # noqa: E402
-from sct_sitehead.segment.spatial import to_model_grid  # noqa: E402
 from sct_sitehead.training import loop  # noqa: E402
 from sct_sitehead.training.augment import augment_batch  # noqa: E402
 from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest  # noqa: E402

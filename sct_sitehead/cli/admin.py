@@ -528,8 +528,8 @@ def open_all_heads(
     mirror: bool = False,
 ):
     """The release (``model``, default: the registry's default) and a Segmenter over every one of its heads."""
+    from sct_sitehead.deploy.pipeline import Options, Segmenter
     from sct_sitehead.registry.index import parse_model_spec
-    from sct_sitehead.segment.pipeline import Options, Segmenter
 
     index, cache = open_registry(registry, offline)
     name, version = parse_model_spec(model) if model else (None, None)
@@ -578,8 +578,8 @@ def evaluate(
 ) -> None:
     """Evaluate every head of a release on the labelled SPLIT of DATASET: per site and pooled, with 95% CIs."""
     from sct_sitehead.cli.deepseg_lesion import parse_sites
+    from sct_sitehead.deploy.pipeline import write_text_atomic
     from sct_sitehead.evaluation import evaluate as ev
-    from sct_sitehead.segment.pipeline import write_text_atomic
 
     release, segmenter = open_all_heads(registry, offline, model, threads, crop=not no_crop, mirror=tta)
     out.mkdir(parents=True, exist_ok=True)
@@ -635,8 +635,8 @@ def tune_thresholds(
 ) -> None:
     """Each head's threshold with the best mean Dice on its site's SPLIT cases, then its smallest lesion with the
     best lesion-wise F1 there; for `publish -thresholds`."""
+    from sct_sitehead.deploy.pipeline import write_json_atomic
     from sct_sitehead.evaluation import evaluate as ev
-    from sct_sitehead.segment.pipeline import write_json_atomic
 
     if split == "test":
         raise click.BadParameter(

@@ -153,15 +153,15 @@ def list_sites(release) -> None:
 
 def check_inputs(paths: list[Path]) -> None:
     """Fail before downloading anything when an input plainly cannot be read (missing, broken link, folder)."""
-    from sct_sitehead.segment.nifti import check_input_path
+    from sct_sitehead.deploy.nifti import check_input_path
 
     for path in paths:
         check_input_path(path)
 
 
 def run(args: argparse.Namespace) -> int:
+    from sct_sitehead.deploy.pipeline import Options, Segmenter, plan_outputs
     from sct_sitehead.registry.index import parse_model_spec
-    from sct_sitehead.segment.pipeline import Options, Segmenter, plan_outputs
 
     registry, cache = open_registry(args)
     if args.list_models:
@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
     if args.qc is not None and qc_entries:
-        from sct_sitehead.segment.qc import write_qc_index
+        from sct_sitehead.deploy.qc import write_qc_index
 
         index = write_qc_index(args.qc, qc_entries)
         logger.info("QC: %s", index)

@@ -146,8 +146,8 @@ def tune_thresholds(
     import numpy as np
     from nibabel.affines import voxel_sizes
 
+    from sct_sitehead.deploy.lesions import drop_small_lesions
     from sct_sitehead.evaluation.metrics import dice, lesion_detection
-    from sct_sitehead.segment.lesions import drop_small_lesions
 
     thresholds = tuple(float(t) for t in thresholds)
     volumes = tuple(float(v) for v in min_lesions_mm3)
@@ -241,7 +241,7 @@ def summarize_rows(rows: list[dict[str, Any]], *, seed: int = 0) -> list[dict[st
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    from sct_sitehead.segment.pipeline import write_text_atomic
+    from sct_sitehead.deploy.pipeline import write_text_atomic
 
     if not rows:
         raise UsageError(f"nothing to write to {path}")
@@ -312,7 +312,7 @@ def plot_dice(summary: list[dict[str, Any]], path: Path) -> Path:
             draw.line([(left + 17, y(entry["dice_low"])), (left + 17, y(entry["dice_high"]))], fill="black", width=2)
         draw.text((x0, bottom + 8), site, fill="black")
     draw.text((margin, 12), "lesion Dice per site: grey universal head, red the site's own head (95% CI)", fill="black")
-    from sct_sitehead.segment.outputs import write_atomic
+    from sct_sitehead.deploy.outputs import write_atomic
 
     write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path
@@ -322,7 +322,7 @@ def check_controls(segmenter, images: list[Path]) -> list[dict[str, Any]]:
     """Lesions predicted by every head on images of healthy controls (the right answer is none)."""
     from nibabel.affines import voxel_sizes
 
-    from sct_sitehead.segment.lesions import lesion_stats
+    from sct_sitehead.deploy.lesions import lesion_stats
 
     rows = []
     for path in images:

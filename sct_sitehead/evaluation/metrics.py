@@ -19,8 +19,8 @@ from typing import Literal
 
 import numpy as np
 
+from sct_sitehead.deploy.lesions import label_lesions
 from sct_sitehead.errors import InputImageError, UsageError
-from sct_sitehead.segment.lesions import label_lesions
 
 Rule = Literal["any", "10pct"]
 #: The fraction of a lesion's volume that must overlap under ``rule="10pct"``.

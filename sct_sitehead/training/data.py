@@ -78,9 +78,9 @@ def preprocess(sample: Any, spec: Mapping[str, Any]) -> tuple[np.ndarray, dict[s
         InputImageError: unreadable or unusable image (from :mod:`nifti`).
         TrainingError: a label that is not on the image's grid.
     """
-    from sct_sitehead.segment.inference import normalize
-    from sct_sitehead.segment.nifti import image_data, load_image
-    from sct_sitehead.segment.spatial import to_model_grid
+    from sct_sitehead.deploy.inference import normalize
+    from sct_sitehead.deploy.nifti import image_data, load_image
+    from sct_sitehead.deploy.spatial import to_model_grid
 
     image = load_image(sample.image)
     volume, grid = to_model_grid(image_data(image), image.affine, spec["orientation"], spec["spacing"])

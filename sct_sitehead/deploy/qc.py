@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 import numpy as np
 
+from sct_sitehead.deploy.outputs import write_atomic
 from sct_sitehead.errors import UsageError
-from sct_sitehead.segment.outputs import write_atomic
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage

@@ -61,7 +61,7 @@ def drop_small_lesions(mask: np.ndarray, zooms: Sequence[float], min_volume_mm3:
     The release's per-head minimum lesion volume (tuned on the validation split, like nnU-Net's post-processing):
     a few voxels of false alarm in a healthy cord count as a lesion as much as a real one does.
     """
-    from sct_sitehead.segment.spatial import nonzero_bounds
+    from sct_sitehead.deploy.spatial import nonzero_bounds
 
     bounds = None if min_volume_mm3 <= 0 else nonzero_bounds(mask)
     if bounds is None:

@@ -1,4 +1,4 @@
-"""Read and validate input images (outputs are written by :mod:`sct_sitehead.segment.outputs`).
+"""Read and validate input images (outputs are written by :mod:`sct_sitehead.deploy.outputs`).
 
 :func:`load_image` checks the header before any voxel is read (so a corrupt header claiming a billion voxels never
 allocates), then reads the data once to detect truncated or corrupt files. :func:`save_like` writes a mask that a

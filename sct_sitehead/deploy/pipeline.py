@@ -19,9 +19,9 @@ from sct_sitehead import __version__
 from sct_sitehead.errors import OutputError, UsageError
 
 if TYPE_CHECKING:
+    from sct_sitehead.deploy.spatial import ModelGrid
     from sct_sitehead.registry.cache import Cache
     from sct_sitehead.registry.index import HeadSpec, Release
-    from sct_sitehead.segment.spatial import ModelGrid
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def make_folder(folder: Path) -> None:
 
 def write_text_atomic(text: str, path: Path) -> None:
     """Write text through a temp file and a rename (:func:`outputs.write_atomic`): never half a file."""
-    from sct_sitehead.segment.outputs import write_atomic
+    from sct_sitehead.deploy.outputs import write_atomic
 
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -183,8 +183,8 @@ def _write_label(
     Returns:
         The (x, y, z) bool mask on the native window (``grid.bbox``).
     """
-    from sct_sitehead.segment.outputs import save_like
-    from sct_sitehead.segment.spatial import from_model_grid, mask_from_model_grid
+    from sct_sitehead.deploy.outputs import save_like
+    from sct_sitehead.deploy.spatial import from_model_grid, mask_from_model_grid
 
     window = grid_window(grid)
     if soft is None:
@@ -198,7 +198,7 @@ def _write_label(
     if min_lesion_mm3 > 0:
         from nibabel.affines import voxel_sizes
 
-        from sct_sitehead.segment.lesions import drop_small_lesions
+        from sct_sitehead.deploy.lesions import drop_small_lesions
 
         inside = drop_small_lesions(inside, voxel_sizes(image.affine), min_lesion_mm3)
     mask[window] = inside
@@ -226,7 +226,7 @@ class Segmenter:
         #: with itself on left-right mirrored patches.
         self.network = model
         if options.mirror:
-            from sct_sitehead.segment.inference import left_right_axis, mirrored
+            from sct_sitehead.deploy.inference import left_right_axis, mirrored
 
             self.network = mirrored(model, [left_right_axis(release.input.orientation)])
         self.localiser = localiser
@@ -252,7 +252,7 @@ class Segmenter:
             UnknownModelError: a site is not in the release.
             DownloadError, IntegrityError, OfflineError: an asset cannot be had.
         """
-        from sct_sitehead.segment.inference import SiteHeadModel
+        from sct_sitehead.deploy.inference import SiteHeadModel
 
         heads = {site: release.head(site) for site in sites}
         fetch = dict(offline=offline, progress=progress, allow_http=allow_http)
@@ -297,7 +297,7 @@ class Segmenter:
 
     def lesion_mask(self, site: str, probabilities: np.ndarray, zooms) -> np.ndarray:
         """``site``'s lesion probabilities (native grid) -> its lesion mask: threshold, then smallest lesion."""
-        from sct_sitehead.segment.lesions import drop_small_lesions
+        from sct_sitehead.deploy.lesions import drop_small_lesions
 
         return drop_small_lesions(probabilities >= self.threshold(site), zooms, self.min_lesion_mm3(site))
 
@@ -327,7 +327,7 @@ class Segmenter:
         Returns:
             The input nibabel image, the native window (3 slices) and ``{site: (K, x, y, z) float32}`` on it.
         """
-        from sct_sitehead.segment.spatial import from_model_grid
+        from sct_sitehead.deploy.spatial import from_model_grid
 
         image, grid, outputs = self.predict_model_grid(image_path)
         native = {
@@ -339,10 +339,10 @@ class Segmenter:
         """What :meth:`predict_window` returns, still on the model grid: the image, the grid and
         ``{site: (K, x', y', z') float32}``, channels in the order of the head's ``labels``.
         """
-        from sct_sitehead.segment.inference import edge_beyond_for, normalize, sliding_window
-        from sct_sitehead.segment.localise import fill_window, localise
-        from sct_sitehead.segment.nifti import image_data, load_image
-        from sct_sitehead.segment.spatial import to_model_grid
+        from sct_sitehead.deploy.inference import edge_beyond_for, normalize, sliding_window
+        from sct_sitehead.deploy.localise import fill_window, localise
+        from sct_sitehead.deploy.nifti import image_data, load_image
+        from sct_sitehead.deploy.spatial import to_model_grid
 
         spec = self.release.input
         image = load_image(image_path)
@@ -396,8 +396,8 @@ class Segmenter:
         import contextvars
         from concurrent.futures import ThreadPoolExecutor
 
-        from sct_sitehead.segment.lesions import lesion_stats
-        from sct_sitehead.segment.outputs import staged_outputs
+        from sct_sitehead.deploy.lesions import lesion_stats
+        from sct_sitehead.deploy.outputs import staged_outputs
 
         started = time.perf_counter()
         image, grid, outputs_on_grid = self.predict_model_grid(image_path)
@@ -461,8 +461,8 @@ class Segmenter:
 
     def _qc(self, image, image_path: Path, lesions: np.ndarray, window, site: str, mask_path: Path) -> Path:
         """The QC picture of one site's lesion mask (``lesions``: the window's part of it)."""
-        from sct_sitehead.segment.nifti import image_data
-        from sct_sitehead.segment.qc import write_qc
+        from sct_sitehead.deploy.nifti import image_data
+        from sct_sitehead.deploy.qc import write_qc
 
         stem, _ = split_nifti_name(mask_path)
         make_folder(self.options.qc_dir)

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from sct_sitehead.deploy.spatial import Bbox, ModelGrid
     from sct_sitehead.registry.index import LocaliserSpec
-    from sct_sitehead.segment.spatial import Bbox, ModelGrid
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def native_bbox(
 
     from nibabel.affines import voxel_sizes
 
-    from sct_sitehead.segment.spatial import nonzero_bounds
+    from sct_sitehead.deploy.spatial import nonzero_bounds
 
     first, last = nonzero_bounds(mask)
     low, high = first - 0.5, last + 0.5
@@ -217,7 +217,7 @@ def localise(
         data: (X, Y, Z) native image.
         affine: its voxel-to-world affine.
         spec: the release's localiser.
-        model: callable batch -> ``{name: (N, K, x, y, z)}`` (a :class:`~sct_sitehead.segment.inference.SiteHeadModel`
+        model: callable batch -> ``{name: (N, K, x, y, z)}`` (a :class:`~sct_sitehead.deploy.inference.SiteHeadModel`
             with one head).
         batch_size: patches per model call.
 
@@ -226,8 +226,8 @@ def localise(
     """
     from scipy import ndimage
 
-    from sct_sitehead.segment.inference import normalize, sliding_window
-    from sct_sitehead.segment.spatial import to_model_grid
+    from sct_sitehead.deploy.inference import normalize, sliding_window
+    from sct_sitehead.deploy.spatial import to_model_grid
 
     inp = spec.input
     sample, grid = to_model_grid(data, affine, inp.orientation, inp.spacing)

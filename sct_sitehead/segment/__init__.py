@@ -1,1 +1,0 @@
-"""The deploy path: image in, masks out (no torch)."""
