@@ -82,7 +82,7 @@ def command(config, work, out, seeds, quick, data, source, threads, jobs, plan_o
     """Train every arm of the experiment, evaluate it through the deploy path, and write the report."""
     from experiments.plan import make_settings
     from experiments.run import run_experiment
-    from sct_sitehead.cli.deepseg_lesion import configure_logging
+    from sct_sitehead.cli.logs import configure_logging
 
     configure_logging(verbosity)
     settings = make_settings(

@@ -37,19 +37,24 @@ def cell(entry: Mapping[str, Any], key: str, digits: int = 3) -> str:
 
 
 def comparison_table(comparison: Comparison, entries: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: pooled rows first, then each site; every summary metric as mean [95% CI], the paired Dice
-    difference to the baseline, and the spread over seeds when there are several."""
+    """Markdown: pooled rows first, then each site; every summary metric as mean [95% CI] (intervals resample
+    persons; the mean alone with fewer than two), the paired Dice difference to the baseline, the spread over
+    seeds when there are several, and the persons the intervals rest on."""
     seeds = len(comparison.seeds) > 1
     head = ["site", "variant", "n", *ev.SUMMARY_METRICS.values(), f"ΔDice vs {comparison.baseline}"]
     head += ["Dice seed sd"] if seeds else []
+    head += ["persons (lesion / all / lesion-free)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = {site: i for i, site in enumerate(["pooled", *comparison.sites])}
     for entry in sorted(entries, key=lambda e: order.get(e["site"], 99)):
         cells = [entry["site"], entry["variant"], str(entry["n"])]
-        cells += [cell(entry, k, 1 if k == "avd_mm3" else 3) for k in ev.SUMMARY_METRICS]
+        cells += [cell(entry, k, 1 if k.endswith("mm3") else 3) for k in ev.SUMMARY_METRICS]
         cells += ["—" if entry["variant"] == comparison.baseline else cell(entry, "delta_dice")]
         if seeds:
             cells += [f"{entry['dice_seed_sd']:.3f}" if not math.isnan(entry["dice_seed_sd"]) else "n/a"]
+        cells += [
+            f"{entry.get('persons_lesion', '?')} / {entry.get('persons', '?')} / {entry.get('persons_free', '?')}"
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -155,7 +160,7 @@ def _canvas(width: int, height: int):
 
 
 def _save(picture, path: Path) -> Path:
-    from sct_sitehead.deploy.outputs import write_atomic
+    from sct_sitehead.atomic import write_atomic
 
     write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path

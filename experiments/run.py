@@ -25,8 +25,8 @@ from experiments.plan import (
     short_of,
     subjects_per_site,
 )
-from sct_sitehead import __version__
 from sct_sitehead.errors import UsageError
+from sct_sitehead.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def train_all(settings: Settings, plan: Plan, base: Mapping[str, Any], verbosity
 
 
 def _worker_logging(verbosity: int) -> None:
-    from sct_sitehead.cli.deepseg_lesion import configure_logging
+    from sct_sitehead.cli.logs import configure_logging
 
     configure_logging(verbosity)
 
@@ -154,7 +154,8 @@ def run_experiment(settings: Settings, *, plan_only: bool = False, verbosity: in
         rows += scoring.evaluate_model(settings, key, heads_by_site, cases)
     index = scoring.index_rows(rows)
     subjects = scoring.subjects_by_site(cases)
-    entries = {c.name: scoring.summarize_comparison(c, index, subjects) for c in plan.comparisons}
+    persons = scoring.persons_by_subject(cases)
+    entries = {c.name: scoring.summarize_comparison(c, index, subjects, persons) for c in plan.comparisons}
     keys = [m.key for m in plan.models]
     costs = runner.costs(settings, keys)
     cost_rows = [report.variant_cost(c, v, costs) for c in plan.comparisons if c.name != "curve" for v in c.variants]
@@ -183,7 +184,7 @@ def run_experiment(settings: Settings, *, plan_only: bool = False, verbosity: in
         out / "configs_used.json",
     )
     path = out / "report.md"
-    from sct_sitehead.deploy.pipeline import write_text_atomic
+    from sct_sitehead.atomic import write_text_atomic
 
     write_text_atomic(document(settings, plan, base, splits, entries, cost_rows, costs), path)
     return path

@@ -46,7 +46,7 @@ def head_checkpoint(settings: Settings, key: str, head: str, site: str) -> Path:
 
 def write_json(data: Any, path: Path) -> None:
     """Atomic JSON write (temp file + rename), so an interrupted run never leaves half a marker."""
-    from sct_sitehead.deploy.pipeline import write_json_atomic
+    from sct_sitehead.atomic import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(data, path)

@@ -5,8 +5,10 @@ exactly as ``sct_deepseg_lesion`` runs it; every test case is scored against its
 :func:`evaluate.score_case` (Dice, lesion-wise detection under both rules, AVD).
 
 Seeds: for a comparison run with several training seeds, each case's metrics are first averaged over the seeds,
-then the mean and its bootstrap 95% interval are taken over cases; ``dice_seed_sd`` is the spread of the
-per-seed means. ``delta_dice`` is the paired difference to the comparison's baseline variant (same cases).
+then summarised as ``evaluate`` summarises (:func:`evaluate.summarize_cases`: Dice on lesion-bearing cases, pooled
+lesion-wise detection, false lesions on lesion-free cases, 95% intervals that resample the persons whose anatomy
+the cases were made from); ``dice_seed_sd`` is the spread of the per-seed means. ``delta_dice`` is the paired
+Dice difference to the comparison's baseline variant (same lesion-bearing cases, persons resampled).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,17 @@ from sct_sitehead.evaluation import evaluate as ev
 
 logger = logging.getLogger(__name__)
 
-#: Per-case values averaged over seeds: the summary metrics and the lesion counts behind pooled F1.
-CASE_KEYS = (*ev.SUMMARY_METRICS, "tp_any", "fp_any", "fn_any", "tp_10pct", "fp_10pct", "fn_10pct")
+#: Per-case values averaged over seeds: the per-case metrics, the reference volume (lesion-free or not) and the
+#: lesion counts behind pooled detection.
+CASE_KEYS = (
+    "dice",
+    "avd_mm3",
+    "false_lesions",
+    "false_volume_mm3",
+    "volume_pred_mm3",
+    "volume_ref_mm3",
+    *(f"{count}_{rule}" for rule in ("any", "10pct") for count in ("n_ref", "n_pred", "tp", "fp", "fn")),
+)
 POOLED = "pooled"
 
 
@@ -46,7 +57,9 @@ def evaluate_model(
 ) -> list[dict[str, Any]]:
     """One row per (test case of a site in ``heads_by_site``, head wanted for that site); reuses the stored
     rows when they already cover every wanted (case, head)."""
-    from sct_sitehead.deploy.pipeline import Options, Segmenter, write_text_atomic
+    from sct_sitehead.atomic import write_text_atomic
+    from sct_sitehead.deploy.options import Options
+    from sct_sitehead.deploy.pipeline import Segmenter
 
     mine = [case for case in cases if case.site in heads_by_site]
     wanted = {(case.subject, head) for case in mine for head in heads_by_site[case.site]}
@@ -69,18 +82,20 @@ def evaluate_model(
                 release, heads, cache, Options(threads=settings.threads), offline=False, progress=False
             )
             for case in (c for c in mine if c.site == site):
-                image, probabilities = segmenter.predict(case.image)
+                segmentation = segmenter.segment(case.image)
                 reference = np.asanyarray(nib.load(case.reference).dataobj) > 0
-                zooms = voxel_sizes(image.affine)
+                zooms = voxel_sizes(segmentation.image.affine)
                 for head in heads:
-                    lesion = ev.lesion_index(segmenter, head)
-                    prediction = probabilities[head][lesion] >= segmenter.threshold(head)
+                    # The mask sct_deepseg_lesion writes: the head's threshold and smallest lesion.
+                    prediction = ev.lesion_mask(segmentation, head)
                     rows.append(
                         {
                             "model": key,
                             "head": head,
                             "site": case.site,
                             "subject": case.subject,
+                            "person": case.person or case.subject,
+                            "contrast": case.contrast,
                             **ev.score_case(prediction, reference, zooms),
                         }
                     )
@@ -100,10 +115,11 @@ def index_rows(rows: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, str], 
 
 
 def seed_mean(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Each of :data:`CASE_KEYS` averaged over the rows (NaN values left out; NaN when all are)."""
+    """Each of :data:`CASE_KEYS` averaged over the rows (NaN or missing values left out; NaN when all are)."""
     out = {}
     for key in CASE_KEYS:
-        values = [float(row[key]) for row in rows if not math.isnan(float(row[key]))]
+        values = [float(row.get(key, math.nan)) for row in rows]
+        values = [value for value in values if not math.isnan(value)]
         out[key] = float(np.mean(values)) if values else math.nan
     return out
 
@@ -139,21 +155,36 @@ def summarize_comparison(
     comparison: Comparison,
     index: Mapping[tuple[str, str, str], Mapping[str, Any]],
     subjects: Mapping[str, Sequence[str]],
+    persons: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One entry per (variant, site or ``pooled``): n, seeds, mean and 95% interval of each summary metric,
-    pooled lesion-wise F1, Dice spread over seeds, and the paired Dice difference to the baseline."""
-    from sct_sitehead.evaluation.metrics import bootstrap_ci, summarize
+    """One entry per (variant, site or ``pooled``): n, seeds, the summary of :func:`evaluate.summarize_cases`
+    (means and 95% intervals that resample persons, with the persons they rest on), Dice spread over seeds, and
+    the paired Dice difference to the baseline.
 
-    averaged: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    Args:
+        persons: subject -> the person its anatomy comes from (:func:`persons_by_subject`); a subject it lacks
+            is its own person.
+    """
+    from sct_sitehead.evaluation.metrics import mean_by_person
+
+    persons = persons or {}
+    averaged: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     seed_means: dict[str, dict[str, list[float]]] = {}
     for variant in comparison.variants:
         for group, by_seed in _groups(variant_cases(comparison, variant, index, subjects)).items():
             names = sorted(set().union(*[set(rows) for rows in by_seed.values()]))
             averaged.setdefault(variant.name, {})[group] = {
-                s: seed_mean([rows[s] for rows in by_seed.values() if s in rows]) for s in names
+                s: {
+                    **seed_mean([rows[s] for rows in by_seed.values() if s in rows]),
+                    "subject": s,
+                    "person": persons.get(s, s),
+                }
+                for s in names
             }
             seed_means.setdefault(variant.name, {})[group] = [
-                float(np.nanmean([float(r["dice"]) for r in rows.values()])) for rows in by_seed.values() if rows
+                float(np.nanmean([float(r["dice"]) for r in lesion_rows(rows.values())] or [math.nan]))
+                for rows in by_seed.values()
+                if rows
             ]
     entries = []
     for variant in comparison.variants:
@@ -162,29 +193,35 @@ def summarize_comparison(
             if not cases:
                 continue
             rows = list(cases.values())
-            stats = summarize(rows)
             entry: dict[str, Any] = {
                 "comparison": comparison.name,
                 "variant": variant.name,
                 "site": group,
                 "strategy": variant.strategy or "",
                 "n_train": "" if variant.n is None else variant.n,
-                "n": len(rows),
                 "seeds": len(comparison.seeds),
+                **ev.summarize_cases(rows),
             }
-            for key in ev.SUMMARY_METRICS:
-                entry[key] = stats[key]["mean"]
-                entry[f"{key}_low"], entry[f"{key}_high"] = stats[key]["low"], stats[key]["high"]
-            entry["f1_pooled_any"] = ev.pooled_detection(rows, "any")
-            entry["f1_pooled_10pct"] = ev.pooled_detection(rows, "10pct")
-            spread = seed_means[variant.name].get(group, [])
+            spread = [value for value in seed_means[variant.name].get(group, []) if not math.isnan(value)]
             entry["dice_seed_sd"] = float(np.std(spread, ddof=1)) if len(spread) > 1 else math.nan
             base = averaged[comparison.baseline].get(group, {})
-            diffs = [cases[s]["dice"] - base[s]["dice"] for s in cases if s in base]
-            entry["delta_dice"] = float(np.mean(diffs)) if diffs else math.nan
-            entry["delta_dice_low"], entry["delta_dice_high"] = bootstrap_ci(diffs) if diffs else (math.nan, math.nan)
+            paired = [s for s in cases if s in base and not ev.is_lesion_free(cases[s])]
+            diffs = [cases[s]["dice"] - base[s]["dice"] for s in paired]
+            found = mean_by_person(diffs, [cases[s]["person"] for s in paired])
+            entry["delta_dice"] = found["mean"]
+            entry["delta_dice_low"], entry["delta_dice_high"] = found["low"], found["high"]
             entries.append(entry)
     return entries
+
+
+def lesion_rows(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows of lesion-bearing cases (a lesion-free case has no Dice)."""
+    return [row for row in rows if not ev.is_lesion_free(dict(row))]
+
+
+def persons_by_subject(cases: Sequence[ev.Case]) -> dict[str, str]:
+    """``{subject: person}`` of the test cases (:func:`evaluate.find_cases` reads the person of each)."""
+    return {case.subject: case.person or case.subject for case in cases}
 
 
 def subjects_by_site(cases: Sequence[ev.Case]) -> dict[str, list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import threading
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import sha256_of, write_registry
 
+from sct_sitehead import env
 from sct_sitehead.cli import admin as admin_cli
 from sct_sitehead.cli import deepseg_lesion as cli
 from sct_sitehead.registry.publish import publish
@@ -85,6 +87,55 @@ def test_cache_list_verify_clean(mirror, capsys):
     code, out, _ = sitehead(["cache", "clean"], capsys)
     assert code == 0 and "freed" in out
     assert "0 asset(s)" in sitehead(["cache", "list"], capsys)[1]
+
+
+def test_cache_list_names_each_file_from_the_known_indexes(mirror, tmp_path, capsys):
+    url, _ = mirror
+    assert sitehead(["models", "install", "-registry", url, "-allow-unsigned"], capsys)[0] == 0
+    stray = b"a file no index lists"
+    digest = hashlib.sha256(stray).hexdigest()
+    (env.cache_dir() / "assets" / "sha256" / digest[:2]).mkdir(parents=True)
+    (env.cache_dir() / "assets" / "sha256" / digest[:2] / digest).write_bytes(stray)
+    code, out, _ = sitehead(["cache", "list"], capsys)
+    assert code == 0 and "5 asset(s)" in out
+    described = {line.split()[0]: line.split("  ")[-1] for line in out.splitlines()[:-1]}
+    index = json.loads((tmp_path / "mirror" / "registry.json").read_text())
+    release = index["models"]["tiny"]["releases"]["1.0.0"]
+    assert described[release["backbone"]["sha256"]] == "backbone of tiny@1.0.0"
+    for site, head in release["heads"].items():
+        assert described[head["sha256"]] == f"{site} head of tiny@1.0.0"
+    assert described[digest] == "not named by any known index"
+
+
+def test_cached_files_are_named_from_the_embedded_index_and_index_copies(tmp_path):
+    from sct_sitehead.registry.asset_names import name_cached_assets
+    from sct_sitehead.registry.local import embedded_registry_path
+
+    embedded = json.loads(embedded_registry_path().read_text())
+    model = embedded["default_model"]
+    version, release = next(iter(embedded["models"][model]["releases"].items()))
+    spec = f"{model}@{version}"
+    (tmp_path / "indexes").mkdir()
+    (tmp_path / "indexes" / "broken.json").write_text("{not json")
+    copy = {
+        "models": {
+            "other": {
+                "releases": {"0.9": {"backbone": release["backbone"], "heads": {"x\x1b": release["heads"]["montreal"]}}}
+            }
+        }
+    }
+    (tmp_path / "indexes" / "copy.json").write_text(json.dumps(copy))
+    wanted = [
+        release["backbone"]["sha256"],
+        release["heads"]["montreal"]["sha256"],
+        release["localiser"]["head"]["sha256"],
+        "0" * 64,
+    ]
+    names = name_cached_assets(tmp_path, wanted)
+    assert names[wanted[0]] == f"backbone of {spec}, other@0.9"
+    assert names[wanted[1]] == f"montreal head of {spec}"
+    assert names[wanted[2]] == f"localiser head of {spec}"
+    assert names["0" * 64] == "not named by any known index"
 
 
 def test_unsigned_remote_index_is_refused_by_default(mirror, capsys):
@@ -177,6 +228,37 @@ def test_phantom_command_writes_image_and_truth(tmp_path, capsys):
     image = nib.load(out)
     assert image.shape == (32, 32, 48) and nib.aff2axcodes(image.affine) == ("L", "P", "I")
     assert (tmp_path / "ph_T2w_lesion-truth.nii.gz").is_file()
+
+
+def test_phantom_quiet_prints_nothing(tmp_path, capsys):
+    out = tmp_path / "q_T2w.nii.gz"
+    assert sitehead(["phantom", "-o", out, "-shape", 32, 32, 48, "-v", 0], capsys) == (0, "", "")
+    assert (tmp_path / "q_T2w_lesion-truth.nii.gz").is_file()
+    code, printed, err = sitehead(["phantom", "-v", 1, "-o", out, "-shape", 32, 32, 48], capsys)
+    assert code == 0 and not err
+    assert [line.split(":")[0] for line in printed.splitlines()] == ["image", "cord", "lesion", "csf"]
+
+
+def test_default_phantom_truth_holds_two_connected_lesions(tmp_path, capsys):
+    """The README's quick start says so: three lesions are placed, and two of them touch."""
+    from scipy import ndimage
+
+    out = tmp_path / "t2.nii.gz"
+    assert sitehead(["phantom", "-o", out, "-v", 0], capsys)[0] == 0
+    truth = np.asarray(nib.load(tmp_path / "t2_lesion-truth.nii.gz").dataobj) > 0
+    assert ndimage.label(truth, structure=np.ones((3, 3, 3)))[1] == 2
+
+
+@pytest.mark.parametrize("flag", ["-h", "-help", "--help"])
+def test_both_tools_answer_every_help_spelling(flag, capsys):
+    code, out, err = sitehead([flag], capsys)
+    assert code == 0 and out.startswith("Usage: sct_sitehead") and not err
+    code, out, err = sitehead(["cache", "list", flag], capsys)
+    assert code == 0 and out.startswith("Usage: sct_sitehead cache list") and not err
+    with pytest.raises(SystemExit) as exited:
+        cli.main([flag])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 0 and out.startswith("usage: sct_deepseg_lesion") and not err
 
 
 def test_usage_errors_exit_2(capsys):

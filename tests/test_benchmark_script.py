@@ -35,8 +35,8 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
     pytest.importorskip("monai")
     registry = write_registry(tmp_path / "registry")
     out = tmp_path / "report" / "bench.md"
-    readme = tmp_path / "README.md"
-    readme.write_text(
+    page = tmp_path / "PERFORMANCE.md"
+    page.write_text(
         "# Title\n\n## Performance\n\n<!-- benchmark:start (written by bin/benchmark -readme; edits "
         "here are overwritten) -->\nold table\n<!-- benchmark:end -->\n\n## Next\n"
     )
@@ -63,7 +63,7 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
         "-help-runs",
         "1",
         "-readme",
-        str(readme),
+        str(page),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -98,10 +98,12 @@ def test_quick_benchmark_prints_tables(tmp_path: Path):
     assert statuses["real image, 1 site: wall <= 3 s"].startswith("n/a")
     assert any(row[0].startswith("sagittal: 2 sites") and row[2].endswith("(quick mode)") for row in targets)
 
-    written = readme.read_text()
+    written = page.read_text()
     assert "old table" not in written and written.startswith("# Title\n\n## Performance\n")
     assert "### sct_deepseg_lesion benchmark" in written and written.endswith("<!-- benchmark:end -->\n\n## Next\n")
     assert table(written, "input") == table(text, "input")
+    # A published page names no path of the machine that ran it.
+    assert str(tmp_path) not in written and "from a local registry outside the repository (`registry.json`)" in written
 
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["quick"] is True and raw["model"] == "tiny@1.0.0" and len(raw["rows"]) == 2
@@ -129,3 +131,17 @@ def test_agreement_of_evaluation_metrics_is_a_target_row(largest, verdict):
     assert rows[label][1] == verdict and f"largest difference {largest:.3f} (72 test cases" in rows[label][0]
     rows = {label: status for label, _, status in bench.targets([], [], True, 1, None)}
     assert rows[label] == "n/a: no -sim dataset"
+
+
+def test_registry_label_names_no_machine_path(tmp_path):
+    from sct_sitehead.registry.local import embedded_registry_path
+
+    bench = load_benchmark()
+    embedded = embedded_registry_path()
+    assert bench.registry_label(str(embedded)).startswith("the embedded registry")
+    assert str(REPO) not in bench.registry_label(str(embedded))
+    assert bench.registry_label(str(REPO / "work" / "r" / "registry.json")) == "`work/r/registry.json`"
+    assert bench.registry_label(str(tmp_path / "registry.json")) == (
+        "a local registry outside the repository (`registry.json`)"
+    )
+    assert bench.registry_label("https://example.org/registry.json") == "`https://example.org/registry.json`"

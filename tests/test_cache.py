@@ -18,7 +18,8 @@ from test_registry import make_index, make_keys, serve_index, sha256, write_regi
 
 from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
 from sct_sitehead.registry.cache import Cache
-from sct_sitehead.registry.index import Asset, Registry, Release
+from sct_sitehead.registry.index import Registry
+from sct_sitehead.registry.specs import Asset, Release
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONE = "lesion/1.0.0/backbone.onnx"
@@ -392,7 +393,7 @@ def test_default_root_comes_from_the_environment(tmp_path: Path, monkeypatch: py
 def test_offline_still_copies_from_a_local_registry(tmp_path):
     """-offline forbids the network only: the embedded (local) registry's files still enter the cache."""
     from sct_sitehead.registry.cache import Cache
-    from sct_sitehead.registry.index import Asset
+    from sct_sitehead.registry.specs import Asset
 
     source = tmp_path / "model.onnx"
     source.write_bytes(b"local model bytes")

@@ -82,15 +82,15 @@ def test_several_sites_write_one_mask_each_and_other_labels(tiny_registry, image
 def test_mirroring_is_recorded_and_flips_back_what_it_flipped(tiny_registry, image, tmp_path, capsys, monkeypatch):
     # The tiny network commutes with flips, so mirrored copies flipped back must give the same soft map, voxel for
     # voxel, on this image whose noise is not symmetric; a copy not flipped back would differ from it.
-    from sct_sitehead.deploy import inference as inference
+    from sct_sitehead.deploy import windows
 
-    real, axes = inference.mirrored, []
+    real, axes = windows.mirrored, []
 
     def spy(predict, chosen):
         axes.append(list(chosen))
         return real(predict, chosen)
 
-    monkeypatch.setattr(inference, "mirrored", spy)
+    monkeypatch.setattr(windows, "mirrored", spy)
     soft = {}
     for name, extra in (("plain", []), ("tta", ["-tta"])):
         out = tmp_path / name

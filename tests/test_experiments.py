@@ -102,7 +102,10 @@ def test_job_configs_select_sites_subjects_mode_and_seed(tmp_path: Path) -> None
 
 
 def _row(model: str, head: str, site: str, subject: str, dice: float) -> dict:
-    counts = {f"{k}_{r}": 1.0 for k in ("tp", "fp", "fn") for r in ("any", "10pct")}
+    # One reference lesion and no predicted lesion in counts: pooled precision is undefined (nothing predicted).
+    counts = {
+        f"{k}_{r}": float(k in ("n_ref", "fn")) for k in ("n_ref", "n_pred", "tp", "fp", "fn") for r in ("any", "10pct")
+    }
     return {
         "model": model,
         "head": head,
@@ -114,6 +117,7 @@ def _row(model: str, head: str, site: str, subject: str, dice: float) -> dict:
         "sensitivity_any": 1.0,
         "precision_any": math.nan,
         "avd_mm3": 10.0,
+        "volume_ref_mm3": 20.0,
         **counts,
     }
 

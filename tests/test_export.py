@@ -15,7 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from test_train import make_dataset, tiny_config  # noqa: E402
 
-from sct_sitehead.deploy.inference import SiteHeadModel  # noqa: E402
+from sct_sitehead.deploy.session import SiteHeadModel  # noqa: E402
 from sct_sitehead.errors import TrainingError  # noqa: E402
 from sct_sitehead.registry.cache import sha256_file as file_sha256  # noqa: E402
 from sct_sitehead.training import export  # noqa: E402
@@ -192,11 +192,12 @@ def test_release_heads_export_folded(tmp_path: Path, strategy: str) -> None:
     (What this buys in time is measured by bin/benchmark, docs/PERFORMANCE.md.)"""
     import onnx
 
+    from sct_sitehead.training.arch import Arch
     from sct_sitehead.training.config import load_config
     from sct_sitehead.training.export import HeadGraph, _export_graph
     from sct_sitehead.training.fuse import fuse_head
     from sct_sitehead.training.heads import build_head
-    from sct_sitehead.training.unet import Arch, UNet
+    from sct_sitehead.training.unet import UNet
 
     config = load_config("release")
     model = UNet(Arch.from_config(config, channels=3)).eval()

@@ -32,12 +32,12 @@ from test_registry import make_index, make_keys, write_signed_registry
 
 import sct_sitehead
 from sct_sitehead.errors import DownloadError, IntegrityError, OutputError, RegistryError, SiteHeadError
-from sct_sitehead.registry import cache as cache_module
 from sct_sitehead.registry import download as download_module
 from sct_sitehead.registry.cache import Cache
-from sct_sitehead.registry.index import Asset, Registry, Release
+from sct_sitehead.registry.index import Registry
 from sct_sitehead.registry.server import RangeRequestHandler, make_server
 from sct_sitehead.registry.signing import load_private_key, sign_bytes
+from sct_sitehead.registry.specs import Asset, Release
 
 BACKBONE = "lesion/1.0.0/backbone.onnx"
 HEAD = "lesion/1.0.0/heads/montreal.onnx"
@@ -642,7 +642,7 @@ def test_full_disk(where: str, site: Site, tmp_path: Path, monkeypatch: pytest.M
         def no_space(fd: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(cache_module.os, "fsync", no_space)
+        monkeypatch.setattr(os, "fsync", no_space)
     with pytest.raises(OutputError) as caught:
         cache.fetch(release.backbone, offline=False)
     assert caught.value.exit_code == OutputError.exit_code

@@ -7,11 +7,12 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sct_sitehead.errors import TrainingError  # noqa: E402
+from sct_sitehead.training.arch import Arch  # noqa: E402
 from sct_sitehead.training.config import load_config  # noqa: E402
 from sct_sitehead.training.fuse import FoldedStage, fuse_head  # noqa: E402
 from sct_sitehead.training.heads import Head, build_head, widen  # noqa: E402
 from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
-from sct_sitehead.training.unet import Arch, UNet  # noqa: E402
+from sct_sitehead.training.unet import UNet  # noqa: E402
 
 pytestmark = pytest.mark.train
 

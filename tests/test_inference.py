@@ -1,4 +1,5 @@
-"""inference.py: Gaussian sliding window, normalisation, providers, and the ONNX backbone + heads model."""
+"""The network over a model grid: windows.py (Gaussian sliding window, window sizes, mirroring), normalization.py,
+session.py (providers, the ONNX backbone + heads model) and prediction.py (the one run-on-grid path)."""
 
 from __future__ import annotations
 
@@ -15,17 +16,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx_factory import HEADS, backbone_model, expected, head_model, write_tiny_release
 
-from sct_sitehead.deploy import inference as inference
-from sct_sitehead.deploy.inference import (
+from sct_sitehead.deploy import session as session
+from sct_sitehead.deploy.normalization import normalize
+from sct_sitehead.deploy.prediction import NativeImage, predict_on_grid
+from sct_sitehead.deploy.session import SiteHeadModel, select_providers
+from sct_sitehead.deploy.spatial import to_model_grid
+from sct_sitehead.deploy.windows import (
+    LOCALISER_WINDOWS,
     MIN_WEIGHT,
-    SiteHeadModel,
+    WindowSettings,
     edge_beyond_for,
+    fill_window,
     gaussian_weights,
     left_right_axis,
     mirrored,
-    normalize,
     patch_starts,
-    select_providers,
     sliding_window,
 )
 from sct_sitehead.errors import (
@@ -34,6 +39,7 @@ from sct_sitehead.errors import (
     RegistryError,
     UsageError,
 )
+from sct_sitehead.registry.specs import InputSpec, NormalizationSpec
 
 REPO = Path(__file__).resolve().parents[1]
 shapes = st.tuples(*[st.integers(1, 40)] * 3)
@@ -312,11 +318,7 @@ def test_zscore_with_clipping():
     np.testing.assert_allclose(out, reference, atol=1e-4)
     assert abs(float(out.mean())) < 1e-4 and abs(float(out.std()) - 1) < 1e-4
 
-    class Spec:
-        method = "zscore"
-        clip_percentiles = (0.5, 99.5)
-
-    np.testing.assert_array_equal(normalize(volume, Spec()), out)
+    np.testing.assert_array_equal(normalize(volume, NormalizationSpec("zscore", (0.5, 99.5))), out)
     unclipped = normalize(volume, {"method": "zscore"})
     np.testing.assert_allclose(unclipped, (volume - volume.mean()) / volume.astype(np.float64).std(), atol=1e-4)
 
@@ -356,7 +358,7 @@ def test_select_providers(monkeypatch):
     assert select_providers("cpu") == ["CPUExecutionProvider"]
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert select_providers("auto") == ["CPUExecutionProvider"]
-    with pytest.raises(InferenceError, match=r"sct_sitehead\[gpu\]"):
+    with pytest.raises(InferenceError, match="pip uninstall onnxruntime, then pip install onnxruntime-gpu"):
         select_providers("cuda")
     with pytest.raises(UsageError, match="cuda:N"):
         select_providers("gpu0")
@@ -429,7 +431,7 @@ def test_optimised_graphs_are_saved_once_and_reused(release, tmp_path, monkeypat
         np.testing.assert_allclose(value, reference[site], atol=1e-6)
     monkeypatch.undo()
     saved[0].write_bytes(b"damaged")
-    with caplog.at_level(logging.WARNING, logger="sct_sitehead.deploy.inference"):
+    with caplog.at_level(logging.WARNING, logger="sct_sitehead.deploy.session"):
         repaired = SiteHeadModel(release["backbone"], release["heads"], device="cpu", optimized_dir=tmp_path / "ort")
     assert "ignoring optimised graph" in caplog.text
     for site, value in repaired(batch).items():
@@ -446,11 +448,116 @@ def test_unwritable_optimized_dir_is_not_fatal(release, tmp_path):
 def test_deploy_modules_import_no_heavy_library():
     code = (
         "import sys\n"
-        "import sct_sitehead.deploy.inference, sct_sitehead.deploy.nifti, sct_sitehead.deploy.spatial, "
-        "sct_sitehead.deploy.lesions, "
-        "sct_sitehead.deploy.qc\n"
+        "import sct_sitehead.deploy.session, sct_sitehead.deploy.windows, sct_sitehead.deploy.normalization, "
+        "sct_sitehead.deploy.prediction, sct_sitehead.deploy.localise, sct_sitehead.deploy.nifti, "
+        "sct_sitehead.deploy.spatial, sct_sitehead.deploy.lesions, sct_sitehead.deploy.qc\n"
         "print(sorted(m for m in ('onnxruntime', 'scipy', 'PIL', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
-    assert "onnxruntime" not in vars(inference)
+    assert "onnxruntime" not in vars(session)
+
+
+# --- the normalisation spec ----------------------------------------------------------------------------------------
+
+
+def test_normalization_spec_is_typed_from_the_index_and_back():
+    spec = NormalizationSpec.from_mapping({"method": "zscore", "clip_percentiles": [0.5, 99.5], "future": 1})
+    assert spec == NormalizationSpec("zscore", (0.5, 99.5)) and isinstance(spec.clip_percentiles, tuple)
+    assert hash(spec) == hash(NormalizationSpec("zscore", [0.5, 99.5]))  # frozen: usable as a key
+    assert spec.as_dict() == {"method": "zscore", "clip_percentiles": [0.5, 99.5]}
+    assert NormalizationSpec.from_mapping({"method": "zscore"}).as_dict() == {"method": "zscore"}
+    assert NormalizationSpec.from_mapping(spec.as_dict()) == spec
+    # Malformed percentiles are refused when the index is parsed; an unknown method only when an image is
+    # normalised, so an index may list releases that need a newer version.
+    for bad in ([99, 1], "low", [1, 2, 3], [-1, 50]):
+        with pytest.raises(RegistryError, match="clip_percentiles"):
+            NormalizationSpec("zscore", bad)
+    assert NormalizationSpec("minmax").method == "minmax"
+
+
+# --- window settings -----------------------------------------------------------------------------------------------
+
+
+def test_window_settings_plan_the_lesion_model_and_the_localiser():
+    lesion = WindowSettings()
+    assert (lesion.overlap, lesion.batch_size, lesion.max_patches) == (0.5, 4, 4)
+    # A whole image: the release's patch, batched; a crop: its window, alone unless it is the patch.
+    assert lesion.plan((200, 150, 20), (64, 64, 64), 16) == ((64, 64, 64), 4)
+    assert lesion.plan((80, 96, 64), (64, 64, 64), 16, crop_window=(80, 96, 64)) == ((80, 96, 64), 1)
+    assert lesion.plan((64, 64, 64), (64, 64, 64), 16, crop_window=(64, 64, 64)) == ((64, 64, 64), 4)
+    assert lesion.edge_beyond("RAS", (64, 64, 64)) == (64, 64, 0)
+    # The localiser: the whole coarse image in one window of at most 2 patches, a quarter overlap, 2 per call.
+    assert (LOCALISER_WINDOWS.overlap, LOCALISER_WINDOWS.batch_size, LOCALISER_WINDOWS.max_patches) == (0.25, 2, 2)
+    assert LOCALISER_WINDOWS.plan((73, 64, 300), (64, 64, 64), 8) == ((80, 64, 128), 2)
+    assert LOCALISER_WINDOWS.edge_beyond("RAS", (64, 64, 64)) is None
+
+
+# --- the run-on-grid path ------------------------------------------------------------------------------------------
+
+
+def grid_spec(**changes) -> InputSpec:
+    values = dict(
+        orientation="RAS",
+        spacing=(2.0, 2.0, 2.0),
+        patch_size=(8, 8, 8),
+        divisor=4,
+        normalization=NormalizationSpec("zscore", (0.5, 99.5)),
+    )
+    return InputSpec(**{**values, **changes})
+
+
+def test_predict_on_grid_is_to_grid_then_normalise_then_windows():
+    rng = np.random.default_rng(6)
+    data = rng.gamma(2.0, 50.0, size=(30, 20, 12)).astype(np.float32)
+    affine = np.diag([-1.0, 1.5, 3.0, 1.0])  # LAS: reoriented and resampled on the way
+    spec = grid_spec()
+    native = NativeImage(data, affine)
+    prediction = predict_on_grid(native, spec, voxelwise, WindowSettings(overlap=0.25, batch_size=3))
+    sample, grid = to_model_grid(data, affine, spec.orientation, spec.spacing)
+    volume = normalize(sample, spec.normalization)
+    expected = sliding_window(
+        volume, voxelwise, spec.patch_size, overlap=0.25, batch_size=3, divisor=4, edge_beyond=(8, 8, 0)
+    )
+    assert native.data is data  # not handed over: the caller keeps it
+    assert prediction.grid.shape == grid.shape and prediction.crop is None and prediction.sample is None
+    assert set(prediction.seconds) == {"to_grid", "normalize", "network"}
+    assert all(value >= 0 for value in prediction.seconds.values())
+    assert set(prediction.probabilities) == {"a", "b"}
+    for key, value in prediction.probabilities.items():
+        np.testing.assert_array_equal(value, expected[key])
+
+
+def test_predict_on_grid_on_a_crop_grows_it_and_normalises_with_the_reference():
+    rng = np.random.default_rng(7)
+    data = rng.gamma(2.0, 50.0, size=(40, 40, 30)).astype(np.float32)
+    data[15:25, 15:25, :] += 400.0
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    spec = grid_spec(spacing=(1.0, 1.0, 1.0), patch_size=(16, 16, 16))
+    reference = to_model_grid(data, affine, "RAS", (2.0, 2.0, 2.0))[0]  # a coarse whole image, as the localiser's
+    seen = []
+
+    def network(batch):
+        seen.append(batch.shape)
+        return voxelwise(batch)
+
+    native = NativeImage(data, affine, hand_over=True)
+    box = ((16, 24), (14, 26), (10, 20))
+    prediction = predict_on_grid(native, spec, network, WindowSettings(), crop=box, reference=reference)
+    grown, window = fill_window(box, affine, data.shape, "RAS", (1.0, 1.0, 1.0), (16, 16, 16), 4)
+    assert native.data is None  # handed over: dropped once on the model grid
+    assert prediction.crop == grown == prediction.grid.bbox and prediction.grid.shape == window
+    assert all(a <= c and d <= b for (c, d), (a, b) in zip(box, grown))
+    assert seen == [(1, 1, *window)]  # one window, alone
+    volume = normalize(data[tuple(slice(a, b) for a, b in grown)], spec.normalization, reference=reference)
+    np.testing.assert_allclose(prediction.probabilities["b"][0], np.cos(volume), atol=1e-6)
+    with pytest.raises(UsageError, match="handed over"):
+        predict_on_grid(native, spec, network, WindowSettings())
+
+
+def test_predict_on_grid_keeps_the_sample_when_asked():
+    data = np.random.default_rng(8).normal(100, 10, size=(16, 16, 16)).astype(np.float32)
+    prediction = predict_on_grid(
+        NativeImage(data, np.eye(4)), grid_spec(), voxelwise, LOCALISER_WINDOWS, keep_sample=True
+    )
+    np.testing.assert_array_equal(prediction.sample, to_model_grid(data, np.eye(4), "RAS", (2.0, 2.0, 2.0))[0])

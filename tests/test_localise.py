@@ -11,17 +11,10 @@ import pytest
 from conftest import save_image, write_registry
 
 from sct_sitehead.cli.deepseg_lesion import main
-from sct_sitehead.deploy.localise import (
-    Localised,
-    crop_window,
-    fill_window,
-    keep_main_pieces,
-    localise,
-    native_bbox,
-    one_window,
-)
+from sct_sitehead.deploy.localise import Localised, keep_main_pieces, localise, native_bbox
 from sct_sitehead.deploy.spatial import to_model_grid
-from sct_sitehead.registry.index import InputSpec, LocaliserSpec
+from sct_sitehead.deploy.windows import crop_window, fill_window, one_window
+from sct_sitehead.registry.specs import InputSpec, LocaliserSpec, NormalizationSpec
 
 
 def two_blobs(path: Path) -> Path:
@@ -123,7 +116,7 @@ def test_lesion_region_reaches_the_image_edge():
 
 def test_localise_returns_none_when_no_cord():
     spec = LocaliserSpec(
-        input=InputSpec("RAS", (2.0, 2.0, 2.0), (16, 16, 16), 2, {"method": "zscore"}),
+        input=InputSpec("RAS", (2.0, 2.0, 2.0), (16, 16, 16), 2, NormalizationSpec("zscore")),
         backbone=None,
         head=None,
         channel=0,
@@ -170,16 +163,16 @@ def test_cli_with_localiser_runs_near_the_cord_only(tmp_path, capsys, crop):
 def test_windows_repeat_the_edge_along_the_cord_and_past_long_axes(tmp_path, capsys, monkeypatch, crop):
     # Along S-I (the RAS model grid's third axis) a window past the image repeats its edge; across, only where it
     # runs past an image longer than a patch (a crop's window is rounded up to the divisor). Whole images alike.
-    import sct_sitehead.deploy.inference as inference
+    import sct_sitehead.deploy.windows as windows
 
     calls = []
-    original = inference.sliding_window
+    original = windows.sliding_window
 
     def recording(volume, predict, patch_size, **options):
         calls.append((volume.shape, tuple(patch_size), options.get("edge_beyond")))
         return original(volume, predict, patch_size, **options)
 
-    monkeypatch.setattr(inference, "sliding_window", recording)
+    monkeypatch.setattr(windows, "sliding_window", recording)
     registry = write_registry(tmp_path / "registry", localiser={})
     argv = [
         "-i",
@@ -215,9 +208,34 @@ def test_lesions_away_from_the_cord_are_dropped_inside_the_box(tmp_path, capsys)
 
 
 def test_one_window_covers_small_volumes_in_one_piece_and_bounds_long_ones():
-    from sct_sitehead.deploy.localise import one_window
-
     assert one_window((50, 70, 140), (64, 64, 64), 16) == (64, 80, 144)
     assert one_window((40, 40, 900), (64, 64, 64), 16) == (48, 48, 192)  # not below 3/4 of a patch
     assert one_window((10, 10, 10), (64, 64, 64), 16) == (48, 48, 48)
     assert one_window((73, 64, 64), (64, 64, 64), 8, max_patches=2) == (80, 64, 64)
+
+
+def test_the_crop_travels_in_the_lesion_models_prediction(tmp_path):
+    """Segmenter.predict_model_grid returns the crop it ran on with the probabilities (no state left behind on the
+    segmenter), and the sidecar reports the crop it is given."""
+    from sct_sitehead.deploy.options import Options
+    from sct_sitehead.deploy.pipeline import Segmenter
+    from sct_sitehead.registry.cache import Cache
+    from sct_sitehead.registry.index import Registry
+
+    cache = Cache(tmp_path / "cache")
+    release = Registry.load(
+        str(write_registry(tmp_path / "registry", localiser={})), cache=cache, offline=False
+    ).release()
+    segmenter = Segmenter.open(release, ["universal"], cache, Options(device="cpu"), offline=False, progress=False)
+    path = two_blobs(tmp_path / "img.nii.gz")
+    image, prediction = segmenter.predict_model_grid(path)
+    assert image.shape == (64, 64, 48) and not hasattr(segmenter, "last_crop")
+    assert prediction.crop is not None and prediction.crop == prediction.grid.bbox
+    assert set(prediction.seconds) == {"localise", "to_grid", "normalize", "network"}
+    (channels,) = prediction.probabilities.values()
+    assert channels.shape == (len(release.head("universal").labels), *prediction.grid.shape)
+    stats = {"count": 0, "total_volume_mm3": 0.0, "lesions": []}
+    facts = segmenter.sidecar("universal", str(path), stats, prediction.crop, 0.0)
+    assert facts["CordCrop"] == {"Bbox": [list(pair) for pair in prediction.crop]}
+    _, whole = Segmenter(release, ["universal"], segmenter.paths, segmenter.model, Options()).predict_model_grid(path)
+    assert whole.crop is None and whole.grid.bbox == ((0, 64), (0, 64), (0, 48)) and "localise" not in whole.seconds

@@ -10,12 +10,17 @@ import pytest
 from sct_sitehead.errors import InputImageError, UsageError
 from sct_sitehead.evaluation.metrics import (
     absolute_volume_difference,
+    bootstrap_by_person,
     bootstrap_ci,
+    detection_scores,
     dice,
     evaluate_case,
     label_lesions,
     lesion_detection,
+    mean_by_person,
+    pooled_detection,
     summarize,
+    summarize_by_person,
 )
 
 
@@ -32,7 +37,7 @@ def test_dice_worked_example():
 
 def test_dice_edge_cases():
     a = empty()
-    assert dice(a, a) == 1.0
+    assert math.isnan(dice(a, a))  # nothing to overlap: undefined, not a perfect 1
     b = empty()
     b[1, 1, 1] = 1
     assert dice(a, b) == 0.0
@@ -90,7 +95,7 @@ def test_detection_10pct_rule_both_sides():
 def test_detection_empty_cases():
     ref, pred = empty(), empty()
     out = lesion_detection(pred, ref)
-    assert out["f1"] == out["sensitivity"] == out["precision"] == 1.0
+    assert all(math.isnan(out[k]) for k in ("f1", "sensitivity", "precision"))  # nothing to find, none found
     pred[3, 3, 3] = 1
     out = lesion_detection(pred, ref)  # one false positive and nothing to find
     assert out["fp"] == 1 and out["precision"] == 0.0 and out["f1"] == 0.0 and math.isnan(out["sensitivity"])
@@ -154,7 +159,7 @@ def _tune_on(tmp_path, probability_maps, leave_one_out=True):
     import nibabel as nib
 
     from sct_sitehead.evaluation.evaluate import Case, tune_thresholds
-    from sct_sitehead.registry.index import LabelSpec
+    from sct_sitehead.registry.specs import LabelSpec
 
     reference = np.zeros((12, 12, 12), np.uint8)
     reference[4:7, 4:7, 4:7] = 1
@@ -233,3 +238,203 @@ def test_one_case_is_not_enough_to_move_a_threshold(tmp_path):
     tuned = _tune_on(tmp_path, [np.where(lesion, 0.3, 0.0)])
     assert tuned["montreal"]["loo_dice"] is None and tuned["montreal"]["holds"] is None
     assert tuned["montreal"]["threshold"] == 0.5
+
+
+def test_an_empty_reference_with_an_empty_prediction_contributes_no_dice():
+    """Lesion-free cases: no Dice (NaN, left out of the mean), counted by their false lesions and volume instead."""
+    from sct_sitehead.evaluation.evaluate import summarize_cases
+
+    zooms = (1.0, 1.0, 2.0)  # 2 mm³ per voxel
+    clean = evaluate_case(empty(), empty(), zooms)
+    assert math.isnan(clean["dice"]) and clean["false_lesions"] == 0 and clean["false_volume_mm3"] == 0
+    flagged_pred = empty()
+    flagged_pred[3:5, 3, 3] = 1  # one false lesion of 2 voxels
+    flagged = evaluate_case(flagged_pred, empty(), zooms)
+    assert math.isnan(flagged["dice"]) and flagged["false_lesions"] == 1 and flagged["false_volume_mm3"] == 4.0
+    ref = two_reference_lesions()
+    half = ref.copy()
+    half[10:15] = 0  # lesion A found exactly, B missed: Dice 2*20/(20+145)
+    lesion = evaluate_case(half, ref, zooms)
+    assert lesion["dice"] == pytest.approx(40 / 165) and math.isnan(lesion["false_lesions"])
+
+    rows = []
+    for person, row in (("p1", clean), ("p1", flagged), ("p2", lesion)):
+        for rule in ("any", "10pct"):
+            row = {**row, **{f"{k}_{rule}": row[k] for k in ("n_ref", "n_pred", "tp", "fp")}}
+        rows.append({**row, "person": person, "subject": f"sub-{len(rows)}"})
+    entry = summarize_cases(rows)
+    assert entry["dice"] == pytest.approx(40 / 165)  # not (1 + 0 + 0.24) / 3: the lesion-free cases have no Dice
+    assert (entry["lesion_cases"], entry["free_cases"], entry["free_cases_flagged"]) == (1, 2, 1)
+    assert entry["false_lesions"] == pytest.approx(0.5) and entry["false_volume_mm3"] == pytest.approx(2.0)
+    # pooled over every case: 1 of 2 reference lesions found; 2 predicted lesions (A and the false one), 1 true
+    assert entry["sensitivity_any"] == pytest.approx(0.5) and entry["precision_any"] == pytest.approx(0.5)
+    assert (entry["persons_lesion"], entry["persons"], entry["persons_free"]) == (1, 2, 1)
+    assert math.isnan(entry["dice_low"])  # one person: no interval
+
+
+def test_a_reference_lesion_touching_two_predictions_counts_once():
+    ref = empty()
+    ref[2:12, 5, 5] = 1  # one lesion of 10 voxels
+    pred = empty()
+    pred[2:4, 5, 5] = 1  # two predicted lesions, each inside it
+    pred[9:11, 5, 5] = 1
+    out = lesion_detection(pred, ref, rule="any")
+    assert (out["n_ref"], out["n_pred"], out["tp"], out["fn"], out["fp"]) == (1, 2, 1, 0, 0)
+    assert out["sensitivity"] == 1.0 and out["precision"] == 1.0 and out["f1"] == 1.0
+    # pooled over two such cases: still one true positive per reference lesion
+    pooled = pooled_detection([out, out])
+    assert (pooled["tp"], pooled["n_ref"], pooled["n_pred"]) == (2, 2, 4) and pooled["f1"] == 1.0
+
+
+def test_pooled_detection_sums_counts_and_is_undefined_on_nothing():
+    cases = [
+        {"n_ref": 3, "n_pred": 1, "tp": 1, "fp": 0},  # per case F1 0.5
+        {"n_ref": 0, "n_pred": 2, "tp": 0, "fp": 2},  # a lesion-free case with two false lesions
+    ]
+    out = pooled_detection(cases)
+    assert out["sensitivity"] == pytest.approx(1 / 3) and out["precision"] == pytest.approx(1 / 3)
+    assert out["f1"] == pytest.approx(1 / 3)
+    assert math.isnan(pooled_detection([{"n_ref": 0, "n_pred": 0, "tp": 0, "fp": 0}])["f1"])
+    arrays = detection_scores(np.array([3, 0, 2]), np.array([1, 0, 0]), np.array([1, 0, 0]), np.array([0, 0, 0]))
+    assert arrays["f1"][0] == pytest.approx(0.5) and math.isnan(arrays["f1"][1]) and arrays["f1"][2] == 0.0
+
+
+def test_a_person_bootstrap_on_correlated_cases_is_wider_than_a_case_bootstrap():
+    """Six persons, 12 cases each, every case near its person's own level (the simulator deforms one anatomy
+    again and again): the cases are not 72 independent draws, and only a person bootstrap says so."""
+    rng = np.random.default_rng(0)
+    levels = rng.uniform(0.1, 0.9, 6)
+    values = np.concatenate([level + rng.normal(0, 0.02, 12) for level in levels])
+    persons = [f"p{k}" for k in range(6) for _ in range(12)]
+    case_low, case_high = bootstrap_ci(values, seed=1)
+    by_person = mean_by_person(values, persons, seed=1)
+    assert by_person["mean"] == pytest.approx(values.mean()) and by_person["persons"] == 6
+    assert by_person["low"] < case_low and by_person["high"] > case_high
+    assert (by_person["high"] - by_person["low"]) > 2 * (case_high - case_low)
+    # one person per case is a case bootstrap: about the same width
+    alone = mean_by_person(values, [str(k) for k in range(72)], seed=1)
+    assert alone["high"] - alone["low"] == pytest.approx(case_high - case_low, rel=0.2)
+
+
+def test_a_person_bootstrap_needs_two_persons_and_resamples_whole_persons():
+    one = mean_by_person([0.2, 0.4, 0.9], ["p", "p", "p"])
+    assert one["mean"] == pytest.approx(0.5) and one["persons"] == 1 and math.isnan(one["low"])
+    # Persons a (1 case, value 1) and b (3 cases, value 0): a resample is {b, b} (mean 0), {a, b} (1/4) or {a, a}
+    # (1), the two extremes a quarter of the time each, so the 95% interval runs from 0 to 1. A case bootstrap
+    # of the same 4 values would rarely draw the single 1 four times.
+    per_case = np.array([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])
+    two = bootstrap_by_person(per_case, ["a", "b", "b", "b"], lambda sums: sums[:, 0] / sums[:, 1], n=400, seed=2)
+    assert two == (pytest.approx(0.0), pytest.approx(1.0))
+    assert bootstrap_ci(per_case[:, 0], n=400, seed=2)[1] < 1.0
+    summary = summarize_by_person([{"dice": 0.5}, {"dice": math.nan}], ["a", "b"])
+    assert summary["dice"]["n"] == 1 and summary["dice"]["persons"] == 1
+    with pytest.raises(UsageError, match="one person per case"):
+        summarize_by_person([{"dice": 0.5}], ["a", "b"])
+
+
+def test_tuning_scores_dice_on_lesion_cases_only(tmp_path):
+    """A lesion-free case (its map empty) gives no Dice: the threshold is picked on the lesion case alone, and
+    'cases' counts the lesion-bearing ones."""
+    lesion = np.zeros((12, 12, 12), bool)
+    lesion[4:7, 4:7, 4:7] = True
+    tuned = _tune_on_references(
+        tmp_path, [(lesion, np.where(lesion, 0.3, 0.0)), (np.zeros_like(lesion), np.zeros(lesion.shape))]
+    )
+    row = tuned["montreal"]
+    assert row["cases"] == 1 and row["lesion_free_cases"] == 1
+    assert row["dice"] == pytest.approx(1.0) and row["threshold"] == 0.3 and row["f1_all_lesions"] == 1.0
+
+
+def _tune_on_references(tmp_path, pairs):
+    """tune_thresholds on `montreal` cases, each given as (reference mask, lesion probability map)."""
+    import nibabel as nib
+
+    from sct_sitehead.evaluation.evaluate import Case, tune_thresholds
+    from sct_sitehead.registry.specs import LabelSpec
+
+    cases, maps, image = [], {}, None
+    for number, (reference, probabilities) in enumerate(pairs):
+        image = nib.Nifti1Image(reference.astype(np.uint8), np.eye(4))
+        path = tmp_path / f"ref{number}.nii.gz"
+        nib.save(image, path)
+        cases.append(Case(f"sub-{number}", "montreal", path, path))
+        maps[path] = probabilities[None].astype(np.float32)
+
+    class Head:
+        labels = (LabelSpec("lesion", 1, 0),)
+
+    class Segmenter:
+        sites = ["universal", "montreal"]
+        heads = {"universal": Head(), "montreal": Head()}
+
+        def predict(self, path):
+            return nib.load(path), {site: maps[path] for site in self.sites}
+
+    return tune_thresholds(Segmenter(), cases, leave_one_out=False)
+
+
+def _participants(root, rows: str):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "participants.tsv").write_text(rows)
+    return root
+
+
+def test_case_persons_come_from_the_person_column_or_the_simulated_source(tmp_path):
+    from sct_sitehead.evaluation.evaluate import case_persons
+
+    sim = _participants(
+        tmp_path / "sim",
+        "participant_id\tsite\tsource\tsplit\nsub-a001\ta\tsub-tut01_acq-MToff_MTS\ttest\n"
+        "sub-a002\ta\tsub-unf01_T2w as T1w\ttest\nsub-a003\ta\tsub-phantom02_T2w\ttrain\n",
+    )
+    assert case_persons(sim) == {"sub-a001": "sg-unf01", "sub-a002": "sg-unf01", "sub-a003": "sub-phantom02"}
+    panel = _participants(tmp_path / "panel", "participant_id\tsite\tperson\nsub-p001\tunf\tsg-unf05\n")
+    assert case_persons(panel) == {"sub-p001": "sg-unf05"}
+    plain = _participants(tmp_path / "plain", "participant_id\tsite\nsub-x\tunf\n")
+    assert case_persons(plain) == {"sub-x": "sub-x"}
+
+
+def test_controls_are_counted_per_head_for_the_held_out_persons_and_for_all(tmp_path):
+    from sct_sitehead.evaluation.evaluate import (
+        controls_markdown,
+        describe_controls,
+        healthy_controls,
+        summarize_controls,
+    )
+
+    bids = _participants(
+        tmp_path / "bids",
+        "participant_id\tsite\tpathology\tperson\nsub-tut05\tunf\tHC\tsg-unf05\nsub-errsm30\terrsm\tHC\terrsm30\n"
+        "sub-unf01\tunf\tMildCompression\tsg-unf01\nsub-ms01\tunknown\tMS\tms01\n",
+    )
+    for stem in ("sub-tut05/anat/sub-tut05_acq-MTon_MTS", "sub-errsm30/anat/sub-errsm30_T2w",
+                 "sub-unf01/anat/sub-unf01_T2w", "sub-ms01/anat/sub-ms01_T2w"):  # fmt: skip
+        (bids / stem).parent.mkdir(parents=True, exist_ok=True)
+        (bids / f"{stem}.nii.gz").write_bytes(b"")
+    images = healthy_controls(bids)
+    assert [p.name for p in images] == [
+        "sub-errsm30_T2w.nii.gz",
+        "sub-tut05_acq-MTon_MTS.nii.gz",
+        "sub-unf01_T2w.nii.gz",
+    ]
+    found = {"sub-errsm30_T2w.nii.gz": (2, 30.0), "sub-tut05_acq-MTon_MTS.nii.gz": (1, 5.0)}
+    rows = [
+        {"image": p.name, "head": head, "lesions": found.get(p.name, (0, 0.0))[0] if head == "montreal" else 0,
+         "volume_mm3": found.get(p.name, (0, 0.0))[1] if head == "montreal" else 0.0}
+        for p in images for head in ("montreal", "universal")
+    ]  # fmt: skip
+    described = describe_controls(rows, bids)
+    assert {(r["subject"], r["person"], r["split"], r["pathology"]) for r in described} == {
+        ("sub-errsm30", "errsm30", "train", "HC"),
+        ("sub-tut05", "sg-unf05", "test", "HC"),
+        ("sub-unf01", "sg-unf01", "test", "MildCompression"),
+    }
+    summary = {(e["scope"], e["head"]): e for e in summarize_controls(described)}
+    test = summary[("test", "montreal")]
+    assert (test["images"], test["persons"], test["runs_flagged"]) == (2, 2, 1)
+    assert test["false_lesions_per_scan"] == pytest.approx(0.5) and test["false_volume_mm3_per_scan"] == 2.5
+    everything = summary[("all", "montreal")]
+    assert (everything["images"], everything["runs_flagged"], everything["false_lesions_per_scan"]) == (3, 2, 1.0)
+    assert summary[("all", "universal")]["runs_flagged"] == 0
+    text = controls_markdown(list(summary.values()))
+    assert "held-out (test) persons: 2 images of 2 persons" in text and "| montreal | 1 of 2 | 0.50 | 2.5 |" in text

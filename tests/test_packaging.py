@@ -13,6 +13,60 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Import name -> distribution name, where they differ.
+DISTRIBUTIONS = {"PIL": "pillow"}
+
+
+def third_party_imports(paths: list[Path]) -> set[str]:
+    """Distributions the modules import, leaving out imports guarded by ``except ImportError`` (install hints)."""
+    import ast
+
+    found: set[str] = set()
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        guarded = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Try)
+            and any(
+                ast.unparse(handler.type or ast.Name("")) in ("ImportError", "ModuleNotFoundError")
+                for handler in node.handlers
+            )
+            for statement in node.body
+            for inner in ast.walk(statement)
+        }
+        for node in ast.walk(tree):
+            if id(node) in guarded:
+                continue
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return {DISTRIBUTIONS.get(name, name) for name in found if name not in sys.stdlib_module_names} - {"sct_sitehead"}
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    """``["onnx>=1.15", ...]`` -> ``{"onnx", ...}``."""
+    import re
+
+    return {re.split(r"[<>=!~ \[;]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+def test_dependency_lists_say_what_the_code_imports():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    runtime = requirement_names(project["dependencies"])
+    extras = {name: requirement_names(requirements) for name, requirements in project["optional-dependencies"].items()}
+    package = REPO / "sct_sitehead"
+    deploy = [path for path in package.rglob("*.py") if "training" not in path.relative_to(package).parts]
+    # Every runtime dependency is used outside training, and nothing else is imported there.
+    assert {name.lower() for name in third_party_imports(deploy)} == runtime
+    training = third_party_imports(list((package / "training").rglob("*.py")))
+    assert training <= runtime | extras["train"]
+    # onnx only builds models: the deploy install does without it (36 MB with protobuf and ml_dtypes).
+    assert "onnx" not in runtime and "onnx" in extras["train"] and "onnx" in extras["test"]
+    # onnxruntime-gpu cannot be installed beside onnxruntime: the README documents the swap instead of an extra.
+    assert "gpu" not in extras
 
 
 @pytest.fixture(scope="module")

@@ -17,20 +17,13 @@ from pytest_httpserver import HTTPServer
 
 from sct_sitehead.errors import DownloadError, OfflineError, RegistryError, UnknownModelError, UsageError
 from sct_sitehead.registry import index as registry_module
+from sct_sitehead.registry import remote as remote_module
 from sct_sitehead.registry.cache import Cache
-from sct_sitehead.registry.index import (
-    Asset,
-    HeadSpec,
-    InputSpec,
-    LabelSpec,
-    Registry,
-    Release,
-    embedded_registry_path,
-    parse_model_spec,
-    resolve_urls,
-)
+from sct_sitehead.registry.index import Registry, parse_model_spec, resolve_urls
+from sct_sitehead.registry.local import embedded_registry_path
 from sct_sitehead.registry.schema import load_schema, validate_index
 from sct_sitehead.registry.signing import generate_keypair, sign_index
+from sct_sitehead.registry.specs import Asset, HeadSpec, InputSpec, LabelSpec, NormalizationSpec, Release
 
 BACKBONE_URL = "lesion/1.0.0/backbone.onnx"
 
@@ -240,9 +233,7 @@ def test_release_is_typed_and_thresholds_resolve(tmp_path: Path, index: dict, ca
     release = load_dict(tmp_path, index, cache).release()
     assert isinstance(release, Release)
     assert (release.model, release.version, release.spec) == ("lesion", "1.0.0", "lesion@1.0.0")
-    assert release.input == InputSpec(
-        "RAS", (1.0, 1.0, 1.0), (64, 64, 64), 8, {"method": "zscore", "clip_percentiles": [0.5, 99.5]}
-    )
+    assert release.input == InputSpec("RAS", (1.0, 1.0, 1.0), (64, 64, 64), 8, NormalizationSpec("zscore", (0.5, 99.5)))
     assert release.channels == 2
     assert release.backbone_outputs == ("skip0", "dec1")
     assert isinstance(release.backbone, Asset) and release.backbone.size == len(b"backbone-bytes")
@@ -441,7 +432,7 @@ def test_invalid_remote_index_is_not_cached(httpserver: HTTPServer, index: dict,
 def test_oversized_remote_index_is_stopped(
     httpserver: HTTPServer, index: dict, cache: Cache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(registry_module, "MAX_INDEX_BYTES", 100)
+    monkeypatch.setattr(remote_module, "MAX_INDEX_BYTES", 100)
     url = serve_index(httpserver, index)
     with pytest.raises(DownloadError, match="over the 100-byte limit"):
         Registry.load(url, cache=cache, offline=False)

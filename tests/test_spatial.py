@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from test_nifti import AXIS_CODES, DTYPES, oriented_affine
 
 from sct_sitehead.deploy.nifti import image_data, load_image
-from sct_sitehead.deploy.spatial import from_model_grid, mask_from_model_grid, to_model_grid
+from sct_sitehead.deploy.spatial import (
+    from_model_grid,
+    mask_from_model_grid,
+    model_size,
+    orientation_transform,
+    to_model_grid,
+)
+from sct_sitehead.deploy.windows import fill_window
 from sct_sitehead.errors import InferenceError, RegistryError, UsageError
 
 codes = st.sampled_from(AXIS_CODES)
@@ -73,6 +80,8 @@ def test_model_affine_maps_model_voxels_to_world(native, target, spacing, rotati
     """A linear function of world position, resampled (order 1), stays that function on the model grid."""
     shape = tuple(int(np.clip(np.ceil(20.0 / s), 3, 40)) for s in spacing)
     affine = oriented_affine(native, spacing, rotation, origin=(-3.0, 40.0, 12.0))
+    # Within 1e-4 of the native spacing an axis is copied, not resampled: its model spacing is the native one.
+    assume(not np.isclose(model_mm, reoriented_voxel_sizes(affine, shape, target), rtol=1e-4, atol=0).any())
     gradient = np.array([0.3, -0.7, 0.5])
     data = (world(affine, shape) @ gradient).reshape(shape).astype(np.float32)
     volume, grid = to_model_grid(data, affine, target, model_mm)
@@ -147,6 +156,51 @@ def test_mask_resampled_near_its_hot_voxels_only_is_the_whole_resampled_mask(
     assert mask.shape == full.shape and mask.dtype == bool
     differ = mask != (full >= threshold)
     assert not differ.any() or np.abs(full[differ] - threshold).max() < 1e-5
+
+
+@PROPERTY
+@given(native=codes, target=codes, spacing=spacings, rotation=rotations, model_mm=spacings)
+def test_one_orientation_transform_and_one_rounding_for_the_grid_and_the_crop_window(
+    native, target, spacing, rotation, model_mm
+):
+    """to_model_grid and fill_window reorient and round model sizes through the same two functions: the grid of a
+    box has, along each model axis, the size model_size gives for the box's native axis that goes there."""
+    shape = (11, 7, 9)
+    affine = oriented_affine(native, spacing, rotation)
+    transform = orientation_transform(affine, target)
+    expected = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(tuple(target))
+    )
+    np.testing.assert_array_equal(transform, expected)
+    _, grid = to_model_grid(np.zeros(shape, np.float32), affine, target, model_mm, bbox=((1, 9), (2, 7), (0, 4)))
+    np.testing.assert_array_equal(grid.to_model, transform)
+    inverse = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(tuple(target)), nib.orientations.io_orientation(affine)
+    )
+    np.testing.assert_array_equal(grid.to_native, inverse)
+    native_mm = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    for axis, (model_axis, _) in enumerate(transform.astype(int)):
+        extent = (8, 5, 4)[axis]
+        assert grid.shape[model_axis] == model_size(extent, native_mm[axis], model_mm[model_axis])
+
+
+def test_model_size_rounds_the_field_of_view_to_whole_model_voxels():
+    assert model_size(19, 7.5, 1.0) == 142  # 142.5 mm: rounded half to even, as round() does
+    assert model_size(320, 0.6875, 1.0) == 220
+    assert model_size(1, 0.2, 3.0) == 1  # never empty
+
+
+def test_fill_window_predicts_the_model_grid_of_the_box_it_grows():
+    """The window fill_window picks is what to_model_grid then makes of the grown box (or more, where the image
+    ends), through an oblique, anisotropic, reoriented grid."""
+    affine = oriented_affine("PIR", (0.8, 0.9, 2.5), (5.0, -3.0, 8.0))
+    shape = (120, 90, 30)
+    data = np.zeros(shape, np.float32)
+    grown, window = fill_window(((40, 70), (20, 60), (5, 20)), affine, shape, "RAS", (1.0, 1.0, 1.0), (32,) * 3, 16)
+    _, grid = to_model_grid(data, affine, "RAS", (1.0, 1.0, 1.0), bbox=grown)
+    _, whole = to_model_grid(data, affine, "RAS", (1.0, 1.0, 1.0))
+    for n, size, full in zip(grid.shape, window, whole.shape):
+        assert n <= size and (n >= size - 3 or n == full)
 
 
 def test_bbox_crop_matches_the_whole_image_inside_and_is_zero_outside():

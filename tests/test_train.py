@@ -12,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sct_sitehead.deploy.inference import normalize  # noqa: E402
 from sct_sitehead.deploy.nifti import image_data, load_image  # noqa: E402
+from sct_sitehead.deploy.normalization import normalize  # noqa: E402
 from sct_sitehead.deploy.spatial import to_model_grid  # noqa: E402
 from sct_sitehead.errors import TrainingError  # noqa: E402
 from sct_sitehead.evaluation.bids import read_bids  # noqa: E402

@@ -7,9 +7,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from sct_sitehead.errors import TrainingError  # noqa: E402
+from sct_sitehead.training.arch import Arch, feature_names  # noqa: E402
 from sct_sitehead.training.config import DEFAULTS, load_config  # noqa: E402
 from sct_sitehead.training.layers import count_parameters  # noqa: E402
-from sct_sitehead.training.unet import Arch, UNet, feature_names  # noqa: E402
+from sct_sitehead.training.unet import UNet  # noqa: E402
 
 pytestmark = pytest.mark.train
 

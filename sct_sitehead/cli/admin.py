@@ -14,16 +14,21 @@ from pathlib import Path
 
 import click
 
-from sct_sitehead import __version__, env
-from sct_sitehead.errors import EXIT_INTERRUPTED, SiteHeadError, UsageError
+from sct_sitehead import env
+from sct_sitehead.api import ALL_SITES, open_segmenter
+from sct_sitehead.deploy.options import Options
+from sct_sitehead.errors import EXIT_INTERRUPTED, IntegrityError, SiteHeadError, UsageError
+from sct_sitehead.settings import ModelSource
+from sct_sitehead.version import __version__
 
 logger = logging.getLogger("sct_sitehead")
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+# -help as well: sct_deepseg_lesion and SCT's other tools take single-dash long options.
+CONTEXT = {"help_option_names": ["-h", "-help", "--help"], "max_content_width": 110}
 
 
 def _verbosity(ctx: click.Context, _param: click.Parameter, value: int) -> int:
-    from sct_sitehead.cli.deepseg_lesion import configure_logging
+    from sct_sitehead.cli.logs import configure_logging
 
     configure_logging(value)
     ctx.meta["verbosity"] = value
@@ -59,22 +64,6 @@ unsigned_option = click.option(
 )
 
 
-def open_registry(registry: str | None, offline: bool, trust: tuple[Path, ...] = (), allow_unsigned: bool = False):
-    from sct_sitehead.registry.cache import Cache
-    from sct_sitehead.registry.index import Registry
-
-    cache = Cache(env.cache_dir())
-    index = Registry.load(
-        registry or env.registry_location(),
-        cache=cache,
-        offline=offline or env.offline(),
-        allow_http=env.allow_plain_http(),
-        trust=list(trust) or None,
-        allow_unsigned=allow_unsigned,
-    )
-    return index, cache
-
-
 @click.group(context_settings=CONTEXT)
 @click.version_option(__version__, "-version", prog_name="sct_sitehead")
 def cli() -> None:
@@ -95,7 +84,7 @@ def models() -> None:
 @verbosity_option
 def models_list(registry: str | None, offline: bool, trust: tuple[Path, ...], allow_unsigned: bool) -> None:
     """List models, their releases and their sites."""
-    index, _ = open_registry(registry, offline, trust, allow_unsigned)
+    index, _ = ModelSource.resolve(registry, offline=offline, trust=trust, allow_unsigned=allow_unsigned).open()
     for name in index.models():
         for version in index.versions(name):
             release = index.release(name, version)
@@ -114,16 +103,17 @@ def models_install(
     model: str | None, sites: str | None, registry: str | None, trust: tuple[Path, ...], allow_unsigned: bool
 ) -> None:
     """Pre-fetch MODEL[@VERSION] (backbone and site heads) into the cache, for later offline use."""
-    from sct_sitehead.cli.deepseg_lesion import parse_sites
     from sct_sitehead.registry.index import parse_model_spec
+    from sct_sitehead.settings import parse_sites
 
-    index, cache = open_registry(registry, False, trust, allow_unsigned)
+    source = ModelSource.resolve(registry, trust=trust, allow_unsigned=allow_unsigned)
+    index, cache = source.open()
     name, version = parse_model_spec(model) if model else (None, None)
     release = index.release(name, version)
     wanted = parse_sites(sites) or sorted(release.heads)
     heads = [release.head(site) for site in wanted]
     progress = sys.stderr.isatty()
-    allow_http = env.allow_plain_http()
+    allow_http = source.allow_http
     path = cache.fetch(release.backbone, offline=False, progress=progress, allow_http=allow_http)
     click.echo(f"backbone {release.backbone.sha256[:12]} {path}")
     if release.localiser is not None:
@@ -151,12 +141,16 @@ def cache_dir() -> None:
 @cache.command("list")
 @verbosity_option
 def cache_list() -> None:
-    """List cached assets (sha256, size, path)."""
+    """List cached assets: sha256, size, path, and what each is (model, version, backbone, localiser or site head),
+    from the embedded index and the cached copies of remote indexes."""
+    from sct_sitehead.registry.asset_names import name_cached_assets
     from sct_sitehead.registry.cache import Cache
 
-    entries = Cache(env.cache_dir()).list()
+    cache = Cache(env.cache_dir())
+    entries = cache.list()
+    names = name_cached_assets(cache.root, [entry["sha256"] for entry in entries])
     for entry in entries:
-        click.echo(f"{entry['sha256']}  {entry['size']:>12}  {entry['path']}")
+        click.echo(f"{entry['sha256']}  {entry['size']:>12}  {entry['path']}  {names[entry['sha256']]}")
     click.echo(f"{len(entries)} asset(s), {sum(e['size'] for e in entries)} bytes")
 
 
@@ -171,7 +165,7 @@ def cache_verify() -> None:
         click.echo(f"removed corrupt asset {path}")
     click.echo("all cached assets verified" if not bad else f"{len(bad)} corrupt asset(s) removed")
     if bad:
-        sys.exit(7)
+        sys.exit(IntegrityError.exit_code)
 
 
 @cache.command("clean")
@@ -240,7 +234,14 @@ def registry_sign(index: Path, key: Path) -> None:
 @click.option("-spacing", nargs=3, type=float, default=(0.8, 0.8, 0.8), show_default=True, help="voxel size, mm")
 @click.option("-orientation", default="RPI", show_default=True, help="axis codes of the voxel grid (RAS, LPI, PSR...)")
 @click.option("-contrast", type=click.Choice(["T2w", "T2star", "T1w", "MTS"]), default="T2w", show_default=True)
-@click.option("-lesions", "n_lesions", type=click.IntRange(0, 50), default=3, show_default=True)
+@click.option(
+    "-lesions",
+    "n_lesions",
+    type=click.IntRange(0, 50),
+    default=3,
+    show_default=True,
+    help="lesions placed in the cord (lesions that touch count as one in the truth)",
+)
 @click.option("-oblique", "oblique_deg", type=float, default=0.0, show_default=True, help="tilt of the grid, degrees")
 @click.option("-seed", type=int, default=0, show_default=True)
 @verbosity_option
@@ -257,8 +258,11 @@ def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique
         seed=seed,
         oblique_deg=oblique_deg,
     )
-    for label, path in write_phantom(made, out).items():
-        click.echo(f"{label}: {path}")
+    written = write_phantom(made, out)
+    # The files written are a report, not a result: -v 0 (quiet) leaves them out, as it does the log.
+    if click.get_current_context().meta.get("verbosity", 1) > 0:
+        for label, path in written.items():
+            click.echo(f"{label}: {path}")
 
 
 @cli.command()
@@ -314,7 +318,7 @@ def simulate(
     real_share: float | None,
 ) -> None:
     """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
-    from sct_sitehead.cli.deepseg_lesion import parse_sites
+    from sct_sitehead.settings import parse_sites
     from sct_sitehead.simulate import simulate as run_simulation
 
     written = run_simulation(
@@ -485,8 +489,8 @@ def publish(
     cord_margin_mm: float,
 ) -> None:
     """Add an exported release to the registry folder REGISTRY_DIR (index updated, assets copied)."""
-    from sct_sitehead.cli.deepseg_lesion import parse_sites
     from sct_sitehead.registry.publish import publish as run_publish
+    from sct_sitehead.settings import parse_sites
 
     head_thresholds = head_min_lesion = None
     if thresholds_file is not None:
@@ -518,29 +522,6 @@ def publish(
     click.echo(f"published {model}@{version} in {index}")
 
 
-def open_all_heads(
-    registry: str | None,
-    offline: bool,
-    model: str | None,
-    threads: int | None,
-    *,
-    crop: bool = True,
-    mirror: bool = False,
-):
-    """The release (``model``, default: the registry's default) and a Segmenter over every one of its heads."""
-    from sct_sitehead.deploy.pipeline import Options, Segmenter
-    from sct_sitehead.registry.index import parse_model_spec
-
-    index, cache = open_registry(registry, offline)
-    name, version = parse_model_spec(model) if model else (None, None)
-    release = index.release(name, version)
-    options = Options(threads=threads, crop=crop, mirror=mirror)
-    segmenter = Segmenter.open(
-        release, sorted(release.heads), cache, options, offline=offline or env.offline(), progress=False
-    )
-    return release, segmenter
-
-
 @cli.command("evaluate")
 @click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("-o", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="report folder")
@@ -550,7 +531,8 @@ def open_all_heads(
 @click.option(
     "-controls",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="BIDS folder of healthy controls (pathology HC): count false-positive lesions per head",
+    help="BIDS folder of healthy controls (pathology HC or MildCompression): false lesions per head, for the "
+    "held-out (test) persons and for every image",
 )
 @click.option("-threads", type=click.IntRange(1), default=None, help="CPU threads")
 @click.option("-no-crop", "no_crop", is_flag=True, help="whole images, without the release's cord localiser")
@@ -576,35 +558,28 @@ def evaluate(
     registry: str | None,
     offline: bool,
 ) -> None:
-    """Evaluate every head of a release on the labelled SPLIT of DATASET: per site and pooled, with 95% CIs."""
-    from sct_sitehead.cli.deepseg_lesion import parse_sites
-    from sct_sitehead.deploy.pipeline import write_text_atomic
+    """Evaluate every head of a release on the labelled SPLIT of DATASET: per site, per contrast and pooled, with
+    95% intervals that resample persons."""
     from sct_sitehead.evaluation import evaluate as ev
+    from sct_sitehead.settings import parse_sites
 
-    release, segmenter = open_all_heads(registry, offline, model, threads, crop=not no_crop, mirror=tta)
+    segmenter = open_segmenter(
+        ALL_SITES,
+        model=model,
+        options=Options(threads=threads, crop=not no_crop, mirror=tta),
+        source=ModelSource.resolve(registry, offline=offline),
+    )
+    release = segmenter.release
     out.mkdir(parents=True, exist_ok=True)
     cases = ev.find_cases(dataset, split, parse_sites(sites) or None)
     rows = ev.evaluate_release(segmenter, cases)
-    summary = ev.summarize_rows(ev.own_head_rows(rows))
-    ev.write_csv(rows, out / "cases.tsv")
-    ev.write_csv(ev.summarize_rows(rows), out / "summary_all_heads.tsv")
-    ev.write_csv(summary, out / "summary.tsv")
-    ev.plot_dice(summary, out / "dice.png")
     how = "cord localiser on" if segmenter.localiser is not None else "whole images"
     how += ", left-right mirroring" if tta else ""
-    report = [
-        f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases, {how})\n",
-        ev.markdown_table(summary),
-    ]
+    title = f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases, {how})\n"
+    control_rows = None
     if controls is not None:
-        control_rows = ev.check_controls(segmenter, ev.healthy_controls(controls))
-        ev.write_csv(control_rows, out / "controls.tsv")
-        flagged = [r for r in control_rows if r["lesions"]]
-        report.append(
-            f"\nHealthy controls: {len({r['image'] for r in control_rows})} images x "
-            f"{len(segmenter.sites)} heads, {len(flagged)} with a predicted lesion.\n"
-        )
-    write_text_atomic("\n".join(report), out / "report.md")
+        control_rows = ev.describe_controls(ev.check_controls(segmenter, ev.healthy_controls(controls)), controls)
+    report = ev.write_report(out, title, rows, control_rows)
     click.echo("".join(report))
 
 
@@ -635,14 +610,17 @@ def tune_thresholds(
 ) -> None:
     """Each head's threshold with the best mean Dice on its site's SPLIT cases, then its smallest lesion with the
     best lesion-wise F1 there; for `publish -thresholds`."""
-    from sct_sitehead.deploy.pipeline import write_json_atomic
+    from sct_sitehead.atomic import write_json_atomic
     from sct_sitehead.evaluation import evaluate as ev
 
     if split == "test":
         raise click.BadParameter(
             "tuning on the test split would leak it into the results; use val", param_hint="-split"
         )
-    release, segmenter = open_all_heads(registry, offline, model, threads)
+    segmenter = open_segmenter(
+        ALL_SITES, model=model, options=Options(threads=threads), source=ModelSource.resolve(registry, offline=offline)
+    )
+    release = segmenter.release
     tuned = ev.tune_thresholds(segmenter, ev.find_cases(dataset, split), leave_one_out=leave_one_out)
     write_json_atomic({"model": release.spec, "split": split, "leave_one_out": leave_one_out, "heads": tuned}, out)
     for head, row in sorted(tuned.items()):

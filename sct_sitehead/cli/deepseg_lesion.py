@@ -13,8 +13,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from sct_sitehead import __version__, env
+from sct_sitehead.cli.logs import configure_logging
 from sct_sitehead.errors import EXIT_INTERRUPTED, InputImageError, SiteHeadError, UsageError
+from sct_sitehead.settings import ModelSource, resolve_sites
+from sct_sitehead.version import __version__
 
 PROG = "sct_deepseg_lesion"
 logger = logging.getLogger("sct_sitehead")
@@ -94,48 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-device", default="auto", metavar="auto|cpu|cuda[:N]", help="where to run (default: auto)")
     run.add_argument("-threads", type=int, metavar="N", help="CPU threads for inference (default: all)")
     run.add_argument("-v", type=int, choices=(0, 1, 2), default=1, help="verbosity: 0 quiet, 1 info, 2 debug")
-    run.add_argument("-h", "-help", action="help", help="show this help and exit")
+    run.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
     run.add_argument("-version", action="version", version=f"%(prog)s {__version__}")
     return parser
-
-
-def configure_logging(verbosity: int) -> None:
-    """The library only logs; the command line decides where it goes."""
-    level = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}[verbosity]
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s" if verbosity < 2 else "%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("sct_sitehead")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-
-
-def parse_sites(value: str | None) -> list[str]:
-    """``"a, b,a"`` -> ``["a", "b"]``."""
-    if not value:
-        return []
-    sites: list[str] = []
-    for name in value.split(","):
-        name = name.strip()
-        if name and name not in sites:
-            sites.append(name)
-    return sites
-
-
-def open_registry(args: argparse.Namespace):
-    from sct_sitehead.registry.cache import Cache
-    from sct_sitehead.registry.index import Registry
-
-    cache = Cache(env.cache_dir())
-    registry = Registry.load(
-        args.registry or env.registry_location(),
-        cache=cache,
-        offline=args.offline or env.offline(),
-        allow_http=args.allow_http or env.allow_plain_http(),
-        trust=args.trust,
-        allow_unsigned=args.allow_unsigned,
-    )
-    return registry, cache
 
 
 def list_models(registry) -> None:
@@ -160,10 +123,19 @@ def check_inputs(paths: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_sitehead.deploy.pipeline import Options, Segmenter, plan_outputs
+    from sct_sitehead.deploy.naming import plan_outputs
+    from sct_sitehead.deploy.options import Options
+    from sct_sitehead.deploy.pipeline import Segmenter
     from sct_sitehead.registry.index import parse_model_spec
 
-    registry, cache = open_registry(args)
+    source = ModelSource.resolve(
+        args.registry,
+        offline=args.offline,
+        allow_http=args.allow_http,
+        trust=args.trust or (),
+        allow_unsigned=args.allow_unsigned,
+    )
+    registry, cache = source.open()
     if args.list_models:
         list_models(registry)
         return 0
@@ -174,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.i:
         raise UsageError("the following argument is required: -i")
-    sites = parse_sites(args.site or env.default_site())
+    sites = resolve_sites(args.site)
     if not sites:
         raise UsageError(f"no site given; use -site NAME with one of: {', '.join(sorted(release.heads))}")
     for site in sites:
@@ -202,15 +174,15 @@ def run(args: argparse.Namespace) -> int:
         sites,
         cache,
         options,
-        offline=args.offline or env.offline(),
+        offline=source.offline,
         progress=sys.stderr.isatty(),
-        allow_http=args.allow_http or env.allow_plain_http(),
+        allow_http=source.allow_http,
     )
     failures: list[SiteHeadError] = []
     qc_entries: list[dict] = []
     for image in args.i:
         try:
-            result = segmenter.segment(image, {site: plan[(image, site)] for site in sites})
+            result = segmenter.write(segmenter.segment(image), image, {site: plan[(image, site)] for site in sites})
         except InputImageError as exc:
             # A pipeline over many subjects goes on past one bad image; the exit code still reports it.
             sys.stderr.write(f"{PROG}: error: {exc}\n")

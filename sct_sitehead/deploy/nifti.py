@@ -189,8 +189,40 @@ def _open(path: Path) -> Any:
     return open(path, "rb")
 
 
-def _check_header(path: Path, header: nibabel.Nifti1Header) -> None:
-    """Shape, size, voxel size and affine checks that need no voxel data."""
+def check_image(img: nibabel.Nifti1Image, name: str = "image") -> nibabel.Nifti1Image:
+    """An in-memory image (given to the Python API instead of a path), checked as :func:`load_image` checks a
+    file's header: 3D (a 4D or 5D image whose extra sizes are 1 is squeezed), a sane size, a real-valued data type,
+    finite positive voxel sizes and a finite, non-singular affine. ``image_data`` then checks the voxels.
+
+    Args:
+        img: the image.
+        name: how messages name it.
+
+    Returns:
+        The image, 3D.
+
+    Raises:
+        InputImageError: not a NIfTI image, or any of the checks above fails.
+    """
+    import nibabel as nib
+
+    path = Path(name)
+    if not isinstance(img, nib.Nifti1Image):
+        raise _fail(
+            path, f"is a {type(img).__name__}, not a nibabel Nifti1Image", "pass a path or a nibabel.Nifti1Image"
+        )
+    header = img.header.copy()
+    header.set_data_shape(img.shape)
+    header.set_data_dtype(img.get_data_dtype())
+    _check_header(path, header, in_file=False)
+    _check_affine(path, img.affine)
+    if len(img.shape) > 3:
+        img = nib.funcs.squeeze_image(img)
+    return img
+
+
+def _check_header(path: Path, header: nibabel.Nifti1Header, *, in_file: bool = True) -> None:
+    """Shape, size, voxel size and affine checks that need no voxel data (and, ``in_file``, the data offset)."""
     shape = tuple(int(n) for n in header.get_data_shape())
     shown = "x".join(str(n) for n in shape) or "empty"
     if len(shape) < 3:
@@ -238,7 +270,7 @@ def _check_header(path: Path, header: nibabel.Nifti1Header) -> None:
     _check_data_type(path, header)
     offset = float(header["vox_offset"])
     # Below the end of the header nibabel would read the header itself as voxels (0) or guess (1..351).
-    if not np.isfinite(offset) or not header.sizeof_hdr + 4 <= offset <= MAX_VOX_OFFSET:
+    if in_file and (not np.isfinite(offset) or not header.sizeof_hdr + 4 <= offset <= MAX_VOX_OFFSET):
         raise _fail(
             path,
             f"has a data offset vox_offset = {offset:g} bytes (a single-file NIfTI needs "

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from sct_sitehead.deploy.outputs import write_atomic
+from sct_sitehead.atomic import write_atomic
 from sct_sitehead.errors import UsageError
 
 if TYPE_CHECKING:

@@ -101,7 +101,7 @@ def to_model_grid(
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise UsageError(f"affine must be a finite, invertible 4x4 matrix, got {affine.tolist()}")
     _check_order(order)
-    target = _target_ornt(orientation)
+    _target_ornt(orientation)
     spacing_mm = _check_spacing(spacing)
     box = _check_bbox(bbox, data.shape)
     cropped = data[tuple(slice(a, b) for a, b in box)]
@@ -109,15 +109,14 @@ def to_model_grid(
     shift[:3, 3] = [a for a, _ in box]
     crop_affine = affine @ shift
 
-    native_ornt = nio.io_orientation(crop_affine)
-    transform = nio.ornt_transform(native_ornt, target)
+    transform = orientation_transform(crop_affine, orientation)
     reoriented = nio.apply_orientation(cropped, transform)
     reoriented_affine = crop_affine @ nio.inv_ornt_aff(transform, cropped.shape)
     voxel_mm = np.sqrt(np.sum(reoriented_affine[:3, :3] ** 2, axis=0))
 
     scale, offset, shape = [], [], []
     for n_native, native_mm, model_mm in zip(reoriented.shape, voxel_mm, spacing_mm):
-        n_model = max(1, int(round(n_native * native_mm / model_mm)))
+        n_model = model_size(n_native, native_mm, model_mm)
         factor = model_mm / native_mm
         if abs(factor - 1.0) < _SAME_SPACING_RTOL and n_model == n_native:
             factor, start = 1.0, 0.0
@@ -136,7 +135,7 @@ def to_model_grid(
         native_affine=affine.copy(),
         bbox=box,
         to_model=transform,
-        to_native=nio.ornt_transform(target, native_ornt),
+        to_native=_inverse_ornt(transform),
         reoriented_shape=tuple(int(n) for n in reoriented.shape),
         scale=tuple(scale),
         offset=tuple(offset),
@@ -150,6 +149,32 @@ def to_model_grid(
     logger.debug("model grid %s at %s mm from %s at %s mm", grid.shape, grid.spacing, reoriented.shape, voxel_mm)
     volume = _resample(reoriented, np.asarray(scale), np.asarray(offset), grid.shape, order)
     return volume, grid
+
+
+def orientation_transform(affine: np.ndarray, orientation: str) -> np.ndarray:
+    """The reorientation from an image's voxel axes to a model grid's: a permutation and flips, no interpolation.
+
+    Oblique axes go to the closest model axis (nibabel's ``io_orientation``).
+
+    Args:
+        affine: (4, 4) voxel-to-world affine of the image.
+        orientation: model axis codes, e.g. ``"RAS"``.
+
+    Returns:
+        (3, 2) nibabel orientation transform: row ``i`` is (model axis of voxel axis ``i``, 1 or -1 for a flip).
+
+    Raises:
+        RegistryError: ``orientation`` is not 3 distinct axis codes.
+    """
+    import nibabel.orientations as nio
+
+    return nio.ornt_transform(nio.io_orientation(affine), _target_ornt(orientation))
+
+
+def model_size(n_native: int, native_mm: float, model_mm: float) -> int:
+    """Model voxels along an axis for ``n_native`` voxels of ``native_mm`` resampled to ``model_mm``: the field of
+    view's length rounded to whole model voxels, at least one."""
+    return max(1, int(round(n_native * native_mm / model_mm)))
 
 
 def from_model_grid(volume: np.ndarray, grid: ModelGrid, order: int = 1, *, window_only: bool = False) -> np.ndarray:
@@ -295,6 +320,14 @@ def _target_ornt(orientation: str) -> np.ndarray:
     if len(codes) != 3 or np.isnan(ornt).any() or len(set(ornt[:, 0])) != 3:
         raise RegistryError(f"model orientation {orientation!r} must name 3 distinct axes, e.g. 'RAS' or 'LPI'")
     return ornt
+
+
+def _inverse_ornt(transform: np.ndarray) -> np.ndarray:
+    """The orientation transform that undoes ``transform`` (nibabel's ``ornt_transform`` with its ends swapped)."""
+    inverse = np.empty_like(transform)
+    for axis, (target, flip) in enumerate(transform):
+        inverse[int(target)] = (axis, flip)
+    return inverse
 
 
 def _check_spacing(spacing: Sequence[float]) -> np.ndarray:

@@ -20,22 +20,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import re
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sct_sitehead import env
+from sct_sitehead.atomic import move_into_place, write_bytes_atomic
 from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
 from sct_sitehead.registry.download import download, is_remote, remove
 
 if TYPE_CHECKING:
     from filelock import FileLock
 
-    from sct_sitehead.registry.index import Asset
+    from sct_sitehead.registry.specs import Asset
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +148,12 @@ class Cache:
                 logger.info("%s: resumed file did not verify, downloading again from the start", url)
                 error = self._download_one(asset, url, part, progress=progress, allow_http=allow_http)
             if error is None:
-                install(part, final)
+                try:
+                    move_into_place(part, final, mode=_READ_ONLY)
+                except OSError as exc:
+                    raise OutputError(
+                        f"cannot move the verified download into {final}: {exc.strerror or exc}"
+                    ) from None
                 logger.info("cached %s (%d bytes) at %s", asset.name, asset.size, final)
                 return final
             failures.append((url, str(error)))
@@ -249,8 +253,8 @@ class Cache:
             if signature is None:
                 remove(self.index_signature_copy_path(url))
             else:
-                write_atomically(self.index_signature_copy_path(url), signature)
-            write_atomically(target, data)
+                write_bytes_atomic(self.index_signature_copy_path(url), signature)
+            write_bytes_atomic(target, data)
         except OSError as exc:
             logger.warning("cannot keep a copy of %s in %s (offline use will not see it): %s", url, target, exc)
 
@@ -336,48 +340,6 @@ def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's content."""
     with path.open("rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def install(part: Path, final: Path) -> None:
-    """Move a verified part into place: flushed to disk, read-only, then an atomic rename."""
-    try:
-        with part.open("rb") as handle:
-            os.fsync(handle.fileno())
-        part.chmod(_READ_ONLY)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(part, final)
-    except OSError as exc:
-        raise OutputError(f"cannot move the verified download into {final}: {exc.strerror or exc}") from None
-
-
-def write_atomically(target: Path, data: bytes, *, mode: int = 0o644, replace: bool = True) -> None:
-    """Write ``data`` to ``target`` through a temporary file in the same folder, flushed, then renamed, so a
-    reader sees the old file or the new one, never half of one.
-
-    Args:
-        mode: permission bits; the temporary file is private (0600) until they are set, so a private key
-            is never readable by others, even for a moment.
-        replace: False keeps an existing ``target`` (FileExistsError), with no window in which it could be
-            clobbered: the file is hard-linked into place rather than renamed.
-
-    Raises:
-        OSError: the folder or file cannot be written; FileExistsError as above.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    temporary = Path(name)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, mode)
-        if replace:
-            os.replace(temporary, target)
-        else:
-            os.link(temporary, target)
-    finally:
-        remove(temporary)
 
 
 def read_optional(path: Path, what: str) -> bytes | None:

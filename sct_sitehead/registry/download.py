@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from sct_sitehead import __version__
 from sct_sitehead.errors import DownloadError, HTTPStatusError, IntegrityError, OutputError
+from sct_sitehead.version import __version__
 
 if TYPE_CHECKING:
     import requests

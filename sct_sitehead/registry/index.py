@@ -1,8 +1,8 @@
 """Load a registry index and resolve ``model@version`` and site names to typed, immutable specs.
 
-An index comes from the package (embedded), a local path, ``file://`` or ``http(s)://``. Remote indexes
-are fetched through :mod:`download` with a size cap and their last good copy is kept in the cache, which
-is what an offline run reads: offline, nothing touches the network, not even for the index.
+An index comes from the package (embedded), a local path, ``file://`` (:mod:`local`) or ``http(s)://``
+(:mod:`remote`: fetched with a size cap, and its last good copy kept in the cache, which is what an offline run
+reads: offline, nothing touches the network, not even for the index). Its bytes are parsed by :mod:`document`.
 
 Trust (:mod:`trust`): an index with a signature beside it (``registry.json.sig``) is verified before a byte
 of it is parsed, and its serial must not go back; a remote index must be signed unless the caller allows
@@ -11,139 +11,32 @@ unsigned ones.
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
-import tempfile
 import urllib.parse
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sct_sitehead import env
-from sct_sitehead.errors import (
-    DownloadError,
-    HTTPStatusError,
-    OfflineError,
-    RegistryError,
-    UnknownModelError,
-    UsageError,
+from sct_sitehead.errors import RegistryError, UnknownModelError, UsageError
+from sct_sitehead.registry.document import parse_index
+from sct_sitehead.registry.download import is_remote
+from sct_sitehead.registry.local import embedded_registry_path, local_index_path, read_local_index, read_local_signature
+from sct_sitehead.registry.remote import fetch_remote_index, signature_url
+from sct_sitehead.registry.specs import (
+    Asset,
+    HeadSpec,
+    LabelSpec,
+    LocaliserSpec,
+    Release,
+    input_spec,
+    suggest,
 )
-from sct_sitehead.registry.download import check_url, download, is_remote
-from sct_sitehead.registry.schema import validate_index
-from sct_sitehead.registry.signing import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX
 from sct_sitehead.registry.trust import check_signature, remember_index
 
 if TYPE_CHECKING:
     from sct_sitehead.registry.cache import Cache
 
 logger = logging.getLogger(__name__)
-
-MAX_INDEX_BYTES = 16 * 1024 * 1024
-INDEX_NAME = "registry.json"
-# What a server answers for a file it does not have (403: object stores that hide what exists). A missing
-# signature only makes the index unsigned, which is refused unless allowed, so reading these as "absent" is safe.
-_ABSENT = frozenset({403, 404, 410})
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The model grid: orientation (e.g. ``"RAS"``), spacing (mm), patch size (voxels) and normalisation."""
-
-    orientation: str
-    spacing: tuple[float, float, float]
-    patch_size: tuple[int, int, int]
-    divisor: int
-    normalization: dict
-
-
-@dataclass(frozen=True)
-class LabelSpec:
-    """One output label of a head: its name, the site's label value, and its channel in the shared space."""
-
-    name: str
-    value: int
-    channel: int
-
-
-@dataclass(frozen=True)
-class Asset:
-    """A file to fetch: candidate URLs in order (index location first, then mirrors), size and sha256.
-
-    ``release`` (``"lesion@1.0.0"``) and ``site`` only feed error messages (the command to pre-fetch it).
-    """
-
-    name: str
-    sha256: str
-    size: int
-    urls: tuple[str, ...]
-    release: str = ""
-    site: str | None = None
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """A site's head: its ONNX file, training strategy, labels, effective threshold and the smallest lesion
-    (mm³) its masks keep."""
-
-    site: str
-    asset: Asset
-    strategy: str
-    labels: tuple[LabelSpec, ...]
-    threshold: float
-    min_lesion_mm3: float = 0.0
-
-
-@dataclass(frozen=True)
-class LocaliserSpec:
-    """The cord localiser of a release: a small backbone + head on a coarse grid that finds the cord.
-
-    The lesion model then runs only on the cord's bounding box grown by ``margin_mm``, and lesion probabilities
-    further than ``cord_margin_mm`` from the found cord are set to 0.
-    """
-
-    input: InputSpec
-    backbone: Asset
-    head: Asset
-    channel: int
-    threshold: float
-    margin_mm: float
-    cord_margin_mm: float
-
-
-@dataclass(frozen=True)
-class Release:
-    """One version of a model: the input grid, the shared output space, the backbone and the site heads."""
-
-    model: str
-    version: str
-    input: InputSpec
-    channels: int
-    threshold: float
-    backbone: Asset
-    backbone_outputs: tuple[str, ...]
-    heads: dict[str, HeadSpec]
-    localiser: LocaliserSpec | None = None
-
-    @property
-    def spec(self) -> str:
-        """``"lesion@1.0.0"``."""
-        return f"{self.model}@{self.version}"
-
-    def head(self, site: str) -> HeadSpec:
-        """The head of ``site``.
-
-        Raises:
-            UnknownModelError: no such site; the message lists the sites and the nearest name.
-        """
-        try:
-            return self.heads[site]
-        except KeyError:
-            raise UnknownModelError(
-                f"unknown site {site!r} for {self.spec}; sites: {', '.join(sorted(self.heads))}."
-                f"{suggest(site, self.heads)}"
-            ) from None
 
 
 class Registry:
@@ -220,7 +113,7 @@ class Registry:
         A signed local index is also checked against the serials seen before from it, except the embedded one:
         it changes only with the package, and downgrading the package is the user's choice.
         """
-        data = read_local(path)
+        data = read_local_index(path)
         signature = read_local_signature(path)
         key_id = check_signature(data, signature, source=str(path), unsigned_ok=True, trust=trust)
         index = parse_index(data, str(path))
@@ -335,17 +228,6 @@ class Registry:
         )
 
 
-def input_spec(raw: dict[str, Any]) -> InputSpec:
-    """An index's ``input`` object (already schema-checked) as an :class:`InputSpec`."""
-    return InputSpec(
-        orientation=raw["orientation"],
-        spacing=tuple(float(v) for v in raw["spacing"]),  # type: ignore[arg-type]
-        patch_size=tuple(int(v) for v in raw["patch_size"]),  # type: ignore[arg-type]
-        divisor=int(raw["divisor"]),
-        normalization=dict(raw["normalization"]),
-    )
-
-
 def resolve_urls(url: str, base_url: str, mirrors: tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """Candidate URLs for one asset: resolved against the index's location, then each mirror, no duplicates.
 
@@ -390,157 +272,3 @@ def parse_model_spec(spec: str | None) -> tuple[str | None, str | None]:
 def version_key(version: str) -> tuple[int, ...]:
     """Numeric sort key of a dotted version (the schema allows digits and dots only)."""
     return tuple(int(part) for part in version.split("."))
-
-
-def suggest(name: str, choices: Any) -> str:
-    """`` Did you mean 'x'?`` for the nearest choice, or an empty string."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
-def embedded_registry_path() -> Path:
-    """The index shipped with the package: ``sct_sitehead.models/registry.json`` in a wheel, else
-    ``<repository>/models/registry.json`` in a source checkout. The path may not exist."""
-    from importlib import resources
-
-    try:
-        candidate = resources.files("sct_sitehead.models").joinpath(INDEX_NAME)
-        if isinstance(candidate, Path) and candidate.is_file():
-            return candidate
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parents[2] / "models" / INDEX_NAME
-
-
-def local_index_path(location: str) -> Path:
-    """A plain path or ``file://`` URL as a path; a folder means its ``registry.json``."""
-    parts = urllib.parse.urlsplit(location)
-    if parts.scheme.lower() == "file":
-        path = Path(urllib.request.url2pathname(parts.path))
-    else:
-        path = Path(location).expanduser()
-    return path / INDEX_NAME if path.is_dir() else path
-
-
-def read_local_signature(index: Path) -> bytes | None:
-    """The ``.sig`` beside a local index, None when there is none.
-
-    Raises:
-        RegistryError: it exists but cannot be read, or is over the size cap.
-    """
-    path = index.with_name(index.name + SIGNATURE_SUFFIX)
-    try:
-        with path.open("rb") as handle:
-            data = handle.read(MAX_SIGNATURE_BYTES + 1)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise RegistryError(
-            f"cannot read the signature {path} of registry index {index}: {exc.strerror or exc}"
-        ) from None
-    if len(data) > MAX_SIGNATURE_BYTES:
-        raise RegistryError(f"signature file {path} is over the {MAX_SIGNATURE_BYTES}-byte limit; re-create it")
-    return data
-
-
-def signature_url(url: str) -> str:
-    """``https://h/r/registry.json?x`` -> ``https://h/r/registry.json.sig?x`` (the query stays on the URL)."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(path=parts.path + SIGNATURE_SUFFIX))
-
-
-def read_local(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise RegistryError(
-            f"registry index {path} does not exist; check -registry / SCT_SITEHEAD_REGISTRY, or omit both to use "
-            "the embedded index"
-        ) from None
-    except OSError as exc:
-        raise RegistryError(f"cannot read registry index {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_INDEX_BYTES:
-        raise RegistryError(f"registry index {path} is {len(data)} bytes, over the {MAX_INDEX_BYTES}-byte limit")
-    return data
-
-
-def parse_index(data: bytes, source: str) -> dict[str, Any]:
-    """Decode JSON and validate it (schema, then cross-field rules).
-
-    Raises:
-        RegistryError: not UTF-8 JSON, or invalid (see :func:`schema.validate_index`).
-    """
-    try:
-        index = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise RegistryError(f"registry index {source} is not UTF-8 text: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise RegistryError(
-            f"registry index {source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    validate_index(index, source=f"registry index {source}")
-    return index
-
-
-def fetch_remote_index(url: str, cache: Cache, *, offline: bool, allow_http: bool) -> tuple[bytes, bytes | None, bool]:
-    """The index at ``url`` and its signature: downloaded, or the copy kept in the cache when offline.
-
-    Nothing here is trusted yet; the caller verifies the pair (the kept copy too, every time it is used).
-
-    Returns:
-        ``(index bytes, signature bytes or None, fresh)``; ``fresh`` is false for the kept copy, used offline or
-        with a warning when the download fails.
-    """
-    cached = cache.read_index_copy(url)
-    if offline:
-        if cached is None:
-            raise OfflineError(
-                f"offline mode is on and no copy of the registry index {url} is cached in {cache.root}. Run once "
-                "with network access to cache it, or omit -registry to use the embedded index."
-            )
-        logger.info("offline: using the cached copy of %s", url)
-        return cached, cache.read_index_signature_copy(url), False
-    try:
-        check_url(url, allow_http=allow_http)
-    except DownloadError as exc:
-        raise RegistryError(
-            f"{exc} The registry index carries the sha256 of every model file, so it must not travel over plain http."
-        ) from None
-    try:
-        data = download_small(url, cache, max_size=MAX_INDEX_BYTES, allow_http=allow_http)
-        signature = download_signature(url, cache, allow_http=allow_http)
-    except DownloadError as exc:
-        if cached is None:
-            raise
-        logger.warning("cannot fetch %s (%s); using the copy cached at %s", url, exc, cache.index_copy_path(url))
-        return cached, cache.read_index_signature_copy(url), False
-    return data, signature, True
-
-
-def download_signature(url: str, cache: Cache, *, allow_http: bool) -> bytes | None:
-    """The index's ``.sig`` (small size cap), or None when the server has none."""
-    try:
-        return download_small(signature_url(url), cache, max_size=MAX_SIGNATURE_BYTES, allow_http=allow_http)
-    except HTTPStatusError as exc:
-        if exc.status in _ABSENT:
-            logger.debug("no signature for %s (HTTP %d)", url, exc.status)
-            return None
-        raise
-
-
-def download_small(url: str, cache: Cache, *, max_size: int, allow_http: bool) -> bytes:
-    """Download a small file (index, signature) into a private temporary folder; never resumed, since it
-    changes between releases."""
-    with tempfile.TemporaryDirectory(prefix="sct_sitehead-index-") as folder:
-        part = Path(folder) / "download.part"
-        download(
-            url,
-            part,
-            expected_size=None,
-            max_size=max_size,
-            timeout=cache.timeout,
-            retries=cache.retries,
-            backoff=cache.backoff,
-            allow_http=allow_http,
-        )
-        return part.read_bytes()

@@ -9,15 +9,18 @@ it atomically and, given a key, signs it. No torch needed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+from sct_sitehead.atomic import write_bytes_atomic, write_file_atomic
 from sct_sitehead.errors import OutputError, RegistryError, UsageError
-from sct_sitehead.registry.cache import sha256_file, write_atomically
-from sct_sitehead.registry.index import INDEX_NAME, version_key
+from sct_sitehead.registry.cache import sha256_file
+from sct_sitehead.registry.document import INDEX_NAME
+from sct_sitehead.registry.index import version_key
 from sct_sitehead.registry.schema import validate_index
 
 logger = logging.getLogger(__name__)
@@ -120,10 +123,7 @@ def copy_assets(manifest: dict[str, Any], export_dir: Path, target: Path, *, hea
         source, destination = export_dir / entry["file"], target / entry["file"]
         if destination.is_file() and sha256_file(destination) == entry["sha256"]:
             continue
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        partial = destination.with_name(destination.name + ".part")
-        shutil.copyfile(source, partial)
-        partial.replace(destination)
+        write_file_atomic(destination, functools.partial(shutil.copyfile, source))
 
 
 def publish(
@@ -203,7 +203,10 @@ def publish(
     index["serial"] = int(index.get("serial", 0)) + 1
     index["updated"] = now.isoformat().replace("+00:00", "Z")
     validate_index(index, source=str(index_path))
-    _write_json(index, index_path)
+    try:
+        write_bytes_atomic(index_path, (json.dumps(index, indent=2) + "\n").encode("utf-8"))
+    except OSError as exc:
+        raise OutputError(f"cannot write {index_path}: {exc.strerror}; check permissions and free space") from exc
     if sign_key is not None:
         from sct_sitehead.registry.signing import sign_index
 
@@ -225,11 +228,3 @@ def _assets_of(release: dict[str, Any]) -> set[tuple[str, str]]:
         loc = release["localiser"]
         assets |= {("localiser backbone", loc["backbone"]["sha256"]), ("localiser head", loc["head"]["sha256"])}
     return assets
-
-
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror}; check permissions and free space") from exc

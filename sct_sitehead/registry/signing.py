@@ -23,8 +23,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sct_sitehead.atomic import write_bytes_atomic
 from sct_sitehead.errors import OutputError, RegistryError, UsageError
-from sct_sitehead.registry.cache import write_atomically
+from sct_sitehead.registry.document import MAX_INDEX_BYTES, parse_index
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -89,7 +90,7 @@ def generate_keypair(private_path: Path, public_path: Path, *, force: bool = Fal
     # again), never a published public key whose private half is lost.
     for path, data, mode in ((private_path, private_pem, 0o600), (public_path, public_pem, 0o644)):
         try:
-            write_atomically(path, data, mode=mode, replace=force)
+            write_bytes_atomic(path, data, mode=mode, replace=force)
         except FileExistsError:
             raise UsageError(
                 f"key file {path} appeared while the key pair was being written; it was left untouched"
@@ -190,8 +191,6 @@ def sign_index(index_path: Path, private_key_path: Path) -> Path:
         RegistryError: the index is not a valid registry index.
         OutputError: the signature cannot be written.
     """
-    from sct_sitehead.registry.index import MAX_INDEX_BYTES, parse_index
-
     index_path = Path(index_path)
     private_key = load_private_key(private_key_path)
     try:
@@ -209,7 +208,7 @@ def sign_index(index_path: Path, private_key_path: Path) -> Path:
         )
     target = signature_path(index_path)
     try:
-        write_atomically(target, sign_bytes(data, private_key))
+        write_bytes_atomic(target, sign_bytes(data, private_key))
     except OSError as exc:
         raise OutputError(f"cannot write signature {target}: {exc.strerror or exc}") from None
     logger.info("signed %s with key %s: %s", index_path, key_id(private_key.public_key()), target)

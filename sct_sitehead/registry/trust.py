@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sct_sitehead import env
+from sct_sitehead.atomic import write_bytes_atomic
 from sct_sitehead.errors import RegistryError, UsageError
-from sct_sitehead.registry.cache import write_atomically
 from sct_sitehead.registry.signing import parse_signature, public_key_from_pem, read_key_file, verify_index_bytes
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def remember_index(cache: Cache, location: str, key_id: str | None, index: Mappi
         refuse_rollback(location, key, now, records, path)
         records[key] = now
         try:
-            write_atomically(path, encode_state(state))
+            write_bytes_atomic(path, encode_state(state))
         except OSError as exc:
             logger.warning(
                 "cannot record serial %d of %s in %s (%s); rollback protection will not remember it",

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sct_sitehead.atomic import move_into_place, write_json_atomic
 from sct_sitehead.errors import OutputError, UsageError
 from sct_sitehead.simulate.phantom import INTENSITIES, make_phantom
-from sct_sitehead.simulate.simulator import _staging_folder, _write_json
+from sct_sitehead.simulate.staging import staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: Sequen
     unknown = [c for c in contrasts if c not in INTENSITIES]
     if unknown:
         raise UsageError(f"phantom sources: contrasts {unknown} unknown; pick among {sorted(INTENSITIES)}")
-    staging = _staging_folder(out)
+    staging = staging_folder(out)
     rng = np.random.default_rng([int(seed), 7])
     shape = tuple(int(round(f / SPACING_MM)) for f in FOV_MM)
     rows = ["participant_id\tsite\tsource"]
@@ -81,17 +82,12 @@ def write_phantom_sources(out: Path, n: int, *, seed: int = 0, contrasts: Sequen
             rows.append(f"{subject}\tphantom\tsct_sitehead phantom (z {center[2]:.0f} mm, {orientation})")
             logger.info("%s: %s at z %.0f mm, %s", subject, contrast, center[2], orientation)
         (staging / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-        _write_json(
+        write_json_atomic(
+            {"Name": "sct_sitehead phantom anatomy", "BIDSVersion": "1.8.0", "DatasetType": "raw"},
             staging / "dataset_description.json",
-            {
-                "Name": "sct_sitehead phantom anatomy",
-                "BIDSVersion": "1.8.0",
-                "DatasetType": "raw",
-            },
+            sort_keys=True,
         )
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        move_into_place(staging, out)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         raise OutputError(f"cannot write phantom sources into {out}: {exc}") from exc

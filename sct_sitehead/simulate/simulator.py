@@ -19,7 +19,6 @@ Output (BIDS)::
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from sct_sitehead import __version__
+from sct_sitehead.atomic import move_into_place, write_json_atomic
 from sct_sitehead.errors import InputImageError, OutputError, UsageError
 from sct_sitehead.evaluation.bids import Sample, read_bids
 from sct_sitehead.simulate.acquisition import (
@@ -48,6 +47,8 @@ from sct_sitehead.simulate.deform import draw_deformation, source_coordinates, w
 from sct_sitehead.simulate.grids import world_extent
 from sct_sitehead.simulate.lesions import insert_lesions_array
 from sct_sitehead.simulate.sites import Borrow, Site, load_sites
+from sct_sitehead.simulate.staging import staging_folder
+from sct_sitehead.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +255,7 @@ def simulate(
             f"holdout subjects {unknown} have no image with a cord mask in {source}; "
             f"choose among {sorted({s.subject for s in samples})}"
         )
-    staging = _staging_folder(out)
+    staging = staging_folder(out)
     started = time.perf_counter()
     extra = tempfile.TemporaryDirectory(prefix="sct_sitehead-phantoms-") if phantoms else None
     phantom_subjects: set[str] = set()
@@ -283,9 +284,7 @@ def simulate(
         _write_dataset_files(
             staging, source, rows, subjects, profiles, n_per_site, seed, holdout, split_fractions, real_share
         )
-        if out.exists():
-            out.rmdir()
-        staging.rename(out)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -321,18 +320,6 @@ def _sources(source: Path) -> list[Sample]:
         )
     logger.info("%d source images with a cord mask in %s", len(with_cord), source)
     return with_cord
-
-
-def _staging_folder(out: Path) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError(f"output folder {out} exists and is not empty; choose a new or empty folder")
-    staging = out.with_name(f".{out.name}.partial")
-    try:
-        shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted run with the same output
-        staging.mkdir(parents=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create {staging}: {exc.strerror}; check the parent folder is writable") from exc
-    return staging
 
 
 def _simulate_all(
@@ -505,8 +492,7 @@ def _write_dataset_files(
     lines = ["\t".join(header)] + ["\t".join(row[k] for k in header) for row in ordered]
     (root / "participants.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
     generated = [{"Name": "sct_sitehead simulate", "Version": __version__}]
-    _write_json(
-        root / "dataset_description.json",
+    write_json_atomic(
         {
             "Name": "sct_sitehead simulated multi-site spinal cord lesions",
             "BIDSVersion": "1.8.0",
@@ -514,19 +500,23 @@ def _write_dataset_files(
             "GeneratedBy": generated,
             "SourceDatasets": [{"Name": source.name}],
         },
+        root / "dataset_description.json",
+        sort_keys=True,
     )
     for name, description in (("labels", "site annotations"), ("truth", "unannotated lesion and cord truth")):
-        _write_json(
-            root / "derivatives" / name / "dataset_description.json",
+        derivative = root / "derivatives" / name
+        derivative.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
             {
                 "Name": f"sct_sitehead simulated {description}",
                 "BIDSVersion": "1.8.0",
                 "DatasetType": "derivative",
                 "GeneratedBy": generated,
             },
+            derivative / "dataset_description.json",
+            sort_keys=True,
         )
-    _write_json(
-        root / "simulation.json",
+    write_json_atomic(
         {
             "generator": {"name": "sct_sitehead.simulate", "version": __version__},
             "source": source.name,
@@ -540,9 +530,6 @@ def _write_dataset_files(
             "sites": {site.name: site.as_dict() for site in profiles},
             "subjects": subjects,
         },
+        root / "simulation.json",
+        sort_keys=True,
     )
-
-
-def _write_json(path: Path, document: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")

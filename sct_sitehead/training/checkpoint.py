@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sct_sitehead.atomic import write_bytes_atomic
 from sct_sitehead.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -45,18 +44,12 @@ def save_checkpoint(
         tensors.update(optim_tensors)
         meta["optim"] = optim_meta
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        # Serialised in memory and written with open(): safetensors' own writer creates files mode 0600.
+        # Serialised in memory and written with the umask's mode (mode=None): safetensors' own writer creates
+        # files mode 0600.
         data = save(tensors, metadata={_META_KEY: json.dumps(meta, sort_keys=True)})
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data, mode=None)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise TrainingError(f"cannot write checkpoint {path}: {exc}; check free space and permissions") from exc
     return path
 

@@ -1,7 +1,7 @@
 """Training cases: preprocessed exactly like the deploy path, cached as .npy, sampled into patch batches.
 
 Each image goes through :func:`spatial.to_model_grid` (reorient to the release orientation, resample to its
-spacing, linear) and :func:`inference.normalize`; its label masks through the same grid (linear, then >= 0.5).
+spacing, linear) and :func:`normalization.normalize`; its label masks through the same grid (linear, then >= 0.5).
 The arrays are cached under ``<work>/cache/<key>/`` where the key hashes the files' paths, sizes and mtimes and
 the input spec, so a changed file or spec is preprocessed again and an unchanged one is memory-mapped.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import secrets
 import shutil
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from sct_sitehead.atomic import move_into_place
 from sct_sitehead.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -78,8 +78,8 @@ def preprocess(sample: Any, spec: Mapping[str, Any]) -> tuple[np.ndarray, dict[s
         InputImageError: unreadable or unusable image (from :mod:`nifti`).
         TrainingError: a label that is not on the image's grid.
     """
-    from sct_sitehead.deploy.inference import normalize
     from sct_sitehead.deploy.nifti import image_data, load_image
+    from sct_sitehead.deploy.normalization import normalize
     from sct_sitehead.deploy.spatial import to_model_grid
 
     image = load_image(sample.image)
@@ -122,7 +122,7 @@ def _write_case(folder: Path, volume: np.ndarray, labels: Mapping[str, np.ndarra
         np.save(tmp / "foreground.npy", _foreground(labels, seed=0))
         (tmp / "case.json").write_text(json.dumps(info, sort_keys=True), encoding="utf-8")
         try:
-            os.replace(tmp, folder)
+            move_into_place(tmp, folder)
         except OSError:
             if not (folder / "case.json").is_file():  # lost a race with another process: theirs is as good
                 raise
@@ -183,7 +183,9 @@ def prepare_cases(samples: Sequence[Any], spec: Mapping[str, Any], cache_dir: Pa
     return cases
 
 
-def crop(volume: np.ndarray, corner: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
+def crop(
+    volume: np.ndarray, corner: Sequence[int] | np.ndarray, size: Sequence[int] | np.ndarray, fill: float
+) -> np.ndarray:
     """The box ``[corner, corner + size)`` of a (..., X, Y, Z) array, out-of-volume voxels set to ``fill``."""
     out = np.full((*volume.shape[:-3], *size), fill, dtype=volume.dtype)
     src, dst = [], []

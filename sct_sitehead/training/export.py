@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import secrets
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,15 +22,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sct_sitehead.atomic import write_file_atomic
 from sct_sitehead.errors import TrainingError
 from sct_sitehead.registry.cache import sha256_file as file_sha256
+from sct_sitehead.training.arch import Arch
 from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest
 from sct_sitehead.training.fuse import FusedHead, fuse_head
 from sct_sitehead.training.heads import Head
 from sct_sitehead.training.labels import UNIVERSAL, LabelSpace
 from sct_sitehead.training.layers import count_parameters
 from sct_sitehead.training.train import load_backbone, universal_meta
-from sct_sitehead.training.unet import Arch, Backbone
+from sct_sitehead.training.unet import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ def _export_graph(
             dynamo=True,
             verbose=False,
         )
+    assert program is not None  # only the legacy exporter (dynamo=False) returns None
     program.save(str(path))
 
 
@@ -196,18 +197,17 @@ def _write_checked(
 ) -> float:
     """Export to ``path`` unless it already holds the same source, then check it against PyTorch."""
     if not (path.is_file() and _source_of(path) == source):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp.onnx")
-        try:
+
+        def write(tmp: Path) -> None:
             _export_graph(module, args, tmp, *names, scales, options["opset"], options["exporter"])
             _with_source(tmp, source)
-            os.replace(tmp, path)
+
+        try:
+            write_file_atomic(path, write)
         except TrainingError:
             raise
         except Exception as exc:
             raise TrainingError(f"exporting {path.name} failed ({type(exc).__name__}: {exc}); see the log") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
         logger.info("exported %s", path)
     else:
         logger.info("%s is up to date (same weights); kept", path)

@@ -10,6 +10,7 @@ The result computes the same function up to float rounding (checked at export ag
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +24,32 @@ def full_weight(conv: WideConv) -> tuple[Tensor, Tensor]:
     """The one weight and bias equivalent to a :class:`WideConv`, channels laid out ``[old..., new...]``."""
     # Output channels are dim 0 of a convolution weight but dim 1 of a transposed one; inputs the other.
     out_dim, in_dim = (1, 0) if conv.transpose else (0, 1)
-    weight = conv.weight
+    weight: Tensor = conv.weight
     if conv.in_new:
         weight = torch.cat([weight, conv.weight_from_new], dim=in_dim)
-    bias = conv.bias
+    bias: Tensor = conv.bias
     if conv.out_new:
         weight = torch.cat([weight, conv.weight_new], dim=out_dim)
         bias = torch.cat([bias, conv.bias_new])
     return weight.detach().clone(), bias.detach().clone()
+
+
+def bias_of(layer: nn.Conv3d | nn.ConvTranspose3d) -> Tensor:
+    """The bias of a convolution built with one (torch types every convolution's bias as optional)."""
+    if layer.bias is None:
+        raise ValueError(f"{layer} has no bias; the fused layers are all built with one")
+    return layer.bias
+
+
+def load_layer(layer: nn.Conv3d | nn.ConvTranspose3d, weight: Tensor, bias: Tensor) -> None:
+    """Copy ``weight`` and ``bias`` into a freshly built convolution of the same shapes."""
+    layer.weight.data.copy_(weight)
+    bias_of(layer).data.copy_(bias)
+
+
+def conv_blocks(stage: DecoderStage) -> list[ConvBlock]:
+    """The conv blocks of ``stage`` (an ``nn.ModuleList`` types its items as plain modules)."""
+    return [cast(ConvBlock, block) for block in stage.blocks]
 
 
 class FusedBlock(nn.Module):
@@ -45,8 +64,7 @@ class FusedBlock(nn.Module):
         self.conv = nn.Conv3d(
             weight.shape[1], weight.shape[0], weight.shape[2], stride=wide.stride, padding=wide.padding
         )
-        self.conv.weight.data.copy_(weight)
-        self.conv.bias.data.copy_(bias)
+        load_layer(self.conv, weight, bias)
         gamma, beta = block.norm.weight.detach(), block.norm.bias.detach()
         if wide.out_new:
             # (norm(x) * g + b) * s == norm(x) * (g * s) + b * s: the group scales fold into the affine.
@@ -70,14 +88,14 @@ class FusedStage(nn.Module):
         up = stage.up
         weight, bias = full_weight(up)
         self.up = nn.ConvTranspose3d(weight.shape[0], weight.shape[1], 2, stride=2)
-        self.up.weight.data.copy_(weight)
-        self.up.bias.data.copy_(bias)
+        load_layer(self.up, weight, bias)
         old, new = up.out_old, up.out_new
-        skip = stage.blocks[0].conv.in_old - old
+        first, *rest = conv_blocks(stage)
+        skip = first.conv.in_old - old
         # Fused input [up old, up new, skip] read from the trained layout [up old, skip, up new].
         order = [*range(old), *range(old + skip, old + skip + new), *range(old, old + skip)]
-        blocks = [FusedBlock(stage.blocks[0], order if new else None)]
-        blocks += [FusedBlock(block) for block in stage.blocks[1:]]
+        blocks = [FusedBlock(first, order if new else None)]
+        blocks += [FusedBlock(block) for block in rest]
         self.blocks = nn.ModuleList(blocks)
 
     def forward(self, coarse: Tensor, skip: Tensor) -> Tensor:
@@ -98,13 +116,13 @@ class FoldedStage(nn.Module):
 
     def __init__(self, stage: FusedStage) -> None:
         super().__init__()
-        up, block = stage.up, stage.blocks[0]
+        up, block = stage.up, cast(FusedBlock, stage.blocks[0])
         n_up = up.out_channels
         weight = block.conv.weight.detach().double()[:, :, 0, 0, 0]
         to_out, from_skip = weight[:, :n_up], weight[:, n_up:]
         self.up = nn.ConvTranspose3d(up.in_channels, weight.shape[0], 2, stride=2)
         self.up.weight.data.copy_(torch.einsum("ikabc,ok->ioabc", up.weight.detach().double(), to_out))
-        self.up.bias.data.copy_(to_out @ up.bias.detach().double() + block.conv.bias.detach().double())
+        bias_of(self.up).data.copy_(to_out @ bias_of(up).detach().double() + bias_of(block.conv).detach().double())
         self.skip = nn.Conv3d(from_skip.shape[1], weight.shape[0], 1, bias=False)
         self.skip.weight.data.copy_(from_skip[:, :, None, None, None])
         self.norm = block.norm
@@ -113,7 +131,7 @@ class FoldedStage(nn.Module):
     @staticmethod
     def applies(stage: FusedStage) -> bool:
         """One convolution, 1x1x1, stride 1: the release's final stage (``final_kernel`` 1, ``final_convs`` 1)."""
-        conv = stage.blocks[0].conv
+        conv = cast(FusedBlock, stage.blocks[0]).conv
         return len(stage.blocks) == 1 and conv.kernel_size == (1, 1, 1) and conv.stride == (1, 1, 1)
 
     def forward(self, coarse: Tensor, skip: Tensor) -> Tensor:
@@ -136,7 +154,7 @@ class FusedHead(nn.Module):
         self.head_stages = head.arch.head_stages
         self.channels = head.arch.channels
         self.spatial = head.spatial
-        self.stages = nn.ModuleList(fused_stage(stage) for stage in head.stages)
+        self.stages = nn.ModuleList(fused_stage(cast(DecoderStage, stage)) for stage in head.stages)
         out = head.out
         weight, bias = full_weight(out)
         if self.spatial:
@@ -146,8 +164,7 @@ class FusedHead(nn.Module):
             weight, bias = torch.cat([old, new]), torch.cat([bias, torch.zeros_like(bias)])
             self.gate = head.gate
         self.out = nn.Conv3d(weight.shape[1], weight.shape[0], 1)
-        self.out.weight.data.copy_(weight)
-        self.out.bias.data.copy_(bias)
+        load_layer(self.out, weight, bias)
 
     def forward(self, features: Mapping[str, Tensor]) -> Tensor:
         """Named backbone outputs -> (N, K, X, Y, Z) probabilities."""

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from sct_sitehead.errors import TrainingError
+from sct_sitehead.training.arch import Arch
 from sct_sitehead.training.layers import DecoderStage, WideConv
-from sct_sitehead.training.unet import Arch
 
 STRATEGIES = ("finetune", "wider", "spatial")
 #: Manifest ``strategy`` of the head trained with the backbone on every site's data.

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sct_sitehead.errors import TrainingError
+from sct_sitehead.training.arch import Arch
 from sct_sitehead.training.checkpoint import load_checkpoint, save_checkpoint, weights_digest
 from sct_sitehead.training.config import load_config
 from sct_sitehead.training.data import Case, prepare_cases
@@ -24,7 +25,7 @@ from sct_sitehead.training.distributed import Context, barrier, setup
 from sct_sitehead.training.heads import STRATEGIES, UNIVERSAL_STRATEGY, Head, build_head
 from sct_sitehead.training.labels import LabelSpace, build_label_space, measure_label_sizes
 from sct_sitehead.training.loop import Job, Result, fit
-from sct_sitehead.training.unet import Arch, Backbone, UNet
+from sct_sitehead.training.unet import Backbone, UNet
 
 logger = logging.getLogger(__name__)
 

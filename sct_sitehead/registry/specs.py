@@ -1,0 +1,177 @@
+"""What a registry index says about a release, as typed, immutable specs.
+
+The index (JSON, checked by :mod:`schema`) is parsed into these once, in :mod:`index`; everything downstream (the
+deploy path, evaluation, training's publishing) reads attributes, never the raw dictionaries.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sct_sitehead.errors import RegistryError, UnknownModelError
+
+
+@dataclass(frozen=True)
+class NormalizationSpec:
+    """How intensities are normalised on the model grid (DESIGN.md, "Model contract").
+
+    Attributes:
+        method: ``"zscore"`` (the only one this version runs; another is refused when an image is normalised,
+            so an index may list releases that need a newer sct_sitehead).
+        clip_percentiles: ``(low, high)`` percentiles of the image to clip to before normalising; None: no clipping.
+
+    Raises:
+        RegistryError: ``clip_percentiles`` is not two numbers with ``0 <= low < high <= 100``.
+    """
+
+    method: str
+    clip_percentiles: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip_percentiles is not None:
+            object.__setattr__(self, "clip_percentiles", _percentile_pair(self.clip_percentiles))
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> NormalizationSpec:
+        """The spec of an index's (or a training config's) ``normalization`` object; other keys are ignored."""
+        return cls(method=raw.get("method"), clip_percentiles=raw.get("clip_percentiles"))  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``normalization`` object of an index: ``{"method": ..., "clip_percentiles": [low, high]}``."""
+        raw: dict[str, Any] = {"method": self.method}
+        if self.clip_percentiles is not None:
+            raw["clip_percentiles"] = list(self.clip_percentiles)
+        return raw
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model grid: orientation (e.g. ``"RAS"``), spacing (mm), patch size (voxels) and normalisation."""
+
+    orientation: str
+    spacing: tuple[float, float, float]
+    patch_size: tuple[int, int, int]
+    divisor: int
+    normalization: NormalizationSpec
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """One output label of a head: its name, the site's label value, and its channel in the shared space."""
+
+    name: str
+    value: int
+    channel: int
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A file to fetch: candidate URLs in order (index location first, then mirrors), size and sha256.
+
+    ``release`` (``"lesion@1.0.0"``) and ``site`` only feed error messages (the command to pre-fetch it).
+    """
+
+    name: str
+    sha256: str
+    size: int
+    urls: tuple[str, ...]
+    release: str = ""
+    site: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A site's head: its ONNX file, training strategy, labels, effective threshold and the smallest lesion
+    (mm³) its masks keep."""
+
+    site: str
+    asset: Asset
+    strategy: str
+    labels: tuple[LabelSpec, ...]
+    threshold: float
+    min_lesion_mm3: float = 0.0
+
+
+@dataclass(frozen=True)
+class LocaliserSpec:
+    """The cord localiser of a release: a small backbone + head on a coarse grid that finds the cord.
+
+    The lesion model then runs only on the cord's bounding box grown by ``margin_mm``, and lesion probabilities
+    further than ``cord_margin_mm`` from the found cord are set to 0.
+    """
+
+    input: InputSpec
+    backbone: Asset
+    head: Asset
+    channel: int
+    threshold: float
+    margin_mm: float
+    cord_margin_mm: float
+
+
+@dataclass(frozen=True)
+class Release:
+    """One version of a model: the input grid, the shared output space, the backbone and the site heads."""
+
+    model: str
+    version: str
+    input: InputSpec
+    channels: int
+    threshold: float
+    backbone: Asset
+    backbone_outputs: tuple[str, ...]
+    heads: dict[str, HeadSpec]
+    localiser: LocaliserSpec | None = None
+
+    @property
+    def spec(self) -> str:
+        """``"lesion@1.0.0"``."""
+        return f"{self.model}@{self.version}"
+
+    def head(self, site: str) -> HeadSpec:
+        """The head of ``site``.
+
+        Raises:
+            UnknownModelError: no such site; the message lists the sites and the nearest name.
+        """
+        try:
+            return self.heads[site]
+        except KeyError:
+            raise UnknownModelError(
+                f"unknown site {site!r} for {self.spec}; sites: {', '.join(sorted(self.heads))}."
+                f"{suggest(site, self.heads)}"
+            ) from None
+
+
+def input_spec(raw: Mapping[str, Any]) -> InputSpec:
+    """An index's ``input`` object (already schema-checked) as an :class:`InputSpec`.
+
+    Raises:
+        RegistryError: malformed ``clip_percentiles`` (the schema does not check their order).
+    """
+    return InputSpec(
+        orientation=raw["orientation"],
+        spacing=tuple(float(v) for v in raw["spacing"]),  # type: ignore[arg-type]
+        patch_size=tuple(int(v) for v in raw["patch_size"]),  # type: ignore[arg-type]
+        divisor=int(raw["divisor"]),
+        normalization=NormalizationSpec.from_mapping(raw["normalization"]),
+    )
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the nearest choice, or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _percentile_pair(clip: Any) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in clip)
+    except (TypeError, ValueError) as exc:
+        raise RegistryError(f"clip_percentiles must be two numbers [low, high], got {clip!r}") from exc
+    if not 0.0 <= low < high <= 100.0:
+        raise RegistryError(f"clip_percentiles must satisfy 0 <= low < high <= 100, got {clip!r}")
+    return low, high
