@@ -1,7 +1,7 @@
 """``sct_sitehead``: models, cache and registry administration, and the model-building commands.
 
-Each command imports what it needs inside its body, so ``sct_sitehead -h`` stays fast and the deploy
-commands never import torch.
+The commands that need numpy, scipy or torch (phantom, simulate, evaluate, the model-building ones) import
+them inside their body, so ``sct_sitehead -h`` stays fast and the deploy commands never import torch.
 """
 
 from __future__ import annotations
@@ -11,14 +11,23 @@ import logging
 import sys
 import traceback
 from pathlib import Path
+from types import ModuleType
 
 import click
 
-from sct_sitehead import env
+from sct_sitehead import env, training
 from sct_sitehead.api import ALL_SITES, open_segmenter
+from sct_sitehead.atomic import write_json_atomic
+from sct_sitehead.cli.logs import configure_logging
 from sct_sitehead.deploy.options import Options
 from sct_sitehead.errors import EXIT_INTERRUPTED, IntegrityError, SiteHeadError, UsageError
-from sct_sitehead.settings import ModelSource
+from sct_sitehead.registry.asset_names import name_cached_assets
+from sct_sitehead.registry.cache import Cache
+from sct_sitehead.registry.index import parse_model_spec
+from sct_sitehead.registry.publish import publish as run_publish
+from sct_sitehead.registry.server import serve
+from sct_sitehead.registry.signing import generate_keypair, sign_index
+from sct_sitehead.settings import ModelSource, parse_sites
 from sct_sitehead.version import __version__
 
 logger = logging.getLogger("sct_sitehead")
@@ -28,8 +37,6 @@ CONTEXT = {"help_option_names": ["-h", "-help", "--help"], "max_content_width": 
 
 
 def _verbosity(ctx: click.Context, _param: click.Parameter, value: int) -> int:
-    from sct_sitehead.cli.logs import configure_logging
-
     configure_logging(value)
     ctx.meta["verbosity"] = value
     return value
@@ -103,9 +110,6 @@ def models_install(
     model: str | None, sites: str | None, registry: str | None, trust: tuple[Path, ...], allow_unsigned: bool
 ) -> None:
     """Pre-fetch MODEL[@VERSION] (backbone and site heads) into the cache, for later offline use."""
-    from sct_sitehead.registry.index import parse_model_spec
-    from sct_sitehead.settings import parse_sites
-
     source = ModelSource.resolve(registry, trust=trust, allow_unsigned=allow_unsigned)
     index, cache = source.open()
     name, version = parse_model_spec(model) if model else (None, None)
@@ -143,9 +147,6 @@ def cache_dir() -> None:
 def cache_list() -> None:
     """List cached assets: sha256, size, path, and what each is (model, version, backbone, localiser or site head),
     from the embedded index and the cached copies of remote indexes."""
-    from sct_sitehead.registry.asset_names import name_cached_assets
-    from sct_sitehead.registry.cache import Cache
-
     cache = Cache(env.cache_dir())
     entries = cache.list()
     names = name_cached_assets(cache.root, [entry["sha256"] for entry in entries])
@@ -158,8 +159,6 @@ def cache_list() -> None:
 @verbosity_option
 def cache_verify() -> None:
     """Re-hash every cached asset; remove the ones that do not match their name."""
-    from sct_sitehead.registry.cache import Cache
-
     bad = Cache(env.cache_dir()).verify()
     for path in bad:
         click.echo(f"removed corrupt asset {path}")
@@ -172,8 +171,6 @@ def cache_verify() -> None:
 @verbosity_option
 def cache_clean() -> None:
     """Delete every cached asset and index copy (the next run downloads again)."""
-    from sct_sitehead.registry.cache import Cache
-
     freed = Cache(env.cache_dir()).clean()
     click.echo(f"freed {freed} bytes")
 
@@ -191,8 +188,6 @@ def registry() -> None:
 @verbosity_option
 def registry_serve(directory: Path, port: int, host: str) -> None:
     """Serve DIRECTORY (a registry index and its assets) over HTTP, with Range support, as a site mirror."""
-    from sct_sitehead.registry.server import serve
-
     click.echo(f"serving {directory} on http://{host}:{port}/ (Ctrl-C to stop)")
     serve(directory, port=port, host=host)
 
@@ -204,8 +199,6 @@ def registry_serve(directory: Path, port: int, host: str) -> None:
 @verbosity_option
 def registry_keygen(private: Path, public: Path, force: bool) -> None:
     """Make an ed25519 key pair for signing registry indexes (keep PRIVATE secret; give PUBLIC to sites)."""
-    from sct_sitehead.registry.signing import generate_keypair
-
     key_id = generate_keypair(private, public, force=force)
     click.echo(f"key {key_id}: private {private} (keep it secret), public {public}")
 
@@ -222,8 +215,6 @@ def registry_keygen(private: Path, public: Path, force: bool) -> None:
 @verbosity_option
 def registry_sign(index: Path, key: Path) -> None:
     """Sign a registry index: writes INDEX.sig next to it."""
-    from sct_sitehead.registry.signing import sign_index
-
     click.echo(f"signature: {sign_index(index, key)}")
 
 
@@ -245,8 +236,18 @@ def registry_sign(index: Path, key: Path) -> None:
 @click.option("-oblique", "oblique_deg", type=float, default=0.0, show_default=True, help="tilt of the grid, degrees")
 @click.option("-seed", type=int, default=0, show_default=True)
 @verbosity_option
-def phantom(out: Path, shape, spacing, orientation, contrast, n_lesions, oblique_deg, seed) -> None:
+def phantom(
+    out: Path,
+    shape: tuple[int, int, int],
+    spacing: tuple[float, float, float],
+    orientation: str,
+    contrast: str,
+    n_lesions: int,
+    oblique_deg: float,
+    seed: int,
+) -> None:
     """Write a procedural spinal cord phantom (cord, CSF, vertebrae, discs, lesions) and its ground truth."""
+    # simulate/ (numpy, scipy, nibabel) loads here and in `simulate`, so `sct_sitehead -h` does not pay for it.
     from sct_sitehead.simulate import make_phantom, write_phantom
 
     made = make_phantom(
@@ -318,7 +319,6 @@ def simulate(
     real_share: float | None,
 ) -> None:
     """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
-    from sct_sitehead.settings import parse_sites
     from sct_sitehead.simulate import simulate as run_simulation
 
     written = run_simulation(
@@ -338,16 +338,14 @@ def simulate(
 
 
 # --- model building (torch: the `train` extra) -------------------------------------------------------------------
-def _training():
-    """The training package, or a one-line hint to install the extra."""
+def _training() -> ModuleType:
+    """The training package (its names import torch on first use), or a one-line hint to install the extra."""
     try:
         import torch  # noqa: F401
     except ImportError:
         raise click.ClickException(
             "training needs PyTorch: pip install torch (CPU build first), then pip install 'sct_sitehead[train]'"
         ) from None
-    from sct_sitehead import training
-
     return training
 
 
@@ -489,8 +487,6 @@ def publish(
     cord_margin_mm: float,
 ) -> None:
     """Add an exported release to the registry folder REGISTRY_DIR (index updated, assets copied)."""
-    from sct_sitehead.registry.publish import publish as run_publish
-    from sct_sitehead.settings import parse_sites
 
     head_thresholds = head_min_lesion = None
     if thresholds_file is not None:
@@ -560,8 +556,7 @@ def evaluate(
 ) -> None:
     """Evaluate every head of a release on the labelled SPLIT of DATASET: per site, per contrast and pooled, with
     95% intervals that resample persons."""
-    from sct_sitehead.evaluation import evaluate as ev
-    from sct_sitehead.settings import parse_sites
+    from sct_sitehead.evaluation import evaluate as ev  # numpy: see `phantom`
 
     segmenter = open_segmenter(
         ALL_SITES,
@@ -610,8 +605,7 @@ def tune_thresholds(
 ) -> None:
     """Each head's threshold with the best mean Dice on its site's SPLIT cases, then its smallest lesion with the
     best lesion-wise F1 there; for `publish -thresholds`."""
-    from sct_sitehead.atomic import write_json_atomic
-    from sct_sitehead.evaluation import evaluate as ev
+    from sct_sitehead.evaluation import evaluate as ev  # numpy: see `phantom`
 
     if split == "test":
         raise click.BadParameter(

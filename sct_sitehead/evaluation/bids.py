@@ -18,10 +18,14 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sct_sitehead.errors import InputImageError
+
+if TYPE_CHECKING:
+    from nibabel.spatialimages import SpatialImage
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +134,21 @@ def read_bids(
         len(problems),
     )
     return samples, problems
+
+
+def load_spatial_image(path: Path) -> SpatialImage:
+    """``nibabel.load`` for an image with voxels: a shape, an affine and ``dataobj`` (NIfTI, MGH, Analyze...).
+
+    Raises:
+        InputImageError: ``path`` is another kind of file nibabel reads (a surface, a streamline file...).
+    """
+    import nibabel as nib
+    from nibabel.spatialimages import SpatialImage
+
+    image = nib.load(path)
+    if not isinstance(image, SpatialImage):
+        raise InputImageError(f"{path} is a {type(image).__name__}, not an image with voxels; give a NIfTI file")
+    return image
 
 
 def _normalise_suffixes(label_suffixes: Mapping[str, str | Sequence[str]]) -> dict[str, tuple[str, ...]]:
@@ -270,10 +289,8 @@ def _read_geometry(
     path: Path, root: Path, check_data: bool, problems: list[str]
 ) -> tuple[tuple[int, ...], np.ndarray] | None:
     """(shape, affine) of a readable 3D NIfTI file, else None with a problem."""
-    import nibabel as nib
-
     try:
-        img = nib.load(path)
+        img = load_spatial_image(path)
         shape = tuple(int(n) for n in img.shape)
         if check_data:
             np.asarray(img.dataobj)

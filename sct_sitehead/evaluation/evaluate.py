@@ -445,7 +445,7 @@ def plot_dice(summary: list[dict[str, Any]], path: Path) -> Path:
         draw.text((x0, bottom + 8), site, fill="black")
     draw.text(
         (margin, 12),
-        "lesion Dice (lesion cases) per site: grey universal, red own head (95% CI by person)",
+        "lesion Dice (lesion cases) per site: grey universal, red own head (95% CI by person, from 2 or more)",
         fill="black",
     )
     from sct_sitehead.atomic import write_atomic

@@ -1,7 +1,8 @@
 """Synthetic data without a scanner: a procedural spinal cord phantom, and a multi-site lesion simulator that
 inserts known lesions into real anatomy and acquires and annotates it the way each site would.
 
-numpy, scipy and nibabel only (no torch). Public entry points:
+numpy, scipy and nibabel only (no torch); scipy and nibabel are imported in the functions that use them, so the
+``sct_sitehead phantom`` command and ``import sct_sitehead.simulate`` cost numpy alone. Public entry points:
 
 - :func:`make_phantom`, :func:`write_phantom` (``sct_sitehead phantom``)
 - :func:`simulate` (``sct_sitehead simulate``) with site profiles from :func:`load_sites`

@@ -8,9 +8,9 @@ the contrast curve (gamma), a smooth multiplicative bias field and Rician or Gau
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -21,6 +21,7 @@ _AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 _FWHM_PER_SIGMA = 2.3548
 #: Largest shift (mm) of the field of view centre away from the cord, in the axial plane.
 CENTER_JITTER_MM = 4.0
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def plan_grid(
         cord_points: (N, 3) world positions of cord voxels of the source.
         rng: random generator.
     """
-    world_axis = tuple(_AXIS_OF[c] for c in acquisition.orientation)
+    world_axis = _three(_AXIS_OF[c] for c in acquisition.orientation)
     spacing = np.asarray(acquisition.spacing_mm, dtype=np.float64)
     fov_world = np.empty(3)
     for axis, world in enumerate(world_axis):
@@ -81,10 +82,16 @@ def plan_grid(
         center[world] = np.clip(
             center[world], anchor[world] + low + fov_world[world] / 2, anchor[world] + high - fov_world[world] / 2
         )
-    shape = tuple(max(1, int(round(fov_world[world] / spacing[axis]))) for axis, world in enumerate(world_axis))
+    shape = _three(max(1, int(round(fov_world[world] / spacing[axis]))) for axis, world in enumerate(world_axis))
     affine = grid_affine(shape, spacing, acquisition.orientation, center)
-    grid = TargetGrid(shape, affine, tuple(float(s) for s in spacing), world_axis)  # type: ignore[arg-type]
+    grid = TargetGrid(shape, affine, _three(float(s) for s in spacing), world_axis)
     return grid, {"shape": list(shape), "center_mm": [round(float(v), 3) for v in center]}
+
+
+def _three(values: Iterable[T]) -> tuple[T, T, T]:
+    """The three items of ``values``, one per axis (ValueError for any other count)."""
+    x, y, z = values
+    return x, y, z
 
 
 def _line_inside(shape: Sequence[int], affine: np.ndarray, point: np.ndarray, world: int) -> tuple[float, float]:
@@ -113,8 +120,8 @@ def working_grid(target: TargetGrid, spacing: float, margin_mm: float) -> tuple[
     world = target.affine[:3, :3] @ corners + target.affine[:3, 3:4]
     low = world.min(axis=1) - half - margin_mm
     high = world.max(axis=1) + half + margin_mm
-    shape = tuple(int(np.ceil((high - low)[i] / spacing)) + 1 for i in range(3))
-    return shape, grid_affine(shape, (spacing,) * 3, "RAS", (low + high) / 2)  # type: ignore[return-value]
+    shape = _three(int(np.ceil((high - low)[i] / spacing)) + 1 for i in range(3))
+    return shape, grid_affine(shape, (spacing,) * 3, "RAS", (low + high) / 2)
 
 
 def blur_margin_mm(target: TargetGrid, spacing: float) -> float:

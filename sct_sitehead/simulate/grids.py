@@ -27,7 +27,7 @@ def check_orientation(orientation: str) -> str:
     return code
 
 
-def rotation_about(axis: Sequence[float], degrees: float) -> np.ndarray:
+def rotation_about(axis: Sequence[float] | np.ndarray, degrees: float) -> np.ndarray:
     """(3, 3) rotation matrix turning by ``degrees`` about ``axis`` (right-hand rule)."""
     u = np.asarray(axis, dtype=np.float64)
     u = u / np.linalg.norm(u)
@@ -38,7 +38,7 @@ def rotation_about(axis: Sequence[float], degrees: float) -> np.ndarray:
 
 def grid_affine(
     shape: Sequence[int],
-    spacing: Sequence[float],
+    spacing: Sequence[float] | np.ndarray,
     orientation: str = "RAS",
     center: Sequence[float] = (0.0, 0.0, 0.0),
     rotation: np.ndarray | None = None,
@@ -56,9 +56,9 @@ def grid_affine(
         (4, 4) voxel-to-world affine.
     """
     code = check_orientation(orientation)
-    spacing = np.asarray(spacing, dtype=np.float64)
-    if spacing.shape != (3,) or not np.all(spacing > 0):
-        raise UsageError(f"voxel spacing {tuple(spacing.tolist())} is not three positive sizes in mm; e.g. (1, 1, 1)")
+    sizes = np.asarray(spacing, dtype=np.float64)
+    if sizes.shape != (3,) or not np.all(sizes > 0):
+        raise UsageError(f"voxel spacing {tuple(sizes.tolist())} is not three positive sizes in mm; e.g. (1, 1, 1)")
     directions = np.zeros((3, 3))
     for column, letter in enumerate(code):
         axis, sign = _AXIS_OF[letter]
@@ -66,7 +66,7 @@ def grid_affine(
     if rotation is not None:
         directions = np.asarray(rotation, dtype=np.float64) @ directions
     affine = np.eye(4)
-    affine[:3, :3] = directions * spacing
+    affine[:3, :3] = directions * sizes
     middle = (np.asarray(shape, dtype=np.float64) - 1) / 2
     affine[:3, 3] = np.asarray(center, dtype=np.float64) - affine[:3, :3] @ middle
     return affine

@@ -225,7 +225,7 @@ def _draw(
         across = np.cross(along, [0.0, 1.0, 0.0] if abs(along[1]) < 0.9 else [1.0, 0.0, 0.0])
         across /= np.linalg.norm(across)
         volume = float(np.exp(rng.uniform(np.log(volume_mm3[0]), np.log(volume_mm3[1]))))
-        ratio = float(rng.uniform(*elongation))
+        ratio = float(rng.uniform(elongation[0], elongation[1]))
         width = (3 * volume / (4 * np.pi * ratio)) ** (1 / 3)
         squash = float(rng.uniform(0.8, 1.25))
         directions = rng.normal(size=(3, 3))
@@ -236,7 +236,7 @@ def _draw(
                 semi_axes=np.array([ratio * width, width * squash, width / squash]),
                 wobble_dirs=directions / np.linalg.norm(directions, axis=1, keepdims=True),
                 wobble_phases=rng.uniform(0, 2 * np.pi, size=3),
-                contrast=float(rng.uniform(*contrast_range)),
+                contrast=float(rng.uniform(contrast_range[0], contrast_range[1])),
                 nominal_mm3=volume,
             )
         )

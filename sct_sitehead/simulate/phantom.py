@@ -305,7 +305,8 @@ def make_phantom(
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
     logger.debug("phantom %s at %s mm %s: %d lesions", shape, tuple(spacing), orientation, n_lesions)
-    return Phantom(*images, contrast=contrast, lesions=[les.as_dict() for les in lesions])
+    image, cord, lesion, csf = images
+    return Phantom(image, cord, lesion, csf, contrast=contrast, lesions=[les.as_dict() for les in lesions])
 
 
 def _render(

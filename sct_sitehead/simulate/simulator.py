@@ -33,7 +33,7 @@ import numpy as np
 
 from sct_sitehead.atomic import move_into_place, write_json_atomic
 from sct_sitehead.errors import InputImageError, OutputError, UsageError
-from sct_sitehead.evaluation.bids import Sample, read_bids
+from sct_sitehead.evaluation.bids import Sample, load_spatial_image, read_bids
 from sct_sitehead.simulate.acquisition import (
     TargetGrid,
     blur_margin_mm,
@@ -46,6 +46,7 @@ from sct_sitehead.simulate.annotation import annotate, truth_masks
 from sct_sitehead.simulate.deform import draw_deformation, source_coordinates, warp
 from sct_sitehead.simulate.grids import world_extent
 from sct_sitehead.simulate.lesions import insert_lesions_array
+from sct_sitehead.simulate.phantom_sources import write_phantom_sources
 from sct_sitehead.simulate.sites import Borrow, Site, load_sites
 from sct_sitehead.simulate.staging import staging_folder
 from sct_sitehead.version import __version__
@@ -83,11 +84,9 @@ class SimulatedSubject:
 
 def load_anatomy(sample: Sample, borrow: Borrow | None = None) -> Anatomy:
     """Read a source image and its cord mask (``sample.labels["cord"]``); remap its contrast when borrowed."""
-    import nibabel as nib
-
-    image = nib.load(sample.image)
+    image = load_spatial_image(sample.image)
     data = np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3])
-    cord = np.asarray(nib.load(sample.labels["cord"]).dataobj, dtype=np.float32).reshape(data.shape) >= 0.5
+    cord = np.asarray(load_spatial_image(sample.labels["cord"]).dataobj, dtype=np.float32).reshape(data.shape) >= 0.5
     if not cord.any():
         raise InputImageError(f"{sample.labels['cord']} is empty; give a cord mask with the cord in it")
     scale = float(np.percentile(data, 99.5)) or float(data.max()) or 1.0
@@ -261,8 +260,6 @@ def simulate(
     phantom_subjects: set[str] = set()
     try:
         if extra is not None:
-            from sct_sitehead.simulate.phantom_sources import write_phantom_sources
-
             written = write_phantom_sources(
                 Path(extra.name) / "phantoms", phantoms, seed=seed, contrasts=phantom_contrasts
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,6 @@ class Site:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy (for ``simulation.json``)."""
-        from dataclasses import asdict
-
         return asdict(self)
 
 
@@ -182,7 +180,7 @@ def _triple(where: str, key: str, value: Any) -> tuple[float, float, float]:
     numbers = tuple(float(v) for v in value)
     if len(numbers) != 3 or min(numbers) <= 0:
         raise UsageError(f"{where}: {key} is {value!r}; give three positive numbers in mm")
-    return numbers  # type: ignore[return-value]
+    return numbers
 
 
 def _acquisition(where: str, raw: dict[str, Any]) -> Acquisition:
@@ -232,16 +230,18 @@ def _annotation(where: str, raw: dict[str, Any]) -> Annotation:
 
 
 def _lesions(where: str, raw: dict[str, Any]) -> LesionProfile:
-    profile = LesionProfile(
-        max_count=int(raw["max_count"]),
-        p_lesion_free=float(raw["p_lesion_free"]),
-        volume_mm3=tuple(float(v) for v in raw["volume_mm3"]),  # type: ignore[arg-type]
-        elongation=tuple(float(v) for v in raw["elongation"]),  # type: ignore[arg-type]
-    )
-    ranges_ok = all(len(r) == 2 and 0 < r[0] <= r[1] for r in (profile.volume_mm3, profile.elongation))
-    if profile.max_count < 0 or not 0 <= profile.p_lesion_free <= 1 or not ranges_ok:
+    max_count, p_lesion_free = int(raw["max_count"]), float(raw["p_lesion_free"])
+    volume = tuple(float(v) for v in raw["volume_mm3"])
+    elongation = tuple(float(v) for v in raw["elongation"])
+    ranges_ok = all(len(r) == 2 and 0 < r[0] <= r[1] for r in (volume, elongation))
+    if max_count < 0 or not 0 <= p_lesion_free <= 1 or not ranges_ok:
         raise UsageError(
             f"{where}: lesions {raw} out of range; max_count >= 0, p_lesion_free in [0, 1], "
             "volume_mm3 and elongation as [low, high] with 0 < low <= high"
         )
-    return profile
+    return LesionProfile(
+        max_count=max_count,
+        p_lesion_free=p_lesion_free,
+        volume_mm3=(volume[0], volume[1]),
+        elongation=(elongation[0], elongation[1]),
+    )

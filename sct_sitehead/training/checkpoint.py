@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from sct_sitehead.atomic import write_bytes_atomic
@@ -35,8 +37,6 @@ def save_checkpoint(
     Raises:
         TrainingError: the file cannot be written.
     """
-    from safetensors.torch import save
-
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.items()}
     meta = {**meta, "format": FORMAT}
     if optimizer is not None:
@@ -67,8 +67,6 @@ def load_checkpoint(path: Path, kind: str | None = None) -> tuple[dict[str, Tens
     Raises:
         TrainingError: missing, not a checkpoint of this package, or of another kind.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint {path} does not exist; train it first or check the path")

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 
 from sct_sitehead.atomic import move_into_place
+from sct_sitehead.deploy.nifti import image_data, load_image
+from sct_sitehead.deploy.normalization import normalize
+from sct_sitehead.deploy.spatial import to_model_grid
 from sct_sitehead.errors import TrainingError
 
 logger = logging.getLogger(__name__)
@@ -78,10 +81,6 @@ def preprocess(sample: Any, spec: Mapping[str, Any]) -> tuple[np.ndarray, dict[s
         InputImageError: unreadable or unusable image (from :mod:`nifti`).
         TrainingError: a label that is not on the image's grid.
     """
-    from sct_sitehead.deploy.nifti import image_data, load_image
-    from sct_sitehead.deploy.normalization import normalize
-    from sct_sitehead.deploy.spatial import to_model_grid
-
     image = load_image(sample.image)
     volume, grid = to_model_grid(image_data(image), image.affine, spec["orientation"], spec["spacing"])
     volume = normalize(volume, spec["normalization"])
@@ -193,7 +192,8 @@ def crop(
         lo, hi = max(start, 0), min(start + length, extent)
         src.append(slice(lo, max(lo, hi)))
         dst.append(slice(lo - start, lo - start + max(0, hi - lo)))
-    out[(..., *dst)] = volume[(..., *src)]
+    # Concatenated, not starred: mypy reads `a[(..., *b)]` as 3.11-only syntax (it parses with the running Python).
+    out[(...,) + tuple(dst)] = volume[(...,) + tuple(src)]
     return out
 
 

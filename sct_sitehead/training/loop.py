@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from sct_sitehead.errors import TrainingError
 from sct_sitehead.training.augment import augment_batch
@@ -114,8 +115,6 @@ def fit(
     start = _resume(job, optimizer, state_path) if train["resume"] and state_path.is_file() else 0
     runner: nn.Module = module
     if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel
-
         runner = DistributedDataParallel(module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     use_amp = bool(train["amp"]) and ctx.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

@@ -8,6 +8,7 @@ Both run as one process or under ``torchrun`` (see :mod:`.distributed`); rank 0 
 
 from __future__ import annotations
 
+import csv
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from sct_sitehead.errors import TrainingError
+from sct_sitehead.evaluation.bids import read_bids
 from sct_sitehead.training.arch import Arch
 from sct_sitehead.training.checkpoint import load_checkpoint, save_checkpoint, weights_digest
 from sct_sitehead.training.config import load_config
@@ -60,8 +62,6 @@ class FrozenBackboneHead(nn.Module):
 def _samples(data: Path | str | Sequence[Any], config: Mapping[str, Any]) -> list[Any]:
     if not isinstance(data, (str, Path)):
         return list(data)
-    from sct_sitehead.evaluation.bids import read_bids
-
     labels = config["labels"]
     samples, problems = read_bids(Path(data), label_suffixes=labels["suffixes"], labels_dir=labels["derivatives"])
     if problems:
@@ -82,8 +82,6 @@ def _samples(data: Path | str | Sequence[Any], config: Mapping[str, Any]) -> lis
 
 def _in_split(root: Path, split: str) -> set[str] | None:
     """Participants whose ``split`` column in participants.tsv is ``split``; None without such a column."""
-    import csv
-
     table = root / "participants.tsv"
     if not table.is_file():
         return None
