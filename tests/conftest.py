@@ -1,4 +1,5 @@
-"""Shared fixtures: where the real data lives, and small registries built on the fly."""
+"""Shared fixtures: where the real data lives, small registries, images and BIDS datasets built on the fly, and the
+isolation every test runs in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,11 +43,30 @@ def bids_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """No test reads the user's cache or registry settings, or the network by accident."""
+    """No test reads the user's cache, trusted keys or registry settings, or the network by accident; a proxy
+    configured on the test machine never intercepts requests to the local test servers (127.0.0.1 and .2)."""
     for name in ("SCT_SITEHEAD_SITE", "SCT_SITEHEAD_REGISTRY", "SCT_SITEHEAD_OFFLINE", "SCT_SITEHEAD_ALLOW_HTTP"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SCT_SITEHEAD_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("SCT_SITEHEAD_TRUST_DIR", str(tmp_path_factory.mktemp("trust")))
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,127.0.0.2,localhost,::1")
+
+
+@pytest.fixture
+def one_torch_thread() -> None:
+    """torch on one thread: the test machine's cores are shared, and training tests compare runs bit for bit."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def seeded_torch(one_torch_thread: None) -> None:
+    """:func:`one_torch_thread`, and torch's global generator seeded with 0 (random weights and inputs)."""
+    import torch
+
+    torch.manual_seed(0)
 
 
 def save_image(path: Path, data, affine, *, sform_code: int = 1) -> Path:
@@ -56,6 +78,95 @@ def save_image(path: Path, data, affine, *, sform_code: int = 1) -> Path:
     image.set_sform(affine, code=sform_code)
     nib.save(image, path)
     return path
+
+
+def blob_image(
+    path: Path, *, affine: np.ndarray | None = None, shape: tuple[int, int, int] = (40, 36, 24), dtype: Any = np.int16
+) -> Path:
+    """Noise around 100 with one bright (400) 8x8x8 block at the centre: the tiny model's lesion.
+
+    The image has mm/s units, qform code 1 and sform code 2 (``affine``: identity by default).
+    """
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 5, shape)
+    data[tuple(slice(n // 2 - 4, n // 2 + 4) for n in shape)] = 400
+    affine = np.eye(4) if affine is None else affine
+    image = nib.Nifti1Image(data.astype(dtype), affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=2)
+    nib.save(image, path)
+    return path
+
+
+def run_deepseg(argv: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``sct_deepseg_lesion`` in-process: exit code, stdout and stderr."""
+    from sct_sitehead.cli.deepseg_lesion import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+#: Sites of :func:`make_dataset` and the labels each one annotates.
+TWO_SITES = {"siteA": ["lesion"], "siteB": ["lesion", "cord"]}
+
+
+def make_dataset(
+    root: Path,
+    sites: dict[str, list[str]] = TWO_SITES,
+    cases_per_site: int = 2,
+    shape: tuple[int, int, int] = (24, 22, 20),
+    seed: int = 0,
+) -> Path:
+    """A BIDS folder of synthetic T2w-like volumes: a bright cord cylinder along Z with brighter lesion balls.
+
+    Images are stored LPS-like (x and y flipped), so the deploy preprocessing must reorient them to RAS.
+    """
+    import nibabel as nib
+
+    rng = np.random.default_rng(seed)
+    rows = ["participant_id\tsite"]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    grid = np.indices(shape).astype(np.float32)
+    number = 0
+    for site, labels in sites.items():
+        for _ in range(cases_per_site):
+            number += 1
+            subject = f"sub-{site}{number:02d}"
+            rows.append(f"{subject}\t{site}")
+            cx, cy = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
+            cord = np.hypot(grid[0] - cx, grid[1] - cy) < 4
+            lesion = np.zeros(shape, bool)
+            for _ in range(2):
+                centre = np.array([cx + rng.uniform(-2, 2), cy + rng.uniform(-2, 2), rng.uniform(4, shape[2] - 4)])
+                lesion |= np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < 2
+            lesion &= cord
+            image = 100 + 10 * rng.standard_normal(shape) + 200 * cord + 250 * lesion
+            anat = root / subject / "anat"
+            anat.mkdir(parents=True)
+            nib.save(nib.Nifti1Image(image.astype(np.float32), affine), anat / f"{subject}_T2w.nii.gz")
+            label_dir = root / "derivatives" / "labels" / subject / "anat"
+            label_dir.mkdir(parents=True)
+            csf = (np.hypot(grid[0] - cx, grid[1] - cy) < 6) & ~cord
+            masks = {"lesion": ("lesion-manual", lesion), "cord": ("seg-manual", cord), "csf": ("csf-manual", csf)}
+            for name in labels:
+                suffix, mask = masks[name]
+                nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), label_dir / f"{subject}_T2w_{suffix}.nii.gz")
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (root / "dataset_description.json").write_text('{"Name": "toy", "BIDSVersion": "1.8.0"}', encoding="utf-8")
+    return root
+
+
+def tiny_config(**train: object) -> dict:
+    """The ``tiny`` training config with ``train`` settings overridden."""
+    from sct_sitehead.training.config import load_config
+
+    config = load_config("tiny")
+    config["train"].update(train)
+    return config
 
 
 def sha256_of(path: Path) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import REPO
 from nibabel.affines import voxel_sizes
 
 import sct_sitehead
@@ -18,8 +19,6 @@ from sct_sitehead.deploy.masks import threshold_mask
 from sct_sitehead.errors import InputImageError, UnknownModelError, UsageError
 from sct_sitehead.evaluation.evaluate import Case, evaluate_release, lesion_index
 from sct_sitehead.evaluation.metrics import lesion_detection
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sct_sitehead.errors import InputImageError
-from sct_sitehead.evaluation.bids import Sample, read_bids
+from sct_sitehead.evaluation.bids import Sample, load_spatial_image, read_bids
 
 
 def test_real_dataset(bids_dir: Path):
@@ -164,3 +164,14 @@ def test_sample_is_frozen(tree: Path):
     assert isinstance(sample, Sample) and sample.stem == "sub-a1_T2w"
     with pytest.raises(AttributeError):
         sample.site = "X"  # type: ignore[misc]
+
+
+def test_load_spatial_image_reads_voxel_images_and_refuses_others(tmp_path: Path):
+    path = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4)), path)
+    image = load_spatial_image(path)
+    assert image.shape == (2, 3, 4) and np.asarray(image.dataobj)[1, 2, 3] == 23
+    surface = tmp_path / "surface.gii"
+    nib.save(nib.gifti.GiftiImage(), surface)  # nibabel reads it, but it has no voxels
+    with pytest.raises(InputImageError, match="GiftiImage, not an image with voxels"):
+        load_spatial_image(surface)

@@ -11,30 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
-from sct_sitehead.cli.deepseg_lesion import main
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def blob_image(path: Path, *, affine: np.ndarray | None = None, shape=(40, 36, 24), dtype=np.int16) -> Path:
-    """Noisy background with one bright 8x8x8 blob around voxel (20, 18, 12): the tiny model's lesion."""
-    rng = np.random.default_rng(0)
-    data = rng.normal(100, 5, shape)
-    data[16:24, 14:22, 8:16] = 400
-    affine = np.diag([1.0, 1.0, 1.0, 1.0]) if affine is None else affine
-    image = nib.Nifti1Image(data.astype(dtype), affine)
-    image.header.set_xyzt_units("mm", "sec")
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=2)
-    nib.save(image, path)
-    return path
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+from conftest import REPO, blob_image, run_deepseg, write_registry
 
 
 @pytest.fixture
@@ -43,7 +20,7 @@ def image(tmp_path: Path) -> Path:
 
 
 def test_segments_blob_with_header_of_input(tiny_registry, image, capsys):
-    code, _, err = run(["-i", image, "-site", "montreal", "-registry", tiny_registry], capsys)
+    code, _, err = run_deepseg(["-i", image, "-site", "montreal", "-registry", tiny_registry], capsys)
     assert code == 0, err
     mask_path = image.with_name("sub-01_T2w_lesionseg.nii.gz")
     mask, source = nib.load(mask_path), nib.load(image)
@@ -66,7 +43,7 @@ def test_segments_blob_with_header_of_input(tiny_registry, image, capsys):
 
 def test_several_sites_write_one_mask_each_and_other_labels(tiny_registry, image, tmp_path, capsys):
     out = tmp_path / "out"
-    code, _, err = run(
+    code, _, err = run_deepseg(
         ["-i", image, "-site", "montreal,universal", "-ofolder", out, "-registry", tiny_registry, "-soft"], capsys
     )
     assert code == 0, err
@@ -94,7 +71,7 @@ def test_mirroring_is_recorded_and_flips_back_what_it_flipped(tiny_registry, ima
     soft = {}
     for name, extra in (("plain", []), ("tta", ["-tta"])):
         out = tmp_path / name
-        code, _, err = run(
+        code, _, err = run_deepseg(
             ["-i", image, "-site", "montreal,toronto", "-ofolder", out, "-registry", tiny_registry, "-soft", *extra],
             capsys,
         )
@@ -113,14 +90,14 @@ def test_mirroring_is_recorded_and_flips_back_what_it_flipped(tiny_registry, ima
 
 def test_site_from_environment(tiny_registry, image, monkeypatch, capsys):
     monkeypatch.setenv("SCT_SITEHEAD_SITE", "toronto")
-    code, _, err = run(["-i", image, "-registry", tiny_registry, "-o", image.with_name("x.nii.gz")], capsys)
+    code, _, err = run_deepseg(["-i", image, "-registry", tiny_registry, "-o", image.with_name("x.nii.gz")], capsys)
     assert code == 0, err
     assert json.loads(image.with_name("x.json").read_text())["Site"] == "toronto"
 
 
 def test_qc_writes_pictures_and_index(tiny_registry, image, tmp_path, capsys):
     qc = tmp_path / "qc"
-    code, _, err = run(["-i", image, "-site", "montreal", "-registry", tiny_registry, "-qc", qc], capsys)
+    code, _, err = run_deepseg(["-i", image, "-site", "montreal", "-registry", tiny_registry, "-qc", qc], capsys)
     assert code == 0, err
     assert (qc / "index.html").is_file()
     pngs = list(qc.glob("*.png"))
@@ -138,7 +115,7 @@ def test_qc_writes_pictures_and_index(tiny_registry, image, tmp_path, capsys):
     ],
 )
 def test_usage_and_lookup_errors_are_one_line(tiny_registry, image, capsys, argv, code, fragment):
-    got, _, err = run(["-i", image, "-registry", tiny_registry, *argv], capsys)
+    got, _, err = run_deepseg(["-i", image, "-registry", tiny_registry, *argv], capsys)
     assert got == code
     assert fragment in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -146,8 +123,6 @@ def test_usage_and_lookup_errors_are_one_line(tiny_registry, image, capsys, argv
 
 def test_lesions_smaller_than_the_release_keeps_are_dropped(tmp_path, capsys):
     """A head's min_lesion_mm3 drops small pieces from its mask (not from its soft map); -min-lesion overrides."""
-    from conftest import write_registry
-
     path = blob_image(tmp_path / "sub-01_T2w.nii.gz")  # a 512 mm³ blob ...
     source = nib.load(path)
     data = np.asanyarray(source.dataobj).copy()
@@ -155,7 +130,7 @@ def test_lesions_smaller_than_the_release_keeps_are_dropped(tmp_path, capsys):
     nib.save(nib.Nifti1Image(data, source.affine, source.header), path)
     registry = write_registry(tmp_path / "registry", min_lesion_mm3={"montreal": 20.0})
     for argv, count, smallest in [([], 1, 20.0), (["-min-lesion", "0"], 2, 0.0), (["-min-lesion", "600"], 0, 600.0)]:
-        code, _, err = run(["-i", path, "-site", "montreal", "-registry", registry, "-soft", *argv], capsys)
+        code, _, err = run_deepseg(["-i", path, "-site", "montreal", "-registry", registry, "-soft", *argv], capsys)
         assert code == 0, err
         mask = np.asanyarray(nib.load(path.with_name("sub-01_T2w_lesionseg.nii.gz")).dataobj)
         sidecar = json.loads(path.with_name("sub-01_T2w_lesionseg.json").read_text())
@@ -169,7 +144,7 @@ def test_bad_inputs(tiny_registry, tmp_path, capsys):
     text = tmp_path / "notes.nii.gz"
     text.write_text("not an image")
     for bad in (tmp_path / "missing.nii.gz", text, tmp_path):
-        code, _, err = run(["-i", bad, "-site", "montreal", "-registry", tiny_registry], capsys)
+        code, _, err = run_deepseg(["-i", bad, "-site", "montreal", "-registry", tiny_registry], capsys)
         assert code == 3, err
         assert "Traceback" not in err and err.strip()
 
@@ -177,7 +152,7 @@ def test_bad_inputs(tiny_registry, tmp_path, capsys):
 def test_one_bad_input_does_not_stop_the_others(tiny_registry, image, tmp_path, capsys):
     constant = tmp_path / "constant.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((20, 20, 20), np.float32), np.eye(4)), constant)
-    code, _, err = run(["-i", constant, image, "-site", "montreal", "-registry", tiny_registry], capsys)
+    code, _, err = run_deepseg(["-i", constant, image, "-site", "montreal", "-registry", tiny_registry], capsys)
     assert code == 3
     assert image.with_name("sub-01_T2w_lesionseg.nii.gz").is_file()
     assert not tmp_path.joinpath("constant_lesionseg.nii.gz").exists()
@@ -185,23 +160,23 @@ def test_one_bad_input_does_not_stop_the_others(tiny_registry, image, tmp_path, 
 
 def test_o_with_two_inputs_is_usage_error(tiny_registry, image, tmp_path, capsys):
     other = blob_image(tmp_path / "b.nii.gz")
-    code, _, err = run(
+    code, _, err = run_deepseg(
         ["-i", image, other, "-site", "montreal", "-o", tmp_path / "x.nii.gz", "-registry", tiny_registry], capsys
     )
     assert code == 2 and "-ofolder" in err
 
 
 def test_offline_with_remote_registry_and_empty_cache(image, capsys):
-    code, _, err = run(
+    code, _, err = run_deepseg(
         ["-i", image, "-site", "montreal", "-offline", "-registry", "https://example.org/r.json"], capsys
     )
     assert code == 8, err
 
 
 def test_list_sites_and_models(tiny_registry, capsys):
-    code, out, _ = run(["-list-sites", "-registry", tiny_registry], capsys)
+    code, out, _ = run_deepseg(["-list-sites", "-registry", tiny_registry], capsys)
     assert code == 0 and {"montreal", "toronto", "universal"} <= {line.split()[0] for line in out.splitlines()}
-    code, out, _ = run(["-list-models", "-registry", tiny_registry], capsys)
+    code, out, _ = run_deepseg(["-list-models", "-registry", tiny_registry], capsys)
     assert code == 0 and out.startswith("tiny (default): 1.0.0")
 
 
@@ -242,7 +217,9 @@ def test_every_real_image_gets_a_mask_on_its_own_grid(tiny_registry, bids_dir, t
     images = real_images(bids_dir)
     assert len(images) == 44
     out = tmp_path / "out"
-    code, _, err = run(["-i", *images, "-site", "universal", "-ofolder", out, "-registry", tiny_registry], capsys)
+    code, _, err = run_deepseg(
+        ["-i", *images, "-site", "universal", "-ofolder", out, "-registry", tiny_registry], capsys
+    )
     assert code == 0, err
     for source_path in images:
         stem = source_path.name[: -len(".nii.gz")]

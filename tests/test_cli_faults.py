@@ -10,7 +10,6 @@ an old sidecar, and the cache holds only verified assets.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import default_sigint, save_image, write_registry
+from conftest import blob_image, default_sigint, sha256_of, write_registry
 from test_faults import assert_cache_sound, holder_of, inject_read_only
 
 import sct_sitehead
@@ -110,7 +109,7 @@ def pad_backbone(index: Path, size: int) -> None:
     onnx.save(model, path)
     data = json.loads(index.read_text())
     entry = data["models"]["tiny"]["releases"]["1.0.0"]["backbone"]
-    entry.update(sha256=sha(path), size=path.stat().st_size)
+    entry.update(sha256=sha256_of(path), size=path.stat().st_size)
     index.write_text(json.dumps(data, indent=2))
 
 
@@ -127,13 +126,8 @@ def signed_site(tmp_path: Path) -> tuple[Path, Path]:
     return www, public
 
 
-def blob_image(path: Path, shape=(40, 36, 24)) -> Path:
-    """Noise with one bright 8x8x8 block: the tiny model's lesion."""
-    rng = np.random.default_rng(0)
-    data = rng.normal(100, 5, shape)
-    centre = [n // 2 for n in shape]
-    data[tuple(slice(c - 4, c + 4) for c in centre)] = 400
-    return save_image(path, data.astype(np.int16), np.diag([0.9, 0.9, 1.5, 1.0]), sform_code=2)
+#: Voxels of 0.9 x 0.9 x 1.5 mm: the tiny model's 1 mm grid is a resampling away.
+AFFINE = np.diag([0.9, 0.9, 1.5, 1.0])
 
 
 def child_environment(cache: Path) -> dict[str, str]:
@@ -142,13 +136,9 @@ def child_environment(cache: Path) -> dict[str, str]:
     return environment
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def truth(www: Path) -> dict[str, bytes]:
     files = [www / BACKBONE.lstrip("/"), www / MONTREAL.lstrip("/")]
-    return {sha(path): path.read_bytes() for path in files}
+    return {sha256_of(path): path.read_bytes() for path in files}
 
 
 def mask_data(path: Path) -> np.ndarray:
@@ -164,7 +154,7 @@ def test_processes_share_one_cold_cache_over_http(signed_site, tmp_path: Path, k
     server = CountingServer(www, gather=PROCESSES)
     # About 1.6 s for the 1 MiB backbone: every process reaches its lock while the first is downloading.
     server.throttle[BACKBONE] = (32 * 1024, 0.05)
-    image = blob_image(tmp_path / "sub-01_T2w.nii.gz")
+    image = blob_image(tmp_path / "sub-01_T2w.nii.gz", affine=AFFINE)
     cache, out = tmp_path / "cache", tmp_path / "out"
     out.mkdir()
     command = [
@@ -193,7 +183,7 @@ def test_processes_share_one_cold_cache_over_http(signed_site, tmp_path: Path, k
     victim = None
     try:
         if kill_one:
-            part = cache / "tmp" / f"{sha(www / BACKBONE.lstrip('/'))}.part"
+            part = cache / "tmp" / f"{sha256_of(www / BACKBONE.lstrip('/'))}.part"
             deadline = time.monotonic() + 120
             while victim is None or not part.exists() or part.stat().st_size < 256 * 1024:
                 assert time.monotonic() < deadline, "no download to interrupt"
@@ -237,7 +227,7 @@ def test_processes_share_one_cold_cache_over_http(signed_site, tmp_path: Path, k
 def test_sigint_mid_inference_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
     # 8^3 patches over 128 x 128 x 64 voxels: about 16,000 patches, a few seconds of sliding window.
     registry = write_registry(tmp_path / "www", patch_size=(8, 8, 8))
-    image = blob_image(tmp_path / "big.nii.gz", shape=(128, 128, 64))
+    image = blob_image(tmp_path / "big.nii.gz", affine=AFFINE, shape=(128, 128, 64))
     out = tmp_path / "out"
     out.mkdir()
     command = [
@@ -297,7 +287,7 @@ def run_cli(argv: list[str], capfd) -> tuple[int, list[str]]:
 
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
-    return blob_image(tmp_path / "sub-01_T2w.nii.gz")
+    return blob_image(tmp_path / "sub-01_T2w.nii.gz", affine=AFFINE)
 
 
 def universal(image: Path, registry: Path, out: Path) -> list[str | Path]:

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from test_download import RecordingServer
 from test_registry import make_index, make_keys, write_signed_registry
 
@@ -43,13 +42,6 @@ if number % 2:
 paths = {asset.name: str(cache.fetch(asset, offline=False)) for asset in assets}
 print(json.dumps({name: [path, hashlib.sha256(Path(path).read_bytes()).hexdigest()] for name, path in paths.items()}))
 """
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost,::1")
 
 
 def test_processes_on_a_cold_cache_download_each_asset_once(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from test_train import make_dataset  # noqa: E402
+from conftest import make_dataset  # noqa: E402
 
 from sct_sitehead.errors import TrainingError  # noqa: E402
 from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest  # noqa: E402

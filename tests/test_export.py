@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from test_train import make_dataset, tiny_config  # noqa: E402
+from conftest import make_dataset, tiny_config  # noqa: E402
 
 from sct_sitehead.deploy.session import SiteHeadModel  # noqa: E402
 from sct_sitehead.errors import TrainingError  # noqa: E402
@@ -22,12 +22,7 @@ from sct_sitehead.training import export  # noqa: E402
 from sct_sitehead.training.export import check_onnx, export_release  # noqa: E402
 from sct_sitehead.training.train import load_backbone, train_backbone, train_head  # noqa: E402
 
-pytestmark = pytest.mark.train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = [pytest.mark.train, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from sct_sitehead.training.heads import Head, build_head, widen  # noqa: E402
 from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
 from sct_sitehead.training.unet import UNet  # noqa: E402
 
-pytestmark = pytest.mark.train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+pytestmark = [pytest.mark.train, pytest.mark.usefixtures("seeded_torch")]
 
 
 def _trained_like(head_stages: int = 1, channels: int = 2, final: tuple[int, int] = (1, 1)) -> tuple[UNet, dict]:

@@ -7,11 +7,11 @@ import logging
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx_factory import HEADS, backbone_model, expected, head_model, write_tiny_release
@@ -41,7 +41,6 @@ from sct_sitehead.errors import (
 )
 from sct_sitehead.registry.specs import InputSpec, NormalizationSpec
 
-REPO = Path(__file__).resolve().parents[1]
 shapes = st.tuples(*[st.integers(1, 40)] * 3)
 patches = st.tuples(*[st.integers(1, 16)] * 3)
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import save_image, write_registry
+from conftest import run_deepseg, save_image, write_registry
 
-from sct_sitehead.cli.deepseg_lesion import main
 from sct_sitehead.deploy.localise import Localised, keep_main_pieces, localise, native_bbox
 from sct_sitehead.deploy.spatial import to_model_grid
 from sct_sitehead.deploy.windows import crop_window, fill_window, one_window
+from sct_sitehead.errors import UsageError
 from sct_sitehead.registry.specs import InputSpec, LocaliserSpec, NormalizationSpec
 
 
@@ -132,19 +132,13 @@ def test_localise_returns_none_when_no_cord():
     assert localise(data, np.eye(4), spec, nothing) is None
 
 
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("crop", [True, False])
 def test_cli_with_localiser_runs_near_the_cord_only(tmp_path, capsys, crop):
     registry = write_registry(tmp_path / "registry", localiser={})
     image = two_blobs(tmp_path / "img.nii.gz")
     out = tmp_path / "out.nii.gz"
     argv = ["-i", image, "-site", "universal", "-registry", registry, "-o", out] + ([] if crop else ["-no-crop"])
-    code, _, err = run(argv, capsys)
+    code, _, err = run_deepseg(argv, capsys)
     assert code == 0, err
     mask = np.asarray(nib.load(out).dataobj)
     sidecar = json.loads(out.with_name("out.json").read_text())
@@ -184,7 +178,7 @@ def test_windows_repeat_the_edge_along_the_cord_and_past_long_axes(tmp_path, cap
         "-o",
         tmp_path / "out.nii.gz",
     ] + ([] if crop else ["-no-crop"])
-    code, _, err = run(argv, capsys)
+    code, _, err = run_deepseg(argv, capsys)
     assert code == 0, err
     lesion_model = calls[-1]  # the localiser runs first, on its own grid
     assert lesion_model[2] == (32, 32, 0)
@@ -199,7 +193,7 @@ def test_lesions_away_from_the_cord_are_dropped_inside_the_box(tmp_path, capsys)
     data[46:49, 30:33, 22:25] = 400
     nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
     out = tmp_path / "out.nii.gz"
-    code, _, err = run(["-i", path, "-site", "universal", "-registry", registry, "-o", out], capsys)
+    code, _, err = run_deepseg(["-i", path, "-site", "universal", "-registry", registry, "-o", out], capsys)
     assert code == 0, err
     mask = np.asarray(nib.load(out).dataobj)
     box = json.loads(out.with_name("out.json").read_text())["CordCrop"]["Bbox"]
@@ -239,3 +233,9 @@ def test_the_crop_travels_in_the_lesion_models_prediction(tmp_path):
     assert facts["CordCrop"] == {"Bbox": [list(pair) for pair in prediction.crop]}
     _, whole = Segmenter(release, ["universal"], segmenter.paths, segmenter.model, Options()).predict_model_grid(path)
     assert whole.crop is None and whole.grid.bbox == ((0, 64), (0, 64), (0, 48)) and "localise" not in whole.seconds
+
+
+def test_native_bbox_of_an_empty_mask_is_a_usage_error():
+    _, grid = to_model_grid(np.zeros((8, 8, 8), np.float32), np.eye(4), "RAS", (2.0, 2.0, 2.0))
+    with pytest.raises(UsageError, match="at least one voxel"):
+        native_bbox(np.zeros(grid.shape, bool), grid, np.eye(4), (8, 8, 8), margin_mm=4.0)

@@ -11,8 +11,8 @@ import venv
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 # Import name -> distribution name, where they differ.
 DISTRIBUTIONS = {"PIL": "pillow"}
 

@@ -114,20 +114,6 @@ def write_signed_registry(root: Path, index: dict, files: dict[str, bytes] | Non
     return path
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy_for_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy configured on the test machine must not intercept requests to the local test server."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost,::1")
-
-
-@pytest.fixture(autouse=True)
-def _no_site_trusted_keys(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Keys in the user's trusted keys folder must not make a test pass or fail."""
-    monkeypatch.setenv("SCT_SITEHEAD_TRUST_DIR", str(tmp_path_factory.mktemp("trusted_keys")))
-
-
 @pytest.fixture
 def index() -> dict:
     return make_index(b"backbone-bytes", {"montreal": b"head-m", "universal": b"head-u"})

@@ -42,14 +42,6 @@ from sct_sitehead.registry.trust import UNSIGNED, Seen, load_trust_store, packag
 PROJECT_KEY_ID = "51ea5321b858ff02"
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost,::1")
-    monkeypatch.setenv("SCT_SITEHEAD_TRUST_DIR", str(tmp_path_factory.mktemp("trusted_keys")))
-
-
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
     return make_keys(tmp_path / "keys")

@@ -17,6 +17,7 @@ from sct_sitehead.deploy.spatial import (
     mask_from_model_grid,
     model_size,
     orientation_transform,
+    three,
     to_model_grid,
 )
 from sct_sitehead.deploy.windows import fill_window
@@ -303,3 +304,11 @@ def test_real_cord_masks_survive_the_round_trip(bids_dir):
         volume, grid = to_model_grid(mask.astype(np.float32), img.affine, "RAS", (1.0, 1.0, 1.0))
         back = from_model_grid(volume, grid) >= 0.5
         assert dice(back, mask) > 0.9, path.name
+
+
+def test_three_gives_one_item_per_axis_or_fails():
+    assert three(int(n) for n in np.array([4, 5, 6])) == (4, 5, 6)
+    with pytest.raises(ValueError):
+        three([1, 2])
+    with pytest.raises(ValueError):
+        three([1, 2, 3, 4])

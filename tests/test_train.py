@@ -1,6 +1,5 @@
 """Training: loss masks, schedule, sampling, augmentation, deploy-identical preprocessing, the training loops,
-checkpoints and resume. Also home of :func:`make_dataset`, the tiny multi-site BIDS dataset the training tests
-share."""
+checkpoints and resume, on :func:`conftest.make_dataset`, the tiny multi-site BIDS dataset."""
 
 from __future__ import annotations
 
@@ -11,6 +10,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from conftest import make_dataset, tiny_config  # noqa: E402
 
 from sct_sitehead.deploy.nifti import image_data, load_image  # noqa: E402
 from sct_sitehead.deploy.normalization import normalize  # noqa: E402
@@ -27,66 +28,7 @@ from sct_sitehead.training.loop import learning_rate  # noqa: E402
 from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
 from sct_sitehead.training.train import _samples, load_backbone, train_backbone, train_head  # noqa: E402
 
-pytestmark = pytest.mark.train
-
-TWO_SITES = {"siteA": ["lesion"], "siteB": ["lesion", "cord"]}
-
-
-def make_dataset(
-    root: Path,
-    sites: dict[str, list[str]] = TWO_SITES,
-    cases_per_site: int = 2,
-    shape: tuple[int, int, int] = (24, 22, 20),
-    seed: int = 0,
-) -> Path:
-    """A BIDS folder of synthetic T2w-like volumes: a bright cord cylinder along Z with brighter lesion balls.
-
-    Images are stored LPS-like (x and y flipped), so the deploy preprocessing must reorient them to RAS.
-    """
-    import nibabel as nib
-
-    rng = np.random.default_rng(seed)
-    rows = ["participant_id\tsite"]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
-    grid = np.indices(shape).astype(np.float32)
-    number = 0
-    for site, labels in sites.items():
-        for _ in range(cases_per_site):
-            number += 1
-            subject = f"sub-{site}{number:02d}"
-            rows.append(f"{subject}\t{site}")
-            cx, cy = shape[0] / 2 + rng.uniform(-2, 2), shape[1] / 2 + rng.uniform(-2, 2)
-            cord = np.hypot(grid[0] - cx, grid[1] - cy) < 4
-            lesion = np.zeros(shape, bool)
-            for _ in range(2):
-                centre = np.array([cx + rng.uniform(-2, 2), cy + rng.uniform(-2, 2), rng.uniform(4, shape[2] - 4)])
-                lesion |= np.sqrt(((grid - centre[:, None, None, None]) ** 2).sum(0)) < 2
-            lesion &= cord
-            image = 100 + 10 * rng.standard_normal(shape) + 200 * cord + 250 * lesion
-            anat = root / subject / "anat"
-            anat.mkdir(parents=True)
-            nib.save(nib.Nifti1Image(image.astype(np.float32), affine), anat / f"{subject}_T2w.nii.gz")
-            label_dir = root / "derivatives" / "labels" / subject / "anat"
-            label_dir.mkdir(parents=True)
-            csf = (np.hypot(grid[0] - cx, grid[1] - cy) < 6) & ~cord
-            masks = {"lesion": ("lesion-manual", lesion), "cord": ("seg-manual", cord), "csf": ("csf-manual", csf)}
-            for name in labels:
-                suffix, mask = masks[name]
-                nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), label_dir / f"{subject}_T2w_{suffix}.nii.gz")
-    (root / "participants.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    (root / "dataset_description.json").write_text('{"Name": "toy", "BIDSVersion": "1.8.0"}', encoding="utf-8")
-    return root
-
-
-def tiny_config(**train: object) -> dict:
-    config = load_config("tiny")
-    config["train"].update(train)
-    return config
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = [pytest.mark.train, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

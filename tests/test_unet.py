@@ -12,13 +12,7 @@ from sct_sitehead.training.config import DEFAULTS, load_config  # noqa: E402
 from sct_sitehead.training.layers import count_parameters  # noqa: E402
 from sct_sitehead.training.unet import UNet  # noqa: E402
 
-pytestmark = pytest.mark.train
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
+pytestmark = [pytest.mark.train, pytest.mark.usefixtures("seeded_torch")]
 
 
 @pytest.mark.parametrize("head_stages", [1, 2])

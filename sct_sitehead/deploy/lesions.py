@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from sct_sitehead.deploy.spatial import nonzero_bounds
 from sct_sitehead.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ def drop_small_lesions(mask: np.ndarray, zooms: Sequence[float], min_volume_mm3:
     The release's per-head minimum lesion volume (tuned on the validation split, like nnU-Net's post-processing):
     a few voxels of false alarm in a healthy cord count as a lesion as much as a real one does.
     """
-    from sct_sitehead.deploy.spatial import nonzero_bounds
-
     bounds = None if min_volume_mm3 <= 0 else nonzero_bounds(mask)
     if bounds is None:
         return mask

@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from itertools import product
+from typing import cast
 
 import numpy as np
 
 from sct_sitehead.deploy.prediction import NativeImage, predict_on_grid
-from sct_sitehead.deploy.spatial import nonzero_bounds
+from sct_sitehead.deploy.spatial import Bbox, ModelGrid, nonzero_bounds, three
 from sct_sitehead.deploy.windows import LOCALISER_WINDOWS, Predict, WindowSettings
-
-if TYPE_CHECKING:
-    from sct_sitehead.deploy.spatial import Bbox, ModelGrid
-    from sct_sitehead.registry.specs import LocaliserSpec
+from sct_sitehead.errors import UsageError
+from sct_sitehead.registry.specs import LocaliserSpec
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class Localised:
         from scipy import ndimage
 
         matrix = np.linalg.inv(self.grid.affine) @ affine
-        return ndimage.affine_transform(
+        near: np.ndarray = ndimage.affine_transform(
             self.near.view(np.uint8),
             matrix[:3, :3],
             offset=matrix[:3, 3],
@@ -79,6 +78,7 @@ class Localised:
             order=0,
             mode="nearest",
         ).view(bool)
+        return near
 
 
 def keep_main_pieces(mask: np.ndarray, min_fraction: float = MIN_PIECE_FRACTION) -> np.ndarray:
@@ -101,18 +101,19 @@ def native_bbox(
     The mask's box corners (voxel edges, not centres) go to world space and then to native voxel indices, so
     oblique and reoriented grids are handled; the box is clipped to the image.
     """
-    from itertools import product
-
     from nibabel.affines import voxel_sizes
 
-    first, last = nonzero_bounds(mask)
+    bounds = nonzero_bounds(mask)
+    if bounds is None:
+        raise UsageError("native_bbox needs a mask with at least one voxel set")
+    first, last = bounds
     low, high = first - 0.5, last + 0.5
     corners = np.array([[*corner, 1.0] for corner in product(*zip(low, high))])
     native = (np.linalg.inv(native_affine) @ grid.affine @ corners.T)[:3].T
     margin = float(margin_mm) / voxel_sizes(native_affine)
     start = np.floor(native.min(axis=0) + 0.5 - margin).astype(int)
     stop = np.ceil(native.max(axis=0) + 0.5 + margin).astype(int)
-    return tuple((max(0, int(a)), min(int(n), int(b))) for a, b, n in zip(start, stop, native_shape))  # type: ignore[return-value]
+    return three((max(0, int(a)), min(int(n), int(b))) for a, b, n in zip(start, stop, native_shape))
 
 
 def localise(

@@ -16,7 +16,7 @@ import struct
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from sct_sitehead.errors import InputImageError
 
 if TYPE_CHECKING:
     import nibabel
+    from nibabel.arrayproxy import ArrayProxy
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,8 @@ def _read_raw_header(path: Path) -> nibabel.Nifti1Header:
         ) from exc
     if not block:
         raise _fail(path, "is empty (no bytes to read)", "copy or export the image again")
-    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+    header_classes: tuple[type[nib.Nifti1Header], ...] = (nib.Nifti1Header, nib.Nifti2Header)
+    for klass in header_classes:
         size = klass.sizeof_hdr
         if len(block) >= size and klass.may_contain_header(block[:size]):
             try:
@@ -421,8 +423,9 @@ class _LoadedArray:
 
 
 def _with_data_in_memory(path: Path, img: nibabel.Nifti1Image) -> nibabel.Nifti1Image:
-    # nibabel's proxy knows where the data start (the image header's vox_offset is reset on load).
-    proxy = img.dataobj
+    # nibabel's proxy knows where the data start (the image header's vox_offset is reset on load). An image
+    # nib.load read from a file holds an ArrayProxy; nibabel types dataobj as any array-like.
+    proxy = cast("ArrayProxy", img.dataobj)
     shape = img.shape[:3]
     dtype = np.dtype(proxy.dtype)
     offset = int(proxy.offset)

@@ -56,7 +56,7 @@ def normalize(
             f"image intensities between percentiles {low_q:g} and {high_q:g} are all {low:g}: nothing to segment; "
             "check that the right image was given"
         )
-    out = np.clip(volume, low, high, dtype=np.float32)
+    out: np.ndarray = np.clip(volume, low, high, dtype=np.float32)
     if reference is None:
         _, std = _centre(out)
     else:

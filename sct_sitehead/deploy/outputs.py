@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -52,7 +53,7 @@ def image_like(
     header.set_data_dtype(dtype)
     header["cal_min"] = 0
     header["cal_max"] = 0
-    klass = nib.Nifti2Image if isinstance(reference, nib.Nifti2Image) else nib.Nifti1Image
+    klass: type[nib.Nifti1Image] = nib.Nifti2Image if isinstance(reference, nib.Nifti2Image) else nib.Nifti1Image
     image = klass(out, reference.affine, header)
     # nibabel would otherwise write NaN (meaning "no scaling") or compute its own slope for the data.
     image.header.set_slope_inter(1.0, 0.0)
@@ -77,7 +78,7 @@ def _save(image: nibabel.Nifti1Image, path: Path) -> None:
     nibabel's own writer."""
     import nibabel as nib
 
-    igzip = None
+    igzip: ModuleType | None = None
     if path.name.endswith(".gz"):
         with contextlib.suppress(ImportError):
             from isal import igzip

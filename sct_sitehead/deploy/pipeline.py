@@ -37,16 +37,14 @@ from sct_sitehead.deploy.results import (
     SiteSegmentation,
     Window,
 )
-from sct_sitehead.deploy.spatial import from_model_grid
-from sct_sitehead.deploy.windows import WindowSettings
+from sct_sitehead.deploy.spatial import Bbox, ModelGrid, from_model_grid, three
+from sct_sitehead.deploy.windows import Predict, WindowSettings
+from sct_sitehead.registry.cache import Cache
+from sct_sitehead.registry.specs import HeadSpec, LabelSpec, Release
 from sct_sitehead.version import __version__
 
 if TYPE_CHECKING:
     import nibabel
-
-    from sct_sitehead.deploy.spatial import Bbox, ModelGrid
-    from sct_sitehead.registry.cache import Cache
-    from sct_sitehead.registry.specs import HeadSpec, LabelSpec, Release
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +56,21 @@ WRITE_THREADS = 2
 
 def grid_window(grid: ModelGrid) -> Window:
     """The native voxels a model grid covers, as slices."""
-    return tuple(slice(a, b) for a, b in grid.bbox)  # type: ignore[return-value]
+    return three(slice(a, b) for a, b in grid.bbox)
 
 
 class Segmenter:
     """A release's backbone and the requested site heads, loaded once, applied to many images."""
 
     def __init__(
-        self, release: Release, sites: list[str], paths: dict[str, Path], model, options: Options, localiser=None
-    ):
+        self,
+        release: Release,
+        sites: list[str],
+        paths: dict[str, Path],
+        model: session.SiteHeadModel,
+        options: Options,
+        localiser: session.SiteHeadModel | None = None,
+    ) -> None:
         self.release = release
         self.sites = sites
         self.paths = paths
@@ -74,7 +78,7 @@ class Segmenter:
         self.options = options
         #: What the lesion model's sliding window calls: the model, or with ``Options.mirror`` the model averaged
         #: with itself on left-right mirrored patches.
-        self.network = model
+        self.network: Predict = model
         if options.mirror:
             self.network = windows.mirrored(model, [windows.left_right_axis(release.input.orientation)])
         #: How the lesion model's windows run: the release's patch, ``Options``' overlap and batch size.
@@ -154,7 +158,7 @@ class Segmenter:
         native: dict[str, np.ndarray] = {}
         for site, values in probabilities.items():
             full = np.zeros((values.shape[0], *image.shape[:3]), dtype=np.float32)
-            full[(slice(None), *window)] = values
+            full[(slice(None),) + window] = values
             native[site] = full
         return image, native
 
@@ -195,7 +199,8 @@ class Segmenter:
             image = nifti.check_image(image, describe_input(image))
         native = NativeImage(nifti.image_data(image), image.affine, hand_over=True)
         found, seconds = None, {}
-        if self.localiser is not None:
+        if self.localiser is not None and self.release.localiser is not None:
+            assert native.data is not None  # handed over only in predict_on_grid, below
             start = time.perf_counter()
             found = localise.localise(native.data, native.affine, self.release.localiser, self.localiser)
             seconds["localise"] = time.perf_counter() - start
@@ -238,9 +243,13 @@ class Segmenter:
             for site in self.sites
             for label, channel in zip(self.heads[site].labels, prediction.probabilities[site])
         ]
+
+        def label_mask(job: tuple[str, LabelSpec, np.ndarray]) -> LabelMask:
+            return self._label_mask(*job, grid, zooms)
+
         # scipy's resampling releases the GIL: the labels come back to the native grid side by side.
         with ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="labels") as pool:
-            masks = list(pool.map(lambda job: self._label_mask(*job, grid, zooms), jobs))
+            masks = list(pool.map(label_mask, jobs))
         del prediction
         found: dict[str, dict[str, LabelMask]] = {site: {} for site in self.sites}
         for (site, label, _), mask in zip(jobs, masks):
@@ -258,7 +267,9 @@ class Segmenter:
             sites[site] = SiteSegmentation(site, labels, stats, facts, image)
         return Segmentation(image, sites, crop, seconds)
 
-    def _label_mask(self, site: str, label: LabelSpec, channel: np.ndarray, grid: ModelGrid, zooms) -> LabelMask:
+    def _label_mask(
+        self, site: str, label: LabelSpec, channel: np.ndarray, grid: ModelGrid, zooms: tuple[float, ...]
+    ) -> LabelMask:
         """One label's model-grid probabilities -> its mask (and, for a soft map, probabilities) on the window."""
         soft = None
         if label.name == LESION and self.options.soft:
@@ -298,7 +309,7 @@ class Segmenter:
                     jobs.append(pool.submit(context.run, write_label, label, image, path, soft))
                 sidecar = sidecar_path(mask_path)
                 if self.options.qc_dir is not None:
-                    written.append(self._qc(found, image_path, mask_path))
+                    written.append(self._qc(found, image_path, mask_path, self.options.qc_dir))
                 facts = {**found.facts, "Seconds": round(time.perf_counter() - started, 3)}
                 write_json_atomic(with_files(facts, written), sidecar)
                 result.sites.append(
@@ -316,17 +327,17 @@ class Segmenter:
         result.seconds = time.perf_counter() - started
         return result
 
-    def _qc(self, found: SiteSegmentation, image_path: Path, mask_path: Path) -> Path:
-        """The QC picture of one site's lesion mask."""
+    def _qc(self, found: SiteSegmentation, image_path: Path, mask_path: Path, qc_dir: Path) -> Path:
+        """The QC picture of one site's lesion mask, in ``qc_dir``."""
         stem, _ = split_nifti_name(mask_path)
-        make_folder(self.options.qc_dir)
+        make_folder(qc_dir)
         lesion = found.labels.get(LESION)
         full = lesion.full(found.image.shape).astype(bool) if lesion else np.zeros(found.image.shape[:3], dtype=bool)
         return write_qc(
             image_data(found.image),
             full,
             found.image.affine,
-            self.options.qc_dir / f"{stem}.png",
+            qc_dir / f"{stem}.png",
             f"{image_path.name} | {self.release.model}@{self.release.version} | site {found.site}",
         )
 

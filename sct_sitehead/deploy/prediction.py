@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sct_sitehead.deploy import normalization, spatial, windows
+from sct_sitehead.deploy.spatial import Bbox, ModelGrid
+from sct_sitehead.deploy.windows import Predict, WindowSettings
 from sct_sitehead.errors import UsageError
-
-if TYPE_CHECKING:
-    from sct_sitehead.deploy.spatial import Bbox, ModelGrid
-    from sct_sitehead.deploy.windows import Predict, WindowSettings
-    from sct_sitehead.registry.specs import InputSpec
+from sct_sitehead.registry.specs import InputSpec
 
 
 @dataclass(eq=False)

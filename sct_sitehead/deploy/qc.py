@@ -158,10 +158,12 @@ def _tile(
     rows_mm, cols_mm = grey.shape[0] * pixel_mm[0], grey.shape[1] * pixel_mm[1]
     mm_per_px = max(cols_mm / box[0], rows_mm / box[1])
     size = (max(1, round(cols_mm / mm_per_px)), max(1, round(rows_mm / mm_per_px)))
-    grey_px = np.asarray(Image.fromarray(scaled, mode="L").resize(size, Image.BILINEAR), dtype=np.float32)
+    grey_px = np.asarray(Image.fromarray(scaled, mode="L").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
     lesion_px = (
         np.asarray(
-            Image.fromarray(np.ascontiguousarray(lesion, dtype=np.uint8) * 255, mode="L").resize(size, Image.NEAREST)
+            Image.fromarray(np.ascontiguousarray(lesion, dtype=np.uint8) * 255, mode="L").resize(
+                size, Image.Resampling.NEAREST
+            )
         )
         > 0
     )

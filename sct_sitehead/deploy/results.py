@@ -13,12 +13,11 @@ import numpy as np
 
 from sct_sitehead.deploy.masks import LESION
 from sct_sitehead.deploy.outputs import image_like
+from sct_sitehead.deploy.spatial import Bbox
 from sct_sitehead.errors import UsageError
 
 if TYPE_CHECKING:
     import nibabel
-
-    from sct_sitehead.deploy.spatial import Bbox
 
 #: Native voxels as slices: the window of the input the lesion model ran on.
 Window = tuple[slice, slice, slice]

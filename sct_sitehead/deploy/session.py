@@ -17,6 +17,7 @@ import numpy as np
 
 from sct_sitehead.atomic import write_file_atomic
 from sct_sitehead.errors import InferenceError, RegistryError, UsageError
+from sct_sitehead.registry.cache import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +193,8 @@ class SiteHeadModel:
                     head_binding.bind_ortvalue_input(name, features[name])
                 head_binding.bind_output(HEAD_OUTPUT, "cpu")
                 session.run_with_iobinding(head_binding)
-                return head_binding.copy_outputs_to_cpu()[0]
+                probabilities: np.ndarray = head_binding.copy_outputs_to_cpu()[0]
+                return probabilities
 
             if self._head_workers > 1:
                 results = dict(zip(self._heads, self._pool().map(run_head, self._heads)))
@@ -245,7 +247,7 @@ class SiteHeadModel:
         if not path.is_file():
             raise RegistryError(f"model file {path} does not exist; fetch the release again (sct_sitehead models)")
         if self._optimized_dir is not None:
-            session = self._open_optimized(path, threads)
+            session = self._open_optimized(path, self._optimized_dir, threads)
             if session is not None:
                 return session
         try:
@@ -257,20 +259,19 @@ class SiteHeadModel:
                 "sct_sitehead cache verify) or need a newer onnxruntime"
             ) from exc
 
-    def _open_optimized(self, path: Path, threads: int | None = None) -> Any | None:
-        """Session from the saved optimised graph, saving it first if needed; None when that is not possible.
+    def _open_optimized(self, path: Path, folder: Path, threads: int | None = None) -> Any | None:
+        """Session from the optimised graph saved in ``folder``, saving it first if needed; None when that is not
+        possible.
 
         The graph is saved at the "extended" level, which is provider-specific but not CPU-model-specific (the
         "all" level adds layout changes for this very CPU), and loaded again at the "all" level.
         """
         import onnxruntime as ort
 
-        from sct_sitehead.registry.cache import sha256_file
-
         first = self._providers[0]
         tag = first if isinstance(first, str) else f"{first[0]}{first[1].get('device_id', '')}"
         name = f"{sha256_file(path)[:32]}-ort{ort.__version__}-{tag}.onnx"
-        saved = self._optimized_dir / name  # type: ignore[operator]
+        saved = folder / name
         if not saved.is_file():
             self._save_optimized(path, saved)
         if not saved.is_file():

@@ -10,8 +10,9 @@ centred: model voxel ``i`` lies at reoriented voxel ``scale * i + offset``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -23,6 +24,13 @@ logger = logging.getLogger(__name__)
 _SAME_SPACING_RTOL = 1e-4
 
 Bbox = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+T = TypeVar("T")
+
+
+def three(values: Iterable[T]) -> tuple[T, T, T]:
+    """``values`` as a tuple of three, one per axis (ValueError for any other count)."""
+    x, y, z = values
+    return x, y, z
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,18 +139,18 @@ def to_model_grid(
     to_reoriented = np.diag([*scale, 1.0])
     to_reoriented[:3, 3] = offset
     grid = ModelGrid(
-        native_shape=tuple(int(n) for n in data.shape),
+        native_shape=three(int(n) for n in data.shape),
         native_affine=affine.copy(),
         bbox=box,
         to_model=transform,
         to_native=_inverse_ornt(transform),
-        reoriented_shape=tuple(int(n) for n in reoriented.shape),
-        scale=tuple(scale),
-        offset=tuple(offset),
-        shape=tuple(shape),
+        reoriented_shape=three(int(n) for n in reoriented.shape),
+        scale=three(scale),
+        offset=three(offset),
+        shape=three(shape),
         affine=reoriented_affine @ to_reoriented,
         orientation=orientation.upper(),
-        spacing=tuple(float(s) for s in spacing_mm),
+        spacing=three(float(s) for s in spacing_mm),
     )
     if not grid.resampled:
         return np.ascontiguousarray(reoriented, dtype=np.float32), grid
@@ -168,7 +176,8 @@ def orientation_transform(affine: np.ndarray, orientation: str) -> np.ndarray:
     """
     import nibabel.orientations as nio
 
-    return nio.ornt_transform(nio.io_orientation(affine), _target_ornt(orientation))
+    transform: np.ndarray = nio.ornt_transform(nio.io_orientation(affine), _target_ornt(orientation))
+    return transform
 
 
 def model_size(n_native: int, native_mm: float, model_mm: float) -> int:
@@ -258,7 +267,8 @@ def mask_from_model_grid(channel: np.ndarray, grid: ModelGrid, threshold: float)
     if bounds is None:
         return out
     if not grid.resampled:
-        return nio.apply_orientation(hot, grid.to_native).astype(bool, copy=False)
+        reoriented: np.ndarray = nio.apply_orientation(hot, grid.to_native)
+        return reoriented.astype(bool, copy=False)
     scale, offset = np.asarray(grid.scale), np.asarray(grid.offset)
     low, high = bounds[0] - 1, bounds[1] + 1  # one voxel wider: the hot voxels' neighbours
     # Reoriented native voxels i whose model coordinate (i - offset) / scale lies in [low, high].
@@ -294,7 +304,7 @@ def _resample(
     elif order == 1 and source.dtype != np.float32:
         source = source.astype(np.float32)
     # A 1-D matrix is a diagonal one: scipy then takes its faster separable zoom-and-shift path.
-    return ndimage.affine_transform(
+    resampled: np.ndarray = ndimage.affine_transform(
         source,
         scale,
         offset=offset,
@@ -304,6 +314,7 @@ def _resample(
         mode="nearest",
         prefilter=False,
     )
+    return resampled
 
 
 def _target_ornt(orientation: str) -> np.ndarray:
@@ -311,7 +322,7 @@ def _target_ornt(orientation: str) -> np.ndarray:
 
     codes = tuple(str(orientation).upper())
     try:
-        ornt = nio.axcodes2ornt(codes)
+        ornt: np.ndarray = nio.axcodes2ornt(codes)
     except ValueError as exc:
         raise RegistryError(
             f"model orientation {orientation!r} is not a valid set of 3 axis codes; use one of R/L, A/P, S/I per "
@@ -344,14 +355,14 @@ def _check_order(order: int) -> None:
 
 def _check_bbox(bbox: Sequence[Sequence[int]] | None, shape: tuple[int, ...]) -> Bbox:
     if bbox is None:
-        return tuple((0, int(n)) for n in shape)  # type: ignore[return-value]
+        return three((0, int(n)) for n in shape)
     try:
         pairs = [(int(a), int(b)) for a, b in bbox]
     except (TypeError, ValueError) as exc:
         raise UsageError(f"bbox must be ((x0, x1), (y0, y1), (z0, z1)), got {bbox!r}") from exc
     if len(pairs) != 3:
         raise UsageError(f"bbox must have 3 (start, stop) pairs, got {len(pairs)}")
-    clipped = tuple((max(0, a), min(int(n), b)) for (a, b), n in zip(pairs, shape))
+    clipped = three((max(0, a), min(int(n), b)) for (a, b), n in zip(pairs, shape))
     if any(b <= a for a, b in clipped):
         raise UsageError(f"bbox {pairs} is empty inside the image of shape {shape}")
-    return clipped  # type: ignore[return-value]
+    return clipped

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from sct_sitehead.deploy.spatial import Bbox, model_size, orientation_transform
+from sct_sitehead.deploy.spatial import Bbox, model_size, orientation_transform, three
 from sct_sitehead.errors import InferenceError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def gaussian_weights(patch_size: Sequence[int], sigma_scale: float = 0.125) -> n
         profiles.append(np.exp(-0.5 * (centred / (n * sigma_scale)) ** 2))
     weights = profiles[0][:, None, None] * profiles[1][None, :, None] * profiles[2][None, None, :]
     weights /= weights.max()
-    return np.maximum(weights, MIN_WEIGHT).astype(np.float32)
+    floored: np.ndarray = np.maximum(weights, MIN_WEIGHT)  # numpy types a ufunc's result as Any
+    return floored.astype(np.float32)
 
 
 def patch_starts(shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[tuple[int, int, int]]:
@@ -69,7 +70,7 @@ def patch_starts(shape: Sequence[int], patch_size: Sequence[int], overlap: float
         steps = math.ceil((n - p) / max(p * (1.0 - overlap), 1.0)) + 1
         stride = (n - p) / (steps - 1) if steps > 1 else 0.0
         per_axis.append(sorted({int(round(stride * i)) for i in range(steps)}))
-    return [tuple(corner) for corner in product(*per_axis)]  # type: ignore[misc]
+    return [three(corner) for corner in product(*per_axis)]
 
 
 def edge_beyond_for(orientation: str, patch_size: Sequence[int]) -> tuple[int, int, int]:
@@ -84,7 +85,7 @@ def edge_beyond_for(orientation: str, patch_size: Sequence[int]) -> tuple[int, i
     uncut validation images 0.61); only a window running past an image longer than a patch (a crop's window,
     rounded up to the divisor) takes the edge there.
     """
-    return tuple(0 if code in "SI" else int(size) for code, size in zip(orientation.upper(), patch_size))
+    return three(0 if code in "SI" else int(size) for code, size in zip(orientation.upper(), patch_size))
 
 
 def left_right_axis(orientation: str) -> int:
@@ -192,7 +193,7 @@ def sliding_window(
     if len(starts) == 1:
         # One window (a crop around the cord): the weighted mean of one patch is the patch itself.
         outputs = _checked_outputs(predict(padded[None, None]), 1, patch)
-        return {key: np.ascontiguousarray(output[0][(slice(None), *inner)]) for key, output in outputs.items()}
+        return {key: np.ascontiguousarray(output[0][(slice(None),) + inner]) for key, output in outputs.items()}
     weights = gaussian_weights(patch)
     weight_sum = np.zeros(padded_shape, dtype=np.float32)
     sums: dict[str, np.ndarray] = {}
@@ -211,7 +212,7 @@ def sliding_window(
             weighted = np.empty(output.shape[1:], dtype=np.float32)
             for index, window in enumerate(windows):
                 np.multiply(output[index], weights, out=weighted)
-                sums[key][(slice(None), *window)] += weighted
+                sums[key][(slice(None),) + window] += weighted
         for window in windows:
             weight_sum[window] += weights
     del padded, batch
@@ -219,7 +220,7 @@ def sliding_window(
     for key in list(sums):
         total = sums.pop(key)
         total /= weight_sum
-        cropped = total[(slice(None), *inner)]
+        cropped = total[(slice(None),) + inner]
         result[key] = np.ascontiguousarray(cropped) if cropped.shape != total.shape else total
     return result
 
@@ -251,7 +252,7 @@ def _positive_ints(values: Sequence[int], name: str) -> tuple[int, int, int]:
         raise UsageError(f"{name} must be 3 positive integers, got {values!r}") from exc
     if len(ints) != 3 or min(ints) < 1:
         raise UsageError(f"{name} must be 3 positive integers, got {values!r}")
-    return ints  # type: ignore[return-value]
+    return ints
 
 
 #: Smallest window, as a fraction of the release's patch: the network is trained on patches of about this size
@@ -274,9 +275,9 @@ def one_window(
     def up(value: float) -> int:
         return -(-int(value) // divisor) * divisor
 
-    return tuple(
+    return three(
         min(max(up(n), up(MIN_WINDOW_FRACTION * int(p))), max_patches * int(p)) for n, p in zip(shape, patch_size)
-    )  # type: ignore[return-value]
+    )
 
 
 #: Longest crop window along an axis, in patches. A crop runs in windows of up to this length overlapping by half,
@@ -354,7 +355,7 @@ def fill_window(
         low = min(start, extra // 2 + max(0, stop + extra - extra // 2 - int(shape[axis])))
         high = min(int(shape[axis]) - stop, extra - low)
         grown[axis] = [start - low, stop + high]
-    return tuple((a, b) for a, b in grown), tuple(window)  # type: ignore[return-value]
+    return three((a, b) for a, b in grown), three(window)
 
 
 @dataclass(frozen=True)
@@ -390,13 +391,13 @@ class WindowSettings:
             divisor: the network's total downsampling.
             crop_window: (3,) a crop's window from :func:`fill_window`, or None for a whole image.
         """
-        patch = tuple(int(p) for p in patch_size)
+        patch = three(int(p) for p in patch_size)
         if crop_window is not None:
-            window = tuple(int(n) for n in crop_window)
-            return window, self.batch_size if window == patch else 1  # type: ignore[return-value]
+            window = three(int(n) for n in crop_window)
+            return window, self.batch_size if window == patch else 1
         if self.fit_whole_image:
             return one_window(tuple(shape), patch, divisor, max_patches=self.max_patches), self.batch_size
-        return patch, self.batch_size  # type: ignore[return-value]
+        return patch, self.batch_size
 
     def edge_beyond(self, orientation: str, patch_size: Sequence[int]) -> tuple[int, int, int] | None:
         """``sliding_window``'s ``edge_beyond`` for these settings on a model grid of ``orientation``."""

@@ -59,6 +59,8 @@ def baseline_channel(
             mode="gaussian",
             cval=float(volume.min()),
         )
+    # MONAI returns what the predictor returns: here one tensor (its types allow a tuple or a dict too).
+    assert isinstance(probabilities, torch.Tensor)
     inner = tuple(slice(low, low + n) for (low, _), n in zip(widths, volume.shape))
     return np.ascontiguousarray(probabilities[0, channel].numpy()[inner])
 

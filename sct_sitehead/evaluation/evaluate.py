@@ -13,15 +13,26 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from sct_sitehead.atomic import write_atomic, write_text_atomic
 from sct_sitehead.deploy.masks import LESION, MaskRule, threshold_mask
+from sct_sitehead.deploy.results import Segmentation
 from sct_sitehead.errors import UsageError
-
-if TYPE_CHECKING:
-    from sct_sitehead.deploy.results import Segmentation
+from sct_sitehead.evaluation import metrics
+from sct_sitehead.evaluation.bids import load_spatial_image, read_bids
+from sct_sitehead.evaluation.metrics import (
+    Rule,
+    detection_scores,
+    dice,
+    evaluate_case,
+    lesion_detection,
+    mean_by_person,
+    pooled_detection_by_person,
+)
+from sct_sitehead.evaluation.splits import describe_splits, load_splits
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +73,6 @@ def case_persons(dataset: Path) -> dict[str, str]:
     """``participant_id -> person`` of a dataset: its ``participants.tsv``'s ``person`` column (real data, the
     insertion panel), else the person of each simulated subject's ``source`` anatomy (:mod:`.splits`), else
     each participant is its own person."""
-    from sct_sitehead.evaluation.splits import load_splits
-
     splits = load_splits()
     out = {}
     for participant, row in read_participants(dataset).items():
@@ -78,8 +87,6 @@ def case_persons(dataset: Path) -> dict[str, str]:
 
 def find_cases(dataset: Path, split: str = "test", sites: list[str] | None = None) -> list[Case]:
     """Labelled cases of one split, read with the BIDS reader (problems are logged by it)."""
-    from sct_sitehead.evaluation.bids import read_bids
-
     splits = read_split(dataset)
     persons = case_persons(dataset)
     samples, problems = read_bids(dataset)
@@ -104,10 +111,9 @@ def find_cases(dataset: Path, split: str = "test", sites: list[str] | None = Non
 
 def score_case(prediction, reference, zooms) -> dict[str, float]:
     """Both detection rules of one case, flattened into one row."""
-    from sct_sitehead.evaluation.metrics import evaluate_case
-
     row: dict[str, float] = {}
-    for rule, tag in (("any", "any"), ("10pct", "10pct")):
+    rules: tuple[tuple[Rule, str], ...] = (("any", "any"), ("10pct", "10pct"))
+    for rule, tag in rules:
         result = evaluate_case(prediction, reference, zooms, rule=rule)
         for key, value in result.items():
             if key in ("dice", "volume_pred_mm3", "volume_ref_mm3", "avd_mm3"):
@@ -129,7 +135,6 @@ def lesion_index(segmenter, head: str) -> int:
 
 def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
     """One row per (case, head): the case's site, subject, head and every metric."""
-    import nibabel as nib
     from nibabel.affines import voxel_sizes
 
     rows: list[dict[str, Any]] = []
@@ -137,7 +142,7 @@ def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
         # The very masks sct_deepseg_lesion writes for this image (Segmenter.segment, then .write).
         segmentation = segmenter.segment(case.image)
         image = segmentation.image
-        reference = np.asanyarray(nib.load(case.reference).dataobj) > 0
+        reference = np.asanyarray(load_spatial_image(case.reference).dataobj) > 0
         zooms = voxel_sizes(image.affine)
         for head in segmenter.sites:
             prediction = lesion_mask(segmentation, head)
@@ -193,10 +198,7 @@ def tune_thresholds(
         every lesion kept)}}`` for every head with at least one case. A head without a lesion-bearing case keeps
         the threshold closest to 0.5.
     """
-    import nibabel as nib
     from nibabel.affines import voxel_sizes
-
-    from sct_sitehead.evaluation.metrics import detection_scores, dice, lesion_detection
 
     thresholds = tuple(float(t) for t in thresholds)
     volumes = tuple(float(v) for v in min_lesions_mm3)
@@ -209,7 +211,7 @@ def tune_thresholds(
     for number, case in enumerate(cases, 1):
         image, probabilities = segmenter.predict(case.image)
         zooms = tuple(voxel_sizes(image.affine))
-        reference = np.asanyarray(nib.load(case.reference).dataobj) > 0
+        reference = np.asanyarray(load_spatial_image(case.reference).dataobj) > 0
         for head in segmenter.sites:
             if head not in ("universal", case.site):
                 continue
@@ -268,9 +270,7 @@ def tune_thresholds(
 def pooled_detection(rows: list[dict[str, Any]], tag: str) -> float:
     """Lesion-wise F1 over all lesions of the rows (counts summed, not per-case means; NaN when the rows hold no
     reference and no predicted lesion)."""
-    from sct_sitehead.evaluation.metrics import pooled_detection as pooled
-
-    return pooled(rows, f"_{tag}")["f1"]
+    return metrics.pooled_detection(rows, f"_{tag}")["f1"]
 
 
 def person_of(row: dict[str, Any]) -> str:
@@ -301,8 +301,6 @@ def summarize_cases(rows: list[dict[str, Any]], *, seed: int = 0) -> dict[str, A
         ``n``, ``lesion_cases``, ``free_cases``, ``free_cases_flagged`` (lesion-free cases with a false lesion),
         the three person counts, and for each key of :data:`SUMMARY_METRICS` its mean, ``_low`` and ``_high``.
     """
-    from sct_sitehead.evaluation.metrics import mean_by_person, pooled_detection_by_person
-
     persons = [person_of(row) for row in rows]
     lesion = [k for k, row in enumerate(rows) if not is_lesion_free(row)]
     free = [k for k, row in enumerate(rows) if is_lesion_free(row)]
@@ -357,8 +355,6 @@ def summarize_rows(rows: list[dict[str, Any]], *, seed: int = 0) -> list[dict[st
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    from sct_sitehead.atomic import write_text_atomic
-
     if not rows:
         raise UsageError(f"nothing to write to {path}")
     columns = list(rows[0])
@@ -448,8 +444,6 @@ def plot_dice(summary: list[dict[str, Any]], path: Path) -> Path:
         "lesion Dice (lesion cases) per site: grey universal, red own head (95% CI by person, from 2 or more)",
         fill="black",
     )
-    from sct_sitehead.atomic import write_atomic
-
     write_atomic(path, lambda tmp: picture.save(tmp, format="PNG"))
     return path
 
@@ -494,8 +488,6 @@ def healthy_controls(bids: Path) -> list[Path]:
 def describe_controls(rows: list[dict[str, Any]], bids: Path) -> list[dict[str, Any]]:
     """The rows of :func:`check_controls` with each image's participant, person, pathology and split (of the
     frozen split, :mod:`sct_sitehead.evaluation.splits`; ``unassigned`` for a participant it lacks)."""
-    from sct_sitehead.evaluation.splits import load_splits
-
     participants = read_participants(bids)
     splits = load_splits()
     out = []
@@ -576,8 +568,6 @@ METRICS_NOTE = (
 def persons_markdown(rows: list[dict[str, Any]]) -> str:
     """Which persons the evaluated cases come from: per person, its frozen split, cases, lesion-free cases and
     contrasts (one row per case and head in, each case counted once)."""
-    from sct_sitehead.evaluation.splits import load_splits
-
     splits = load_splits()
     cases: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
     for row in rows:
@@ -608,9 +598,6 @@ def write_report(
         rows: case rows of :func:`evaluate_release`.
         control_rows: rows of :func:`describe_controls`, or None without controls.
     """
-    from sct_sitehead.atomic import write_text_atomic
-    from sct_sitehead.evaluation.splits import describe_splits, load_splits
-
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize_rows(own_head_rows(rows))
     write_csv(rows, out / "cases.tsv")

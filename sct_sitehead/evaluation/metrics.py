@@ -173,6 +173,17 @@ def absolute_volume_difference(pred: np.ndarray, ref: np.ndarray, voxel_mm3: flo
     return abs(int(p.sum()) - int(r.sum())) * float(voxel_mm3)
 
 
+#: An interval from fewer persons than this says nothing about another person: it is NaN.
+MIN_PERSONS = 2
+
+
+def _check_interval_arguments(n: int, alpha: float) -> None:
+    if not 0 < alpha < 1:
+        raise UsageError(f"alpha is {alpha!r}; use a value between 0 and 1, e.g. 0.05 for a 95% interval")
+    if n < 1:
+        raise UsageError(f"n is {n!r}; use at least 1 resample (1000 is usual)")
+
+
 def bootstrap_ci(values: Iterable[float], n: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean.
 
@@ -237,17 +248,6 @@ def evaluate_case(
         "false_volume_mm3": int(p.sum()) * voxel if lesion_free else math.nan,
         **detection,
     }
-
-
-#: An interval from fewer persons than this says nothing about another person: it is NaN.
-MIN_PERSONS = 2
-
-
-def _check_interval_arguments(n: int, alpha: float) -> None:
-    if not 0 < alpha < 1:
-        raise UsageError(f"alpha is {alpha!r}; use a value between 0 and 1, e.g. 0.05 for a 95% interval")
-    if n < 1:
-        raise UsageError(f"n is {n!r}; use at least 1 resample (1000 is usual)")
 
 
 def bootstrap_by_person(

@@ -9,13 +9,13 @@ terminal.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from sct_sitehead.registry import untrusted_json
 from sct_sitehead.registry.local import embedded_registry_path
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def index_paths(cache_root: Path) -> list[Path]:
 def read_index(path: Path) -> dict[str, Any] | None:
     """An index file as a dict, or None (logged at debug level) when it is missing or not JSON."""
     try:
-        document = json.loads(path.read_bytes())
+        document = untrusted_json.loads(path.read_bytes(), f"registry index {path}")
     except (OSError, ValueError) as exc:
         logger.debug("cannot read the registry index %s to name cached files: %s", path, exc)
         return None

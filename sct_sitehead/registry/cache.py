@@ -17,6 +17,7 @@ never from names or URLs in the index.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import hashlib
 import logging
@@ -30,11 +31,10 @@ from sct_sitehead import env
 from sct_sitehead.atomic import move_into_place, write_bytes_atomic
 from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
 from sct_sitehead.registry.download import download, is_remote, remove
+from sct_sitehead.registry.specs import Asset
 
 if TYPE_CHECKING:
     from filelock import FileLock
-
-    from sct_sitehead.registry.specs import Asset
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Cache:
                 entries.append({"sha256": path.name, "size": path.stat().st_size, "path": path})
         return entries
 
-    def verify(self) -> list[Path]:
+    def verify(self) -> builtins.list[Path]:  # builtins: `list` here is the method above
         """Re-hash every cached asset; delete those whose content does not match their name.
 
         Returns:
@@ -338,8 +338,12 @@ def checked_hex(sha256: str) -> str:
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's content."""
+    # Read in blocks, not with hashlib.file_digest: that is Python 3.11+, and the package supports 3.10.
+    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_optional(path: Path, what: str) -> bytes | None:

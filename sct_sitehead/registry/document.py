@@ -6,10 +6,9 @@ through :func:`parse_index`, so no index is used, or signed, without passing the
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from sct_sitehead.errors import RegistryError
+from sct_sitehead.registry import untrusted_json
 from sct_sitehead.registry.schema import validate_index
 
 #: The index's file name in a registry folder (a folder given as the location means this file in it).
@@ -26,15 +25,10 @@ def parse_index(data: bytes, source: str) -> dict[str, Any]:
         source: its path or URL, for messages.
 
     Raises:
-        RegistryError: not UTF-8 JSON, or invalid (see :func:`schema.validate_index`).
+        RegistryError: not UTF-8 JSON, nested too deep, a repeated key or a non-finite number (see
+            :mod:`untrusted_json`), or invalid (see :func:`schema.validate_index`).
     """
-    try:
-        index = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise RegistryError(f"registry index {source} is not UTF-8 text: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise RegistryError(
-            f"registry index {source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+    # Any other JSON value than an object fails validate_index.
+    index: dict[str, Any] = untrusted_json.loads(data, f"registry index {source}")
     validate_index(index, source=f"registry index {source}")
     return index

@@ -20,13 +20,14 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Literal, NoReturn
 
 from sct_sitehead.errors import DownloadError, HTTPStatusError, IntegrityError, OutputError
 from sct_sitehead.version import __version__
 
 if TYPE_CHECKING:
     import requests
+    from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def download(
         OutputError: ``part`` cannot be written.
     """
     exact = expected_size is not None and expected_size <= max_size
-    job = _Job(url, part, expected_size if exact else max_size, exact, timeout, progress, allow_http)
+    limit = max_size if expected_size is None else min(expected_size, max_size)
+    job = _Job(url, part, limit, exact, timeout, progress, allow_http)
     check_url(url, allow_http=allow_http)
     if not is_remote(url):
         copy_local(job)
@@ -332,21 +334,25 @@ def copy_local(job: _Job) -> None:
 
 def content_range_start(value: str | None) -> int | None:
     """First byte of ``Content-Range: bytes START-END/TOTAL``; None if absent or malformed."""
+    if value is None:
+        return None
     try:
-        return int(value.split()[1].split("-")[0])  # type: ignore[union-attr]
-    except (AttributeError, IndexError, ValueError):
+        return int(value.split()[1].split("-")[0])
+    except (IndexError, ValueError):
         return None
 
 
 def content_range_total(value: str | None) -> int | None:
     """TOTAL of ``Content-Range: bytes START-END/TOTAL`` or ``bytes */TOTAL``; None if unknown."""
+    if value is None:
+        return None
     try:
-        return int(value.rsplit("/", 1)[1])  # type: ignore[union-attr]
-    except (AttributeError, IndexError, ValueError):
+        return int(value.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
         return None
 
 
-def progress_bar(url: str, total: int | None, initial: int):
+def progress_bar(url: str, total: int | None, initial: int) -> tqdm[NoReturn]:
     """A tqdm byte counter on stderr (imported only when a bar is wanted)."""
     from tqdm import tqdm
 
@@ -354,7 +360,7 @@ def progress_bar(url: str, total: int | None, initial: int):
     return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=name, file=sys.stderr)
 
 
-def open_part(part: Path, mode: str) -> BinaryIO:
+def open_part(part: Path, mode: Literal["ab", "wb"]) -> BinaryIO:
     """Open the partial file, turning a write failure into an OutputError with the fix."""
     try:
         part.parent.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sct_sitehead import env
 from sct_sitehead.errors import RegistryError, UnknownModelError, UsageError
+from sct_sitehead.registry.cache import Cache
 from sct_sitehead.registry.document import parse_index
 from sct_sitehead.registry.download import is_remote
 from sct_sitehead.registry.local import embedded_registry_path, local_index_path, read_local_index, read_local_signature
@@ -32,9 +33,6 @@ from sct_sitehead.registry.specs import (
     suggest,
 )
 from sct_sitehead.registry.trust import check_signature, remember_index
-
-if TYPE_CHECKING:
-    from sct_sitehead.registry.cache import Cache
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +168,7 @@ class Registry:
         return self.build_release(model, version, releases[version])
 
     def _model(self, model: str) -> dict[str, Any]:
-        models = self.index["models"]
+        models: dict[str, dict[str, Any]] = self.index["models"]
         if model not in models:
             raise UnknownModelError(
                 f"unknown model {model!r} in registry {self.location}; models: {', '.join(self.models())}."

@@ -18,10 +18,12 @@ from typing import Any
 
 from sct_sitehead.atomic import write_bytes_atomic, write_file_atomic
 from sct_sitehead.errors import OutputError, RegistryError, UsageError
+from sct_sitehead.registry import untrusted_json
 from sct_sitehead.registry.cache import sha256_file
 from sct_sitehead.registry.document import INDEX_NAME
 from sct_sitehead.registry.index import version_key
 from sct_sitehead.registry.schema import validate_index
+from sct_sitehead.registry.signing import sign_index
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +32,10 @@ def read_export(export_dir: Path) -> dict[str, Any]:
     """The export manifest, with every listed file checked against its sha256."""
     manifest_path = export_dir / "export.json"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        raw = manifest_path.read_bytes()
+    except OSError as exc:
         raise UsageError(f"cannot read {manifest_path}: {exc}; run `sct_sitehead export` first") from exc
+    manifest: dict[str, Any] = untrusted_json.loads(raw, f"export manifest {manifest_path}")
     for entry in [manifest["backbone"], *manifest["heads"].values()]:
         path = export_dir / entry["file"]
         if not path.is_file() or sha256_file(path) != entry["sha256"]:
@@ -48,9 +51,10 @@ def read_index(path: Path, model: str) -> dict[str, Any]:
     if not path.exists():
         return new_index(model)
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise RegistryError(f"cannot read {path}: {exc}; fix or remove it") from exc
+    index: dict[str, Any] = untrusted_json.loads(raw, f"registry index {path}")  # validated below
     validate_index(index, source=str(path))
     return index
 
@@ -78,8 +82,9 @@ def release_entry(
         entry = {**asset_entry(head, prefix), "strategy": head["strategy"], "labels": head["labels"]}
         if site in head_thresholds:
             entry["threshold"] = head_thresholds[site]
-        if (head_min_lesion_mm3 or {}).get(site, 0.0) > 0:
-            entry["min_lesion_mm3"] = head_min_lesion_mm3[site]
+        min_lesion_mm3 = (head_min_lesion_mm3 or {}).get(site, 0.0)
+        if min_lesion_mm3 > 0:
+            entry["min_lesion_mm3"] = min_lesion_mm3
         heads[site] = entry
     backbone = manifest["backbone"]
     return {
@@ -208,8 +213,6 @@ def publish(
     except OSError as exc:
         raise OutputError(f"cannot write {index_path}: {exc.strerror}; check permissions and free space") from exc
     if sign_key is not None:
-        from sct_sitehead.registry.signing import sign_index
-
         sign_index(index_path, sign_key)
     elif index_path.with_name(index_path.name + ".sig").exists():
         # A stale signature would make every client refuse the new index.

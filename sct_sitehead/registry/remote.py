@@ -10,15 +10,12 @@ import logging
 import tempfile
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sct_sitehead.errors import DownloadError, HTTPStatusError, OfflineError, RegistryError
+from sct_sitehead.registry.cache import Cache
 from sct_sitehead.registry.document import MAX_INDEX_BYTES
 from sct_sitehead.registry.download import check_url, download
 from sct_sitehead.registry.signing import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX
-
-if TYPE_CHECKING:
-    from sct_sitehead.registry.cache import Cache
 
 logger = logging.getLogger(__name__)
 

@@ -16,6 +16,10 @@ from sct_sitehead.errors import RegistryError
 SUPPORTED_SCHEMA_VERSIONS: tuple[int, ...] = (1,)
 SCHEMA_RESOURCE = "registry_schema.json"
 LESION_LABEL = "lesion"
+#: Largest model file a registry may declare (docs/RELIABILITY.md): ONNX stores a graph in one protobuf, which
+#: cannot exceed 2 GiB, so a larger declared size is a broken or hostile index, not a real model. It bounds what a
+#: download may write into the cache.
+MAX_ASSET_BYTES = 2 << 30
 
 _MAX_REPORTED = 3
 _MAX_MESSAGE = 300
@@ -27,7 +31,8 @@ def load_schema() -> dict[str, Any]:
     from importlib import resources
 
     text = resources.files("sct_sitehead.registry").joinpath(SCHEMA_RESOURCE).read_text(encoding="utf-8")
-    return json.loads(text)
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 def validate_index(index: Any, *, source: str = "registry index") -> None:
@@ -117,6 +122,7 @@ def check_release(release: dict[str, Any], *, where: str) -> None:
             f"{where}/input: patch_size {spec['patch_size']} is not divisible by divisor {divisor}; "
             f"use multiples of {divisor}"
         )
+    check_asset_sizes(release, where)
     for site, head in release["heads"].items():
         names = [label["name"] for label in head["labels"]]
         if LESION_LABEL not in names:
@@ -133,3 +139,19 @@ def check_release(release: dict[str, Any], *, where: str) -> None:
                     f"{where}/heads/{site}: label {label['name']!r} uses channel {label['channel']}, but the release "
                     f"has {channels} channel(s) (0 to {channels - 1}); fix the channel or 'channels'"
                 )
+
+
+def check_asset_sizes(release: dict[str, Any], where: str) -> None:
+    """Every file of a release declares at most :data:`MAX_ASSET_BYTES`."""
+    assets = {"backbone": release["backbone"]}
+    assets.update({f"heads/{site}": head for site, head in release["heads"].items()})
+    localiser = release.get("localiser")
+    if localiser is not None:
+        assets.update({"localiser/backbone": localiser["backbone"], "localiser/head": localiser["head"]})
+    for name, asset in assets.items():
+        if asset["size"] > MAX_ASSET_BYTES:
+            raise RegistryError(
+                f"{where}/{name} declares a size of {asset['size']} bytes, over the {MAX_ASSET_BYTES}-byte maximum "
+                "of a model file (an ONNX graph cannot exceed 2 GiB); the index is broken or hostile, nothing was "
+                "downloaded"
+            )

@@ -16,7 +16,7 @@ from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sct_sitehead.errors import UsageError
 
@@ -72,7 +72,8 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
 class RangeRequestHandler(SimpleHTTPRequestHandler):
     """SimpleHTTPRequestHandler plus single byte-range requests (206/416) and ``Accept-Ranges: bytes``."""
 
-    def send_head(self):  # type: ignore[override]
+    # The base types its answer as a binary file; the handler only read()s and close()s it, as _Slice allows.
+    def send_head(self) -> BinaryIO | _Slice | None:  # type: ignore[override]
         header = self.headers.get("Range")
         path = self.translate_path(self.path)
         if header is None or os.path.isdir(path) or self.path.endswith("/"):
@@ -114,8 +115,14 @@ class RangeRequestHandler(SimpleHTTPRequestHandler):
         self.send_header("Accept-Ranges", "bytes")
         super().end_headers()
 
-    def log_message(self, format: str, *args) -> None:
+    def log_message(self, format: str, *args: Any) -> None:
         logger.info("%s %s", self.address_string(), format % args)
+
+
+class ThreadingHTTPServerV6(ThreadingHTTPServer):
+    """The threading server on an IPv6 address."""
+
+    address_family = socket.AF_INET6
 
 
 def make_server(
@@ -133,9 +140,7 @@ def make_server(
     folder = Path(directory)
     if not folder.is_dir():
         raise UsageError(f"cannot serve {folder}: not a folder")
-    server_class = ThreadingHTTPServer
-    if ":" in host:
-        server_class = type("ThreadingHTTPServerV6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    server_class = ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer
     try:
         return server_class((host, port), partial(handler, directory=str(folder)))
     except OSError as exc:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sct_sitehead.atomic import write_bytes_atomic
 from sct_sitehead.errors import OutputError, RegistryError, UsageError
+from sct_sitehead.registry import untrusted_json
 from sct_sitehead.registry.document import MAX_INDEX_BYTES, parse_index
 
 if TYPE_CHECKING:
@@ -219,17 +220,16 @@ def parse_signature(raw: bytes, *, source: str) -> dict[str, Any]:
     """Decode a ``.sig`` file and check its fields' shapes (not the signature itself).
 
     Raises:
-        RegistryError: too large, not JSON, an unknown algorithm, or a malformed key id or signature.
+        RegistryError: too large, not JSON (or refused by :mod:`untrusted_json`), an unknown algorithm, or a
+            malformed key id or signature.
     """
     where = f"signature file {source}"
     if len(raw) > MAX_SIGNATURE_BYTES:
         raise RegistryError(f"{where} is {len(raw)} bytes, over the {MAX_SIGNATURE_BYTES}-byte limit")
-    try:
-        signature = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        signature = None
+    not_object = "is not a JSON object; re-create it with `sct_sitehead registry sign`"
+    signature = untrusted_json.loads(raw, where, malformed=not_object)
     if not isinstance(signature, dict):
-        raise RegistryError(f"{where} is not a JSON object; re-create it with `sct_sitehead registry sign`")
+        raise RegistryError(f"{where} {not_object}")
     check_signature_fields(signature, where)
     return signature
 
@@ -276,7 +276,7 @@ def verify_index_bytes(
     from cryptography.exceptions import InvalidSignature
 
     raw = check_signature_fields(signature, f"signature of {source}")
-    identifier = signature["key_id"]
+    identifier = str(signature["key_id"])
     public_key = trusted.get(identifier)
     if public_key is None:
         known = ", ".join(sorted(trusted)) or "none"

@@ -152,10 +152,12 @@ def input_spec(raw: Mapping[str, Any]) -> InputSpec:
     Raises:
         RegistryError: malformed ``clip_percentiles`` (the schema does not check their order).
     """
+    sx, sy, sz = (float(v) for v in raw["spacing"])  # the schema checks there are three
+    px, py, pz = (int(v) for v in raw["patch_size"])
     return InputSpec(
         orientation=raw["orientation"],
-        spacing=tuple(float(v) for v in raw["spacing"]),  # type: ignore[arg-type]
-        patch_size=tuple(int(v) for v in raw["patch_size"]),  # type: ignore[arg-type]
+        spacing=(sx, sy, sz),
+        patch_size=(px, py, pz),
         divisor=int(raw["divisor"]),
         normalization=NormalizationSpec.from_mapping(raw["normalization"]),
     )

@@ -5,7 +5,9 @@ Trusted keys come from three places, all ``*.pub`` PEM files (see :mod:`signing`
 the package (``sct_sitehead/keys/``); a site's, in the trusted keys folder (``SCT_SITEHEAD_TRUST_DIR``, else
 ``<user config folder>/sct_sitehead/trusted_keys``); and those given per call (``-trust KEYFILE``).
 
-Rollback state lives in the cache (``state/seen.json``): for each registry location, one record per key id
+Rollback state lives in the cache (``state/seen.json``): for each registry location (its canonical form, see
+:func:`canonical_location`, so that ``localhost``, a trailing ``?``, ``//`` or ``/./`` name the same registry), one
+record per key id
 (``"unsigned"`` for an unsigned index allowed by the user) of the highest ``serial`` seen, its ``updated`` and
 the sha256 of its bytes. A signed index is compared with the signed records only, so an unsigned index, which
 anyone on the path could have written, cannot raise the bar and lock out the real registry; an unsigned index is
@@ -18,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import posixpath
+import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +31,19 @@ from typing import TYPE_CHECKING, Any
 from sct_sitehead import env
 from sct_sitehead.atomic import write_bytes_atomic
 from sct_sitehead.errors import RegistryError, UsageError
-from sct_sitehead.registry.signing import parse_signature, public_key_from_pem, read_key_file, verify_index_bytes
+from sct_sitehead.registry import untrusted_json
+from sct_sitehead.registry.cache import Cache
+from sct_sitehead.registry.download import is_loopback
+from sct_sitehead.registry.signing import (
+    key_id,
+    parse_signature,
+    public_key_from_pem,
+    read_key_file,
+    verify_index_bytes,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    from sct_sitehead.registry.cache import Cache
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +77,6 @@ def load_trust_store(extra: Sequence[Path] = ()) -> TrustStore:
         UsageError: a file of ``extra`` is missing or not an ed25519 public key.
         RegistryError: a key shipped in the package is broken (reinstall).
     """
-    from sct_sitehead.registry.signing import key_id
-
     keys: dict[str, Ed25519PublicKey] = {}
     sources: dict[str, str] = {}
 
@@ -189,6 +199,7 @@ def remember_index(cache: Cache, location: str, key_id: str | None, index: Mappi
     from filelock import FileLock, Timeout
 
     key = key_id or UNSIGNED
+    entry = canonical_location(location)
     serial = index.get("serial", 0)
     updated = index.get("updated")
     now = Seen(
@@ -197,8 +208,8 @@ def remember_index(cache: Cache, location: str, key_id: str | None, index: Mappi
         hashlib.sha256(data).hexdigest(),
     )
     path = cache.seen_path()
-    recorded = read_state(path).get(location, {})
-    refuse_rollback(location, key, now, recorded, path)
+    recorded = read_state(path).get(entry, {})
+    refuse_rollback(location, key, now, recorded, path, entry)
     if recorded.get(key) == now:
         return  # the usual case (same index again, or offline): no lock, no write, so a read-only cache works
     lock = FileLock(str(cache.root / "locks" / "seen.lock"))
@@ -216,8 +227,8 @@ def remember_index(cache: Cache, location: str, key_id: str | None, index: Mappi
         return
     try:
         state = read_state(path)  # again: another process may have recorded a newer index meanwhile
-        records = state.setdefault(location, {})
-        refuse_rollback(location, key, now, records, path)
+        records = state.setdefault(entry, {})
+        refuse_rollback(location, key, now, records, path, entry)
         records[key] = now
         try:
             write_bytes_atomic(path, encode_state(state))
@@ -233,12 +244,15 @@ def remember_index(cache: Cache, location: str, key_id: str | None, index: Mappi
         lock.release()
 
 
-def refuse_rollback(location: str, key: str, now: Seen, records: Mapping[str, Seen], path: Path) -> None:
+def refuse_rollback(
+    location: str, key: str, now: Seen, records: Mapping[str, Seen], path: Path, entry: str | None = None
+) -> None:
+    """Raise the RegistryError that explains why ``now`` is refused, if it is (``entry``: the state's key)."""
     seen = rollback_conflict(records, key, now)
     if seen is None:
         return
     signer = "unsigned" if key == UNSIGNED else f"signed by key {key}"
-    fix = f"if the older index is intended, delete the entry for {location} from {path}."
+    fix = f"if the older index is intended, delete the entry for {entry or location} from {path}."
     if now.serial < seen.serial:
         raise RegistryError(
             f"registry index {location} ({signer}) has serial {now.serial}{stamp(now)}, lower than serial "
@@ -257,10 +271,41 @@ def stamp(seen: Seen) -> str:
     return f" (updated {seen.updated})" if seen.updated else ""
 
 
-def read_state(path: Path) -> dict[str, dict[str, Seen]]:
-    """``{location: {key: Seen}}`` from ``seen.json``; empty when missing, unreadable entries skipped."""
+def canonical_location(location: str) -> str:
+    """The form of a registry URL under which its rollback state is kept: one registry, however it is spelled.
+
+    For ``http(s)://``: scheme and host in lower case, every loopback host (``localhost``, 127.0.0.0/8, ``::1``)
+    as ``loopback``, the default port dropped, the path with ``//``, ``/./`` and ``..`` resolved and needless
+    percent-escapes undone, an empty query (a trailing ``?``) and the fragment dropped. Other locations (``file://``
+    URIs of resolved paths) are returned as they are.
+    """
+    parts = urllib.parse.urlsplit(location)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        return location
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
+        port = parts.port
+    except ValueError:
+        return location  # not a URL the download would accept either
+    host = (parts.hostname or "").rstrip(".")
+    host = "loopback" if is_loopback(host) else host
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and port != {"http": 80, "https": 443}[scheme]:
+        host = f"{host}:{port}"
+    path = urllib.parse.quote(urllib.parse.unquote(parts.path), safe="/:@!$&'()*+,;=-._~")
+    path = posixpath.normpath(re.sub("/+", "/", path or "/"))
+    if parts.path.endswith("/") and path != "/":
+        path += "/"
+    return urllib.parse.urlunsplit((scheme, host, path, parts.query, ""))
+
+
+def read_state(path: Path) -> dict[str, dict[str, Seen]]:
+    """``{location: {key: Seen}}`` from ``seen.json``, locations in their canonical form (records kept under
+    other spellings by an earlier version are merged, the highest serial winning); empty when missing, unreadable
+    entries skipped."""
+    try:
+        raw = untrusted_json.loads(path.read_bytes(), f"rollback state {path}")
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
@@ -277,7 +322,9 @@ def read_state(path: Path) -> dict[str, dict[str, Seen]]:
                 seen = Seen(int(record["serial"]), record.get("updated"), str(record["sha256"]))
             except (AttributeError, KeyError, TypeError, ValueError):
                 continue
-            state.setdefault(location, {})[key] = seen
+            records_now = state.setdefault(canonical_location(str(location)), {})
+            if key not in records_now or records_now[key].serial < seen.serial:
+                records_now[key] = seen
     return state
 
 

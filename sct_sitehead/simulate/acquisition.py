@@ -8,12 +8,13 @@ the contrast curve (gamma), a smooth multiplicative bias field and Rician or Gau
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from sct_sitehead.deploy.spatial import three
 from sct_sitehead.simulate.grids import grid_affine, voxel_coordinates
 from sct_sitehead.simulate.sites import Acquisition
 
@@ -21,7 +22,6 @@ _AXIS_OF = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 _FWHM_PER_SIGMA = 2.3548
 #: Largest shift (mm) of the field of view centre away from the cord, in the axial plane.
 CENTER_JITTER_MM = 4.0
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def plan_grid(
         cord_points: (N, 3) world positions of cord voxels of the source.
         rng: random generator.
     """
-    world_axis = _three(_AXIS_OF[c] for c in acquisition.orientation)
+    world_axis = three(_AXIS_OF[c] for c in acquisition.orientation)
     spacing = np.asarray(acquisition.spacing_mm, dtype=np.float64)
     fov_world = np.empty(3)
     for axis, world in enumerate(world_axis):
@@ -82,16 +82,10 @@ def plan_grid(
         center[world] = np.clip(
             center[world], anchor[world] + low + fov_world[world] / 2, anchor[world] + high - fov_world[world] / 2
         )
-    shape = _three(max(1, int(round(fov_world[world] / spacing[axis]))) for axis, world in enumerate(world_axis))
+    shape = three(max(1, int(round(fov_world[world] / spacing[axis]))) for axis, world in enumerate(world_axis))
     affine = grid_affine(shape, spacing, acquisition.orientation, center)
-    grid = TargetGrid(shape, affine, _three(float(s) for s in spacing), world_axis)
+    grid = TargetGrid(shape, affine, three(float(s) for s in spacing), world_axis)
     return grid, {"shape": list(shape), "center_mm": [round(float(v), 3) for v in center]}
-
-
-def _three(values: Iterable[T]) -> tuple[T, T, T]:
-    """The three items of ``values``, one per axis (ValueError for any other count)."""
-    x, y, z = values
-    return x, y, z
 
 
 def _line_inside(shape: Sequence[int], affine: np.ndarray, point: np.ndarray, world: int) -> tuple[float, float]:
@@ -120,7 +114,7 @@ def working_grid(target: TargetGrid, spacing: float, margin_mm: float) -> tuple[
     world = target.affine[:3, :3] @ corners + target.affine[:3, 3:4]
     low = world.min(axis=1) - half - margin_mm
     high = world.max(axis=1) + half + margin_mm
-    shape = _three(int(np.ceil((high - low)[i] / spacing)) + 1 for i in range(3))
+    shape = three(int(np.ceil((high - low)[i] / spacing)) + 1 for i in range(3))
     return shape, grid_affine(shape, (spacing,) * 3, "RAS", (low + high) / 2)
 
 
