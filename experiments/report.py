@@ -9,6 +9,7 @@ from typing import Any
 
 from experiments.plan import UNIVERSAL, Comparison, Plan, Variant
 from sct_sitehead.evaluation import evaluate as ev
+from sct_sitehead.evaluation.report import write_csv
 
 PALETTE = [
     (150, 150, 150),
@@ -254,8 +255,8 @@ def write_tables(
     rows: Sequence[Mapping[str, Any]],
 ) -> list[Path]:
     """``<comparison>.tsv``, ``cost.tsv`` and ``cases.tsv`` (every scored (case, head) row)."""
-    written = [ev.write_csv(entries[c.name], out / f"{c.name}.tsv") for c in plan.comparisons if entries[c.name]]
-    written.append(ev.write_csv(list(cost_rows), out / "cost.tsv"))
+    written = [write_csv(entries[c.name], out / f"{c.name}.tsv") for c in plan.comparisons if entries[c.name]]
+    written.append(write_csv(list(cost_rows), out / "cost.tsv"))
     columns = [
         "model",
         "head",
@@ -263,5 +264,5 @@ def write_tables(
         "subject",
         *[k for k in rows[0] if k not in ("model", "head", "site", "subject")],
     ]
-    written.append(ev.write_csv([{c: r.get(c) for c in columns} for r in rows], out / "cases.tsv"))
+    written.append(write_csv([{c: r.get(c) for c in columns} for r in rows], out / "cases.tsv"))
     return written

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sct_sitehead.errors import UsageError
+
 SITE = "SCT_SITEHEAD_SITE"
 REGISTRY = "SCT_SITEHEAD_REGISTRY"
 OFFLINE = "SCT_SITEHEAD_OFFLINE"
@@ -15,6 +17,8 @@ CACHE = "SCT_SITEHEAD_CACHE"
 ALLOW_HTTP = "SCT_SITEHEAD_ALLOW_HTTP"
 DATA = "SCT_SITEHEAD_DATA"
 TRUST_DIR = "SCT_SITEHEAD_TRUST_DIR"
+DOWNLOAD_TIMEOUT = "SCT_SITEHEAD_DOWNLOAD_TIMEOUT"
+MAX_MEMORY = "SCT_SITEHEAD_MAX_MEMORY"
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -62,6 +66,29 @@ def trust_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_config_dir("sct_sitehead", appauthor=False)) / "trusted_keys"
+
+
+def download_timeout() -> float | None:
+    """Seconds one model file's download may take in all (every mirror and retry), if set.
+
+    Raises:
+        UsageError: the value is not a positive number of seconds.
+    """
+    configured = os.environ.get(DOWNLOAD_TIMEOUT, "").strip()
+    if not configured:
+        return None
+    try:
+        seconds = float(configured)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise UsageError(f"{DOWNLOAD_TIMEOUT}={configured!r} is not a positive number of seconds, e.g. 600")
+    return seconds
+
+
+def max_memory() -> str | None:
+    """The memory budget of one run as written, e.g. ``"8G"`` (parsed by ``deploy.budget.parse_size``), if set."""
+    return os.environ.get(MAX_MEMORY, "").strip() or None
 
 
 def data_dir() -> Path | None:

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 
 from sct_sitehead.cli import admin as admin_cli
 from sct_sitehead.cli import deepseg_lesion as cli
-from sct_sitehead.evaluation.evaluate import MIN_LESIONS_MM3
+from sct_sitehead.evaluation.thresholds import MIN_LESIONS_MM3
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 

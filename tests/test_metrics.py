@@ -158,7 +158,8 @@ def _tune_on(tmp_path, probability_maps, leave_one_out=True):
     [4:7, 4:7, 4:7], its map every head's lesion probability."""
     import nibabel as nib
 
-    from sct_sitehead.evaluation.evaluate import Case, tune_thresholds
+    from sct_sitehead.evaluation.evaluate import Case
+    from sct_sitehead.evaluation.thresholds import tune_thresholds
     from sct_sitehead.registry.specs import LabelSpec
 
     reference = np.zeros((12, 12, 12), np.uint8)
@@ -349,7 +350,8 @@ def _tune_on_references(tmp_path, pairs):
     """tune_thresholds on `montreal` cases, each given as (reference mask, lesion probability map)."""
     import nibabel as nib
 
-    from sct_sitehead.evaluation.evaluate import Case, tune_thresholds
+    from sct_sitehead.evaluation.evaluate import Case
+    from sct_sitehead.evaluation.thresholds import tune_thresholds
     from sct_sitehead.registry.specs import LabelSpec
 
     cases, maps, image = [], {}, None
@@ -395,7 +397,7 @@ def test_case_persons_come_from_the_person_column_or_the_simulated_source(tmp_pa
 
 
 def test_controls_are_counted_per_head_for_the_held_out_persons_and_for_all(tmp_path):
-    from sct_sitehead.evaluation.evaluate import (
+    from sct_sitehead.evaluation.controls import (
         controls_markdown,
         describe_controls,
         healthy_controls,

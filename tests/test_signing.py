@@ -37,7 +37,14 @@ from sct_sitehead.registry.signing import (
     sign_index,
     verify_index_bytes,
 )
-from sct_sitehead.registry.trust import UNSIGNED, Seen, load_trust_store, package_keys, rollback_conflict
+from sct_sitehead.registry.trust import (
+    UNSIGNED,
+    Seen,
+    canonical_location,
+    load_trust_store,
+    package_keys,
+    rollback_conflict,
+)
 
 PROJECT_KEY_ID = "51ea5321b858ff02"
 
@@ -291,7 +298,7 @@ def test_signed_remote_index_is_verified_cached_with_its_signature_and_reverifie
     url = httpserver.url_for("/reg/registry.json")
     assert Registry.load(url, cache=cache, offline=False, trust=[public]).key_id == key_id(load_public_key(public))
     assert cache.read_index_copy(url) == data and cache.read_index_signature_copy(url) == sig
-    seen = json.loads(cache.seen_path().read_text())["locations"][url]
+    seen = json.loads(cache.seen_path().read_text())["locations"][canonical_location(url)]
     assert seen == {key_id(load_public_key(public)): {"serial": 1, "updated": None, "sha256": sha256(data)}}
     requests_before = len(httpserver.log)
     assert Registry.load(url, cache=cache, offline=True, trust=[public]).key_id is not None

@@ -14,6 +14,12 @@ import numpy as np
 from sct_sitehead.errors import InputImageError, RegistryError
 from sct_sitehead.registry.specs import NormalizationSpec
 
+#: Intensity magnitudes (largest absolute value after clipping) whose squares and deviations stay well inside
+#: float32's range: an image outside them is divided by its magnitude first, which leaves its z-scores unchanged.
+#: Intensities times 1e17 overflowed the float32 squares (a 4-voxel cord, no lesion); times 1e-30 underflowed them
+#: to a standard deviation of 0. Every real image lies inside, and is normalised exactly as before.
+SAFE_MAGNITUDE = (1e-6, 1e12)
+
 
 def normalize(
     volume: np.ndarray, spec: NormalizationSpec | Mapping[str, Any], reference: np.ndarray | None = None
@@ -21,7 +27,9 @@ def normalize(
     """Intensity normalisation of DESIGN.md, on the model grid, in float32.
 
     ``zscore``: clip to the image's ``clip_percentiles`` (default: no clipping), then ``(x - mean) / std`` of the
-    clipped image. Means and variances are accumulated in float64 without a float64 copy of the volume.
+    clipped image. Means and variances are accumulated in float64 without a float64 copy of the volume; an image
+    whose magnitude is outside :data:`SAFE_MAGNITUDE` is scaled into it first, so no square overflows or
+    underflows.
 
     Args:
         volume: (X, Y, Z) array.
@@ -35,7 +43,7 @@ def normalize(
 
     Raises:
         RegistryError: unknown method or malformed percentiles.
-        InputImageError: the clipped image is constant (nothing to normalise).
+        InputImageError: the clipped image is constant (nothing to normalise), or has no usable spread.
     """
     if not isinstance(spec, NormalizationSpec):
         spec = NormalizationSpec.from_mapping(spec)
@@ -57,11 +65,23 @@ def normalize(
             "check that the right image was given"
         )
     out: np.ndarray = np.clip(volume, low, high, dtype=np.float32)
+    magnitude = max(abs(low), abs(high))
+    scale = None if SAFE_MAGNITUDE[0] <= magnitude <= SAFE_MAGNITUDE[1] else np.float32(magnitude)
+    if scale is not None:
+        out /= scale
     if reference is None:
         _, std = _centre(out)
     else:
-        mean, std = _centre(np.clip(source, low, high, dtype=np.float32))
+        clipped = np.clip(source, low, high, dtype=np.float32)
+        if scale is not None:
+            clipped /= scale
+        mean, std = _centre(clipped)
         out -= np.float32(mean)
+    if not 0.0 < std < math.inf or not math.isfinite(1.0 / std):
+        raise InputImageError(
+            f"image intensities between {low:g} and {high:g} have a standard deviation of {std:g}, which cannot "
+            "be normalised; check the image's scaling (scl_slope) and that the right image was given"
+        )
     out *= np.float32(1.0 / std)
     return out
 

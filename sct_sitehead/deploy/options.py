@@ -23,6 +23,8 @@ class Options:
         crop: run the lesion model around the cord that the release's localiser finds, not the whole image.
         mirror: also run the lesion model on the left-right mirrored image and average (nnU-Net's test-time
             mirroring).
+        max_memory: bytes one image's run may plan to use (:mod:`~sct_sitehead.deploy.budget`); None:
+            ``$SCT_SITEHEAD_MAX_MEMORY``, else 2 GB.
     """
 
     threshold: float | None = None
@@ -35,3 +37,4 @@ class Options:
     qc_dir: Path | None = None
     crop: bool = True
     mirror: bool = False
+    max_memory: int | None = None

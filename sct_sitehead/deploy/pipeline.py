@@ -109,12 +109,16 @@ class Segmenter:
         paths = {"backbone": cache.fetch(release.backbone, **fetch)}
         for site, head in heads.items():
             paths[site] = cache.fetch(head.asset, **fetch)
+        # The registry's sha256 of each file goes with it: ONNX Runtime reads nothing that does not match it.
+        sha256 = {paths["backbone"]: release.backbone.sha256}
+        sha256.update({paths[site]: heads[site].asset.sha256 for site in sites})
         model = session.SiteHeadModel(
             paths["backbone"],
             {site: paths[site] for site in sites},
             device=options.device,
             threads=options.threads,
             optimized_dir=cache.ort_dir(),
+            sha256=sha256,
         )
         localiser = None
         if release.localiser is not None and options.crop:
@@ -126,6 +130,10 @@ class Segmenter:
                 device=options.device,
                 threads=options.threads,
                 optimized_dir=cache.ort_dir(),
+                sha256={
+                    paths["localiser backbone"]: release.localiser.backbone.sha256,
+                    paths["localiser head"]: release.localiser.head.sha256,
+                },
             )
         logger.info(
             "%s@%s on %s, sites: %s%s",

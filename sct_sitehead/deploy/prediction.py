@@ -11,15 +11,17 @@ The stages are called through their modules (``spatial.to_model_grid``, ``normal
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from sct_sitehead.deploy import normalization, spatial, windows
+from sct_sitehead.deploy.budget import GridCheck
 from sct_sitehead.deploy.spatial import Bbox, ModelGrid
 from sct_sitehead.deploy.windows import Predict, WindowSettings
-from sct_sitehead.errors import UsageError
+from sct_sitehead.errors import InferenceError, UsageError
 from sct_sitehead.registry.specs import InputSpec
 
 
@@ -71,6 +73,7 @@ def predict_on_grid(
     crop: Bbox | None = None,
     reference: np.ndarray | None = None,
     keep_sample: bool = False,
+    budget: GridCheck | None = None,
 ) -> GridPrediction:
     """Run ``network`` over an image on the model grid of ``spec``.
 
@@ -84,14 +87,16 @@ def predict_on_grid(
         reference: (x, y, z) where the normalisation takes its statistics (default: the volume itself): for a
             crop, the whole image on a coarser grid, as in training.
         keep_sample: also return the image on the model grid before normalisation (``GridPrediction.sample``).
+        budget: called with the native box, affine, ``spec``, ``settings`` and a crop's window before the model
+            grid is made (:meth:`~sct_sitehead.deploy.budget.Budget.for_network`); it raises to refuse the run.
 
     Returns:
         The probabilities on the model grid, the grid, the crop actually run on and the time of each stage.
 
     Raises:
         RegistryError: ``spec`` is invalid (orientation, spacing, normalisation).
-        InputImageError: nothing to normalise (a constant image).
-        InferenceError: the network failed or returned arrays of the wrong shape.
+        InputImageError: nothing to normalise (a constant image), or ``budget`` refused the model grid.
+        InferenceError: the network failed, returned arrays of the wrong shape, or NaN or infinite values.
     """
     data, affine = image.data, image.affine
     if data is None:
@@ -110,6 +115,9 @@ def predict_on_grid(
             spec.divisor,
             max_patches=settings.max_patches,
         )
+    if budget is not None:
+        box = data.shape if crop is None else tuple(b - a for a, b in crop)
+        budget(box, affine, spec, settings, window)
     sample, grid = spatial.to_model_grid(data, affine, spec.orientation, spec.spacing, bbox=crop)
     del data
     if image.hand_over:
@@ -135,4 +143,24 @@ def predict_on_grid(
     )
     del volume
     seconds["network"] = time.perf_counter() - start
+    for output, values in probabilities.items():
+        refuse_non_finite(output, values)
     return GridPrediction(grid=grid, probabilities=probabilities, crop=crop, seconds=seconds, sample=kept)
+
+
+def refuse_non_finite(output: str, values: np.ndarray) -> None:
+    """A network's output with NaN or Inf is an error, never a mask: thresholding would make it silently empty.
+
+    One float64 sum finds it (probabilities cannot overflow it; NaN and Inf carry through): about 1 ms per million.
+
+    Raises:
+        InferenceError: some values are NaN or infinite.
+    """
+    if math.isfinite(float(values.sum(dtype=np.float64))):
+        return
+    bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+    raise InferenceError(
+        f"the network's output {output!r} holds {bad} NaN or infinite value(s) of {values.size}: the model file is "
+        "damaged or does not suit this input; nothing was written. Run `sct_sitehead cache verify`, and report it "
+        "with the -v 2 output if it persists"
+    )

@@ -6,6 +6,7 @@ patches in, ``{site: probabilities}`` out. onnxruntime is imported when a sessio
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -15,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from sct_sitehead.atomic import write_file_atomic
-from sct_sitehead.errors import InferenceError, RegistryError, UsageError
+from sct_sitehead.errors import InferenceError, IntegrityError, RegistryError, UsageError
+from sct_sitehead.registry import graphs
 from sct_sitehead.registry.cache import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -26,6 +27,21 @@ IMAGE_INPUT = "image"
 HEAD_OUTPUT = "probabilities"
 
 Provider = str | tuple[str, dict[str, str]]
+
+
+def max_threads() -> int:
+    """The most CPU threads a session may be given: the machine's CPU count. More only oversubscribes the cores,
+    and ONNX Runtime makes every thread it is asked for (100,000 of them took 5 GB and never started)."""
+    return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None, name: str = "threads") -> None:
+    """Raise UsageError unless ``threads`` is None or 1 to :func:`max_threads`."""
+    if threads is None:
+        return
+    limit = max_threads()
+    if not 1 <= int(threads) <= limit:
+        raise UsageError(f"{name} must be between 1 and {limit} (the CPUs of this machine), got {threads}")
 
 
 def select_providers(device: str) -> list[Provider]:
@@ -85,6 +101,7 @@ class SiteHeadModel:
         device: str = "auto",
         threads: int | None = None,
         optimized_dir: Path | None = None,
+        sha256: Mapping[Path, str] | None = None,
     ) -> None:
         """Start ONNX Runtime.
 
@@ -94,18 +111,22 @@ class SiteHeadModel:
             device: see :func:`select_providers`.
             threads: intra-op threads per session (None: ONNX Runtime's default, one per physical core).
             optimized_dir: folder where the optimised graphs are saved and reused (the cache's ``ort/``).
+            sha256: the registry's sha256 of model files: such a file's bytes are checked against it before ONNX
+                Runtime reads them, and its optimised graph is found by it (a file not listed is hashed as read).
 
         Raises:
             RegistryError: the models do not follow the contract (input/output names).
+            IntegrityError: a model file's bytes do not have the sha256 given for it.
             InferenceError: ONNX Runtime cannot load a model, or CUDA was asked for and is not usable.
+            UsageError: no head, or ``threads`` outside 1 to the machine's CPU count.
         """
         if not heads:
             raise UsageError("SiteHeadModel needs at least one head")
-        if threads is not None and int(threads) < 1:
-            raise UsageError(f"threads must be >= 1, got {threads!r}")
+        check_threads(threads)
         self._providers = select_providers(device)
         self._threads = threads
         self._optimized_dir = Path(optimized_dir) if optimized_dir is not None else None
+        self._sha256 = {Path(path): digest for path, digest in (sha256 or {}).items()}
         self.backbone_path = Path(backbone)
         self.head_paths = {site: Path(path) for site, path in heads.items()}
         self._backbone = self._open(self.backbone_path)
@@ -241,7 +262,8 @@ class SiteHeadModel:
         return options
 
     def _open(self, path: Path, threads: int | None = None) -> Any:
-        """A session for ``path`` with ``threads`` intra-op threads (None: the model's ``threads``)."""
+        """A session for ``path`` with ``threads`` intra-op threads (None: the model's ``threads``): from its
+        optimised graph when one can be had, else from the file's verified bytes."""
         import onnxruntime as ort
 
         if not path.is_file():
@@ -250,9 +272,10 @@ class SiteHeadModel:
             session = self._open_optimized(path, self._optimized_dir, threads)
             if session is not None:
                 return session
+        model = read_model(path, self._sha256.get(path))
         try:
             options = self._options(threads=threads)
-            return ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
+            return ort.InferenceSession(model, sess_options=options, providers=self._providers)
         except Exception as exc:
             raise InferenceError(
                 f"ONNX Runtime cannot load {path}: {_one_line(exc)}; the file may be corrupt (verify the cache: "
@@ -263,40 +286,67 @@ class SiteHeadModel:
         """Session from the optimised graph saved in ``folder``, saving it first if needed; None when that is not
         possible.
 
-        The graph is saved at the "extended" level, which is provider-specific but not CPU-model-specific (the
-        "all" level adds layout changes for this very CPU), and loaded again at the "all" level.
+        The graph is found by the model file's verified sha256 and used only when its bytes match the sha256
+        recorded when it was saved (:mod:`~sct_sitehead.registry.graphs`). It is saved at the "extended" level,
+        which is provider-specific but not CPU-model-specific (the "all" level adds layout changes for this very
+        CPU), and loaded again at the "all" level.
         """
         import onnxruntime as ort
 
         first = self._providers[0]
         tag = first if isinstance(first, str) else f"{first[0]}{first[1].get('device_id', '')}"
-        name = f"{sha256_file(path)[:32]}-ort{ort.__version__}-{tag}.onnx"
-        saved = folder / name
-        if not saved.is_file():
-            self._save_optimized(path, saved)
-        if not saved.is_file():
+        expected = self._sha256.get(path)
+        saved = graphs.graph_path(folder, expected or sha256_file(path), f"ort{ort.__version__}-{tag}")
+        graph = graphs.read_graph(saved)
+        if graph is None:
+            self._save_optimized(read_model(path, expected), path, saved)
+            graph = graphs.read_graph(saved)
+        if graph is None:
             return None
         try:
             options = self._options(threads=threads)
-            return ort.InferenceSession(str(saved), sess_options=options, providers=self._providers)
+            return ort.InferenceSession(graph, sess_options=options, providers=self._providers)
         except Exception as exc:
             logger.warning("ignoring optimised graph %s (%s); using %s", saved, _one_line(exc), path.name)
-            saved.unlink(missing_ok=True)
+            graphs.discard(saved)
             return None
 
-    def _save_optimized(self, path: Path, saved: Path) -> None:
+    def _save_optimized(self, model: bytes, path: Path, saved: Path) -> None:
+        """Optimise ``model`` (the verified bytes of ``path``) and save the graph at ``saved``, with its record."""
         import onnxruntime as ort
 
         def optimise_into(tmp: Path) -> None:
             options = self._options(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
             options.optimized_model_filepath = str(tmp)
-            ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
+            ort.InferenceSession(model, sess_options=options, providers=self._providers)
 
         try:
-            write_file_atomic(saved, optimise_into)
+            graphs.save_graph(saved, optimise_into)
             logger.debug("saved optimised graph of %s to %s", path.name, saved)
         except Exception as exc:
             logger.warning("cannot save the optimised graph of %s to %s: %s", path.name, saved.parent, _one_line(exc))
+
+
+def read_model(path: Path, expected: str | None) -> bytes:
+    """A model file's bytes, checked against the registry's sha256 when it is given.
+
+    Raises:
+        IntegrityError: the bytes have another sha256 (the file changed on disk after it was verified).
+        RegistryError: the file cannot be read.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RegistryError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if expected is not None:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise IntegrityError(
+                f"model file {path} has sha256 {digest}, expected {expected}: it changed on disk after it was "
+                "verified, and ONNX Runtime was not given it. Run `sct_sitehead cache verify`, then run again to "
+                "fetch it anew."
+            )
+    return data
 
 
 def _one_line(exc: BaseException) -> str:

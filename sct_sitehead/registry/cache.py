@@ -4,15 +4,16 @@ Layout (docs/DESIGN.md)::
 
     assets/sha256/<hex[:2]>/<hex>   verified assets, read-only
     indexes/<sha256 of URL>.json    last good copy of each remote registry index (.json.sig: its signature)
-    locks/<hex>.lock                one lock per asset (seen.lock: the state file's)
+    locks/<hex>.lock                one lock per asset (seen.lock: the state file's); <hex>.holder: who holds it
     state/seen.json                 highest index serial seen per location and key (rollback protection)
     tmp/<hex>.part                  partial downloads, resumed with HTTP Range
-    ort/                            ONNX Runtime optimised models
+    ort/                            ONNX Runtime optimised models, each with its recorded sha256 (graphs.py)
 
-A file only ever reaches ``assets/`` by an atomic ``os.replace`` after its size and sha256 were checked, so
-an asset that exists is verified: the fast path looks for it and takes no lock and makes no network call,
-which is also what lets a read-only, pre-filled cache work. Paths are built from the validated sha256 only,
-never from names or URLs in the index.
+A file only ever reaches ``assets/`` by an atomic ``os.replace`` after its size and sha256 were checked. A file at
+rest is still not trusted: a disk, a backup tool or another program may change it, so :meth:`Cache.fetch` hashes a
+cached asset again every time it hands it out (about 5 ms for a 5.6 MB backbone) and replaces one that fails. The
+fast path takes no lock and makes no network call, which is also what lets a read-only, pre-filled cache work.
+Paths are built from the validated sha256 only, never from names or URLs in the index.
 """
 
 from __future__ import annotations
@@ -20,17 +21,22 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import hashlib
+import json
 import logging
+import os
 import re
 import shutil
+import socket
 import stat
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sct_sitehead import env
 from sct_sitehead.atomic import move_into_place, write_bytes_atomic
 from sct_sitehead.errors import DownloadError, IntegrityError, OfflineError, OutputError, RegistryError
-from sct_sitehead.registry.download import download, is_remote, remove
+from sct_sitehead.registry import untrusted_json
+from sct_sitehead.registry.download import MIN_RATE, RATE_WINDOW, download, is_remote, remove
 from sct_sitehead.registry.specs import Asset
 
 if TYPE_CHECKING:
@@ -40,6 +46,13 @@ logger = logging.getLogger(__name__)
 
 _HEX = re.compile(r"[0-9a-f]{64}")
 _READ_ONLY = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+#: Seconds one model file's download may take in all, every mirror and retry included, unless
+#: ``SCT_SITEHEAD_DOWNLOAD_TIMEOUT`` says otherwise: a 5.6 MB backbone at the minimum rate takes 45 minutes, at
+#: a slow 1 Mbit/s 45 s.
+DOWNLOAD_TIMEOUT = 900.0
+#: Seconds beyond the download deadline that a process waits for another one's download of the same asset: the
+#: holder's own deadline stops it first, so a wait this long means it is stuck (or suspended).
+LOCK_GRACE = 60.0
 
 
 class Cache:
@@ -47,9 +60,14 @@ class Cache:
 
     Args:
         root: cache folder; created lazily, only when something is written.
-        timeout: (connect, read) seconds for each download.
+        timeout: (connect, read) seconds for each request.
         retries: further attempts per URL after the first.
         backoff: first wait between attempts, doubled each time.
+        deadline: seconds one file's download may take in all (every URL and attempt); default
+            ``$SCT_SITEHEAD_DOWNLOAD_TIMEOUT``, else :data:`DOWNLOAD_TIMEOUT`.
+        min_rate: (bytes per second, seconds): a transfer slower than this over that window is stopped.
+        lock_timeout: seconds to wait for another process downloading the same asset; default ``deadline`` plus
+            :data:`LOCK_GRACE`.
     """
 
     def __init__(
@@ -59,11 +77,17 @@ class Cache:
         timeout: tuple[float, float] = (10, 60),
         retries: int = 4,
         backoff: float = 0.5,
+        deadline: float | None = None,
+        min_rate: tuple[float, float] = (MIN_RATE, RATE_WINDOW),
+        lock_timeout: float | None = None,
     ) -> None:
         self.root = Path(root) if root is not None else env.cache_dir()
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
+        self.deadline = deadline if deadline is not None else (env.download_timeout() or DOWNLOAD_TIMEOUT)
+        self.min_rate = min_rate
+        self.lock_timeout = lock_timeout if lock_timeout is not None else self.deadline + LOCK_GRACE
 
     def __repr__(self) -> str:
         return f"Cache({str(self.root)!r})"
@@ -104,34 +128,61 @@ class Cache:
     def fetch(self, asset: Asset, *, offline: bool, progress: bool = False, allow_http: bool = False) -> Path:
         """Return the verified local copy of ``asset``, downloading it first if needed.
 
-        Tries ``asset.urls`` in order; one process downloads while the others wait on the asset's lock.
+        A cached copy is hashed again first: one whose sha256 is not ``asset.sha256`` (damaged at rest) is removed
+        and fetched again, or, offline with no local URL, reported. Tries ``asset.urls`` in order; one process
+        downloads while the others wait on the asset's lock (at most ``lock_timeout`` seconds).
 
         Raises:
             OfflineError: offline and not cached.
-            IntegrityError: every URL failed and at least one served the wrong bytes (nothing is kept).
-            DownloadError: every URL failed to deliver.
+            IntegrityError: every URL failed and at least one served the wrong bytes (nothing is kept); or the
+                cached copy is damaged and cannot be fetched again (offline) or removed (read-only cache).
+            DownloadError: every URL failed to deliver, the deadline passed, or another process held the asset's
+                lock longer than ``lock_timeout``.
             OutputError: the asset is missing and the cache cannot be written.
             RegistryError: the asset's sha256 is malformed.
         """
         final = self.asset_path(asset.sha256)
-        if final.is_file():
+        damage = cached_damage(final, asset.sha256)
+        if damage is None:
             return final
+        if damage:
+            logger.warning("the cached %s (%s) %s; fetching it again", describe(asset), final, damage)
         if offline:
             # Offline forbids the network, not the disk: an embedded or local registry's files are still copied in.
             local = tuple(url for url in asset.urls if not is_remote(url))
             if not local:
+                if damage:
+                    self._discard(final, asset, damage)
+                    raise IntegrityError(damaged_offline_message(asset, final, damage))
                 raise OfflineError(offline_message(asset, self.root))
             asset = dataclasses.replace(asset, urls=local)
         allow_http = allow_http or env.allow_plain_http()
         lock = self._lock(asset.sha256)
-        self._acquire(lock, asset)
+        self._acquire(lock, asset, damage)
         try:
-            if final.is_file():
+            damage = cached_damage(final, asset.sha256)
+            if damage is None:
                 logger.debug("%s was downloaded by another process meanwhile", asset.name)
                 return final
+            if damage:
+                self._discard(final, asset, damage)
             return self._download(asset, final, progress=progress, allow_http=allow_http)
         finally:
             lock.release()
+
+    def _discard(self, final: Path, asset: Asset, damage: str) -> None:
+        """Remove a damaged cached asset.
+
+        Raises:
+            IntegrityError: it cannot be removed (a read-only cache): the run must not use it, nor go on without it.
+        """
+        try:
+            final.unlink(missing_ok=True)
+        except OSError as exc:
+            raise IntegrityError(
+                f"the cached {describe(asset)} ({final}) {damage}, and it cannot be removed ({exc.strerror or exc}). "
+                "Nothing was run with it. Replace the cache, or point SCT_SITEHEAD_CACHE to a writable folder."
+            ) from None
 
     def _download(self, asset: Asset, final: Path, *, progress: bool, allow_http: bool) -> Path:
         """Try each URL; the first whose bytes verify is moved into place. Caller holds the asset's lock."""
@@ -140,13 +191,16 @@ class Cache:
         mismatch: str | None = None
         if not asset.urls:
             raise DownloadError(f"{describe(asset)} has no URL to download it from; fix the registry index")
+        deadline = time.monotonic() + self.deadline
         for url in asset.urls:
             # A part left by an earlier run or URL is resumed; if the result is wrong, that URL gets one clean try.
             resumed = part.exists()
-            error = self._download_one(asset, url, part, progress=progress, allow_http=allow_http)
+            error = self._download_one(asset, url, part, progress=progress, allow_http=allow_http, deadline=deadline)
             if isinstance(error, IntegrityError) and resumed:
                 logger.info("%s: resumed file did not verify, downloading again from the start", url)
-                error = self._download_one(asset, url, part, progress=progress, allow_http=allow_http)
+                error = self._download_one(
+                    asset, url, part, progress=progress, allow_http=allow_http, deadline=deadline
+                )
             if error is None:
                 try:
                     move_into_place(part, final, mode=_READ_ONLY)
@@ -169,7 +223,7 @@ class Cache:
         )
 
     def _download_one(
-        self, asset: Asset, url: str, part: Path, *, progress: bool, allow_http: bool
+        self, asset: Asset, url: str, part: Path, *, progress: bool, allow_http: bool, deadline: float | None = None
     ) -> IntegrityError | DownloadError | None:
         """Download ``url`` into ``part`` and verify it; None when ``part`` now holds the asset."""
         try:
@@ -183,6 +237,9 @@ class Cache:
                 backoff=self.backoff,
                 progress=progress,
                 allow_http=allow_http,
+                deadline=deadline,
+                min_rate=self.min_rate[0],
+                rate_window=self.min_rate[1],
             )
         except IntegrityError as exc:
             remove(part)
@@ -210,27 +267,45 @@ class Cache:
 
         return FileLock(str(self.root / "locks" / f"{checked_hex(sha256)}.lock"))
 
-    def _acquire(self, lock: FileLock, asset: Asset) -> None:
-        """Take the asset's lock, waiting for another process that is downloading it.
+    def _acquire(self, lock: FileLock, asset: Asset, damage: str = "") -> None:
+        """Take the asset's lock, waiting at most ``lock_timeout`` seconds for another process downloading it,
+        and record this process as its holder (``locks/<sha256>.holder``) for the messages of those who wait.
 
         Raises:
             OutputError: the lock file cannot be created (read-only cache without this asset).
+            IntegrityError: the same, when the cached copy is damaged (it can be neither replaced nor used).
+            DownloadError: another process held the lock for ``lock_timeout`` seconds.
         """
         from filelock import Timeout
 
+        holder = Path(lock.lock_file).with_suffix(".holder")
         try:
             Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
             try:
                 lock.acquire(timeout=0)
             except Timeout:
                 logger.info("waiting for another process to finish downloading %s", asset.name)
-                lock.acquire()
+                try:
+                    lock.acquire(timeout=self.lock_timeout)
+                except Timeout:
+                    raise DownloadError(lock_timeout_message(asset, self.lock_timeout, holder)) from None
         except OSError as exc:
+            if damage:
+                raise IntegrityError(
+                    f"the cached {describe(asset)} {damage}, and the cache {self.root} cannot be written to replace "
+                    f"it (lock file {lock.lock_file}: {exc.strerror or exc}). Nothing was run with it. Replace the "
+                    "cache, or set SCT_SITEHEAD_CACHE to a writable folder."
+                ) from None
             raise OutputError(
                 f"{describe(asset)} is not in the cache {self.root}, and the cache cannot be written "
                 f"(lock file {lock.lock_file}: {exc.strerror or exc}). Set SCT_SITEHEAD_CACHE to a writable folder, "
                 "or pre-fill this cache with `sct_sitehead models install` on a machine that can write it."
             ) from None
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "asset": describe(asset)}
+        try:
+            write_bytes_atomic(holder, json.dumps(record).encode("utf-8"))
+        except OSError as exc:
+            logger.debug("cannot record the holder of %s: %s", lock.lock_file, exc)
 
     # --- index copies -------------------------------------------------------------------------------------------
     def read_index_copy(self, url: str) -> bytes | None:
@@ -378,6 +453,47 @@ def remove_tree_contents(folder: Path) -> int:
 def describe(asset: Asset) -> str:
     """``backbone.onnx of lesion@1.0.0`` (the release is left out when unknown)."""
     return f"{asset.name} of {asset.release}" if asset.release else asset.name
+
+
+def cached_damage(path: Path, sha256: str) -> str | None:
+    """None when ``path`` holds the bytes of ``sha256``; ``""`` when it does not exist; otherwise what is wrong
+    with it (its sha256, or why it cannot be read)."""
+    try:
+        digest = sha256_file(path)
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None if digest == sha256 else f"has sha256 {digest}, expected {sha256} (damaged since it was verified)"
+
+
+def damaged_offline_message(asset: Asset, path: Path, damage: str) -> str:
+    """Why an offline run stopped at a damaged cached asset, and the fix."""
+    spec = asset.release or "MODEL@VERSION"
+    site = asset.site or "SITE"
+    return (
+        f"the cached {describe(asset)} ({path}) {damage}; it was removed, and offline mode forbids downloading it "
+        f"again. Nothing was run with it. On a connected machine run `sct_sitehead models install {spec} -site "
+        f"{site}` and copy its cache folder here, or run without -offline."
+    )
+
+
+def lock_timeout_message(asset: Asset, waited: float, holder: Path) -> str:
+    """Who holds an asset's lock (from its holder record, read as untrusted JSON), and what to do."""
+    try:
+        record = untrusted_json.loads(holder.read_bytes(), f"lock holder record {holder}")
+    except (OSError, RegistryError):
+        record = None
+    who = "another process"
+    if isinstance(record, dict) and isinstance(record.get("pid"), int):
+        since = record.get("since")
+        started = time.strftime("%H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) else "?"
+        who = f"process {record['pid']} on {str(record.get('host', '?'))[:64]} (holding it since {started})"
+    return (
+        f"waited {waited:.0f} s for {who} to finish downloading {describe(asset)}, and it has not; its lock is "
+        f"{holder.with_suffix('.lock')}. If that process is stuck or suspended, stop it and run again; its partial "
+        "download is resumed."
+    )
 
 
 def offline_message(asset: Asset, root: Path) -> str:

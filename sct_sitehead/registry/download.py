@@ -1,4 +1,5 @@
-"""Stream one URL to a partial file: HTTP Range resume, retries with backoff, timeouts and a size cap.
+"""Stream one URL to a partial file: HTTP Range resume, retries with backoff, timeouts, a size cap, an overall
+deadline and a minimum rate.
 
 The caller owns the partial file and checks the result (size, sha256); this module only moves bytes and
 decides which failures are worth another attempt. ``file://`` URLs and plain paths are copied.
@@ -7,6 +8,11 @@ URL policy: ``https://`` always; ``http://`` only to a loopback host (127.0.0.0/
 the caller allows plain HTTP. Redirects are followed by hand so each hop is checked: a redirect may go to
 any ``https://`` URL or to loopback ``http://``; plain ``http://`` elsewhere only when allowed *and* on the
 host first asked for, because a redirect must not be a way to downgrade to a host the user never named.
+
+Time policy: the (connect, read) timeouts bound each wait for the server; the deadline bounds the whole download
+(every attempt, every wait between them), and the minimum rate stops a server that keeps a connection alive with
+a trickle of bytes (one every few seconds resets any read timeout). The body is read as it arrives (``read1``), so
+both are checked after every network read, not after every 64 KiB.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ CHUNK = 1 << 16
 MAX_REDIRECTS = 10
 USER_AGENT = f"sct_sitehead/{__version__}"
 _RETRY_STATUSES = frozenset({408, 429})
+#: Slowest transfer accepted, in bytes per second averaged over :data:`RATE_WINDOW` seconds: 1/60 of a slow
+#: 1 Mbit/s link, so only a stalled or hostile server falls below it.
+MIN_RATE = 2048
+#: Seconds over which the rate is measured (the first window starts with the body).
+RATE_WINDOW = 30.0
 
 
 class _Retry(Exception):
@@ -96,6 +107,9 @@ def download(
     progress: bool = False,
     session: requests.Session | None = None,
     allow_http: bool = False,
+    deadline: float | None = None,
+    min_rate: float = MIN_RATE,
+    rate_window: float = RATE_WINDOW,
 ) -> None:
     """Fetch ``url`` into ``part``, resuming from the bytes ``part`` already holds.
 
@@ -110,16 +124,22 @@ def download(
         progress: draw a tqdm bar on stderr (pass ``sys.stderr.isatty()``).
         session: a ``requests.Session`` to reuse; a new one (honouring proxy variables) otherwise.
         allow_http: allow plain ``http://`` to hosts other than loopback.
+        deadline: ``time.monotonic()`` by which the download must be complete (None: no deadline); no attempt
+            starts and no wait goes past it, and a transfer still running then is stopped.
+        min_rate: bytes per second below which a transfer is stopped (averaged over ``rate_window`` seconds); 0
+            accepts any rate.
+        rate_window: seconds over which the rate is averaged.
 
     Raises:
-        DownloadError: HTTP 4xx, refused URL, a body over ``max_size`` (no ``expected_size``), or still
-            failing after ``retries`` more attempts.
+        DownloadError: HTTP 4xx, refused URL, a body over ``max_size`` (no ``expected_size``), a compressed body
+            although ``identity`` was asked for, the deadline passed, a rate below ``min_rate``, or still failing
+            after ``retries`` more attempts.
         IntegrityError: the body is longer than ``expected_size``; the partial file is deleted.
         OutputError: ``part`` cannot be written.
     """
     exact = expected_size is not None and expected_size <= max_size
     limit = max_size if expected_size is None else min(expected_size, max_size)
-    job = _Job(url, part, limit, exact, timeout, progress, allow_http)
+    job = _Job(url, part, limit, exact, timeout, progress, allow_http, deadline, min_rate, rate_window)
     check_url(url, allow_http=allow_http)
     if not is_remote(url):
         copy_local(job)
@@ -144,6 +164,8 @@ def download(
                 raise DownloadError(f"{url}: {failure} (gave up after {attempt} attempts)") from None
             # Jitter spreads out clients that failed together (a mirror restart) so they do not return together.
             delay = backoff * 2 ** (attempt - 1) * random.uniform(0.75, 1.25)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise deadline_error(job, f"after {attempt} attempt(s), the last: {failure}")
             logger.warning("%s: %s; attempt %d of %d in %.1f s", url, failure, attempt + 1, retries + 1, delay)
             time.sleep(delay)
     finally:
@@ -162,6 +184,18 @@ class _Job:
     timeout: tuple[float, float]
     progress: bool
     allow_http: bool
+    deadline: float | None = None
+    min_rate: float = MIN_RATE
+    rate_window: float = RATE_WINDOW
+
+    def timeouts(self) -> tuple[float, float]:
+        """(connect, read) timeouts for the next request, none longer than the time left before the deadline."""
+        if self.deadline is None:
+            return self.timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise deadline_error(self, "before the request could be made")
+        return min(self.timeout[0], left), min(self.timeout[1], left)
 
 
 def new_session() -> requests.Session:
@@ -209,9 +243,11 @@ def fetch_once(job: _Job, session: requests.Session) -> None:
             return
         try:
             end = stream_body(job, response, start, total)
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, TimeoutError) as exc:
             raise _Retry(f"connection lost after {file_size(job.part)} bytes: {exc}") from None
         except requests.exceptions.RequestException as exc:
+            raise _Retry(f"transfer failed after {file_size(job.part)} bytes: {exc}") from None
+        except _transfer_errors() as exc:
             raise _Retry(f"transfer failed after {file_size(job.part)} bytes: {exc}") from None
     wanted = total if total is not None else (job.limit if job.exact else None)
     if wanted is not None and end < wanted:
@@ -223,7 +259,7 @@ def get_following_redirects(session: requests.Session, job: _Job, headers: dict[
     first_host = urllib.parse.urlsplit(job.url).hostname
     current = job.url
     for _ in range(MAX_REDIRECTS + 1):
-        response = session.get(current, headers=headers, timeout=job.timeout, stream=True, allow_redirects=False)
+        response = session.get(current, headers=headers, timeout=job.timeouts(), stream=True, allow_redirects=False)
         if not response.is_redirect:
             return response
         target = urllib.parse.urljoin(current, response.headers["location"])
@@ -257,6 +293,15 @@ def plan_write(job: _Job, response: requests.Response, have: int) -> tuple[int, 
         error = HTTPStatusError(f"HTTP {status} {response.reason} for {response.url or job.url}")
         error.status = status  # callers tell "not there" (a missing signature) from other failures
         raise error
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        # Sizes, Range offsets and the sha256 are of the file itself: a compressed body matches none of them, and
+        # another attempt gets the same. The server must send files as they are.
+        raise DownloadError(
+            f"{job.url}: the server sent the body with Content-Encoding: {encoding} although only identity was "
+            "accepted (Accept-Encoding: identity); sizes and hashes would not match. Configure the server to "
+            "serve this file uncompressed, or use another -registry mirror."
+        )
     if status == 206:
         content_range = response.headers.get("Content-Range")
         start = content_range_start(content_range)
@@ -278,13 +323,15 @@ def plan_write(job: _Job, response: requests.Response, have: int) -> tuple[int, 
 def stream_body(job: _Job, response: requests.Response, start: int, total: int | None) -> int:
     """Write the body into the part from byte ``start``; return the part's size after the body.
 
-    Never writes past ``job.limit``: a body that would is cut, and the part deleted.
+    Never writes past ``job.limit``: a body that would is cut, and the part deleted. After every network read the
+    deadline and the rate are checked (:class:`_Pace`).
     """
     bar = progress_bar(job.url, total, start) if job.progress else None
     position = start
+    pace = _Pace(job, start)
     try:
         with open_part(job.part, "ab" if start else "wb") as out:
-            for chunk in response.iter_content(CHUNK):
+            while chunk := read_some(response):
                 if position + len(chunk) > job.limit:
                     out.close()
                     remove(job.part)
@@ -293,10 +340,70 @@ def stream_body(job: _Job, response: requests.Response, start: int, total: int |
                 position += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
+                pace.check(position)
     finally:
         if bar is not None:
             bar.close()
     return position
+
+
+def read_some(response: requests.Response) -> bytes:
+    """The body bytes that have arrived (up to :data:`CHUNK`), waiting only until some have.
+
+    ``iter_content`` waits until a whole chunk has arrived, which a server sending a byte every few seconds
+    delays without end; ``read1`` returns after one network read. An older urllib3 without it reads whole chunks.
+    """
+    raw = response.raw
+    read1 = getattr(raw, "read1", None)
+    data = read1(CHUNK) if read1 is not None else raw.read(CHUNK)
+    return bytes(data or b"")
+
+
+def _transfer_errors() -> tuple[type[Exception], ...]:
+    """What urllib3 and http.client raise mid-body when the connection breaks (``read_some`` bypasses the
+    translation ``requests`` does in ``iter_content``)."""
+    import http.client
+
+    import urllib3.exceptions
+
+    return (urllib3.exceptions.HTTPError, http.client.HTTPException, ConnectionError)
+
+
+class _Pace:
+    """The deadline and the minimum rate of one transfer, checked as its bytes arrive."""
+
+    def __init__(self, job: _Job, position: int) -> None:
+        self.job = job
+        self.window_start = time.monotonic()
+        self.window_bytes = position
+
+    def check(self, position: int) -> None:
+        """Raise DownloadError when the deadline has passed or the last window's rate was below the minimum."""
+        now = time.monotonic()
+        job = self.job
+        if job.deadline is not None and now >= job.deadline:
+            raise deadline_error(job, f"after {position} bytes")
+        elapsed = now - self.window_start
+        if elapsed < job.rate_window:
+            return
+        rate = (position - self.window_bytes) / elapsed
+        if rate < job.min_rate:
+            # Final for this URL: a trickle is a server's choice, and another attempt would trickle too.
+            raise DownloadError(
+                f"{job.url}: {position - self.window_bytes} bytes in the last {elapsed:.0f} s ({rate:.0f} B/s), below "
+                f"the minimum of {job.min_rate:.0f} B/s; the transfer was stopped (what arrived is kept to resume). "
+                "Try again later, or use -registry to pick another mirror."
+            )
+        self.window_start, self.window_bytes = now, position
+
+
+def deadline_error(job: _Job, when: str) -> DownloadError:
+    """The download ran out of time (:envvar:`SCT_SITEHEAD_DOWNLOAD_TIMEOUT`)."""
+    return DownloadError(
+        f"{job.url}: the download did not finish within its deadline ({when}); what arrived is kept to resume. "
+        "Raise the limit with SCT_SITEHEAD_DOWNLOAD_TIMEOUT (seconds per file), or use -registry to pick a faster "
+        "mirror."
+    )
 
 
 def oversize_error(job: _Job, what: str) -> Exception:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 import urllib.parse
 from pathlib import Path
 
@@ -101,5 +102,8 @@ def download_small(url: str, cache: Cache, *, max_size: int, allow_http: bool) -
             retries=cache.retries,
             backoff=cache.backoff,
             allow_http=allow_http,
+            deadline=time.monotonic() + cache.deadline,
+            min_rate=cache.min_rate[0],
+            rate_window=cache.min_rate[1],
         )
         return part.read_bytes()
