@@ -81,6 +81,13 @@ class TrainingError(SiteHeadError, RuntimeError):
 
 #: Exit code used when the user interrupts (Ctrl-C), as shells do for SIGINT.
 EXIT_INTERRUPTED = 130
+#: Exit code used when the process is asked to stop (SIGTERM: ``timeout``, Slurm, ``docker stop``), as shells do.
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so that it unwinds like Ctrl-C: temporary files are removed."""
+
 
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code

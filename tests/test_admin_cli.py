@@ -66,7 +66,9 @@ def test_models_install_then_offline_run_makes_no_request(mirror, tmp_path, caps
     code = cli.main(["-i", str(image), "-site", "montreal", "-registry", url, "-offline", "-allow-unsigned"])
     assert code == 0, capsys.readouterr().err
     assert hits == before, "offline must not touch the network"
-    code = cli.main(["-i", str(image), "-site", "toronto", "-registry", url, "-offline", "-allow-unsigned"])
+    code = cli.main(
+        ["-i", str(image), "-site", "toronto", "-registry", url, "-offline", "-allow-unsigned", "-overwrite"]
+    )
     assert code == 8  # toronto's head was never installed
     assert "models install" in capsys.readouterr().err
 

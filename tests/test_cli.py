@@ -130,7 +130,8 @@ def test_lesions_smaller_than_the_release_keeps_are_dropped(tmp_path, capsys):
     nib.save(nib.Nifti1Image(data, source.affine, source.header), path)
     registry = write_registry(tmp_path / "registry", min_lesion_mm3={"montreal": 20.0})
     for argv, count, smallest in [([], 1, 20.0), (["-min-lesion", "0"], 2, 0.0), (["-min-lesion", "600"], 0, 600.0)]:
-        code, _, err = run_deepseg(["-i", path, "-site", "montreal", "-registry", registry, "-soft", *argv], capsys)
+        argv = ["-i", path, "-site", "montreal", "-registry", registry, "-soft", "-overwrite", *argv]
+        code, _, err = run_deepseg(argv, capsys)
         assert code == 0, err
         mask = np.asanyarray(nib.load(path.with_name("sub-01_T2w_lesionseg.nii.gz")).dataobj)
         sidecar = json.loads(path.with_name("sub-01_T2w_lesionseg.json").read_text())

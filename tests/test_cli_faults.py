@@ -291,8 +291,9 @@ def image(tmp_path: Path) -> Path:
 
 
 def universal(image: Path, registry: Path, out: Path) -> list[str | Path]:
-    """The universal head writes a lesion mask, a soft map, a cord mask and a sidecar: four files to stage."""
-    return ["-i", image, "-site", "universal", "-soft", "-registry", registry, "-ofolder", out, "-v", "0"]
+    """The universal head writes a lesion mask, a soft map, a cord mask and a sidecar: four files to stage (over an
+    earlier run's: -overwrite)."""
+    return ["-i", image, "-site", "universal", "-soft", "-registry", registry, "-ofolder", out, "-v", "0", "-overwrite"]
 
 
 OUTPUTS = [

@@ -417,11 +417,12 @@ def test_odd_patch_sizes_are_inference_errors(model):
 def test_optimised_graphs_are_saved_once_and_reused(release, tmp_path, monkeypatch, caplog):
     batch = np.random.default_rng(5).normal(size=(2, 1, 8, 8, 8)).astype(np.float32)
     first = SiteHeadModel(release["backbone"], release["heads"], device="cpu", optimized_dir=tmp_path / "ort")
-    saved = sorted((tmp_path / "ort").iterdir())
+    saved = sorted((tmp_path / "ort").glob("*.onnx"))
     assert len(saved) == 4 and all(p.suffix == ".onnx" and "CPUExecutionProvider" in p.name for p in saved)
+    assert all(p.with_name(p.name + ".json").is_file() for p in saved)  # each with its recorded sha256
     reference = first(batch)
 
-    def no_save(self, path, target):
+    def no_save(self, *args):
         raise AssertionError("optimised graph rebuilt although it was saved")
 
     monkeypatch.setattr(SiteHeadModel, "_save_optimized", no_save)

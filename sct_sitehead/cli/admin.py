@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from sct_sitehead import env
-from sct_sitehead.cli import build
+from sct_sitehead.cli import bids_app, build
 from sct_sitehead.cli.options import (
     CONTEXT,
     offline_option,
@@ -189,7 +189,7 @@ def registry_sign(index: Path, key: Path) -> None:
     click.echo(f"signature: {sign_index(index, key)}")
 
 
-for command in build.COMMANDS:
+for command in [*build.COMMANDS, *bids_app.COMMANDS]:
     cli.add_command(command)
 
 

@@ -8,16 +8,28 @@ Nothing heavy (numpy, nibabel, onnxruntime, scipy) is imported before the argume
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 from sct_sitehead.cli.logs import configure_logging
+from sct_sitehead.cohort.scans import expand_inputs
 from sct_sitehead.deploy.naming import plan_outputs
 from sct_sitehead.deploy.options import Options
-from sct_sitehead.errors import EXIT_INTERRUPTED, InputImageError, SiteHeadError, UsageError
+from sct_sitehead.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    InputImageError,
+    SiteHeadError,
+    Terminated,
+    UsageError,
+)
 from sct_sitehead.registry.index import Registry, parse_model_spec
 from sct_sitehead.registry.specs import Release
 from sct_sitehead.settings import ModelSource, resolve_sites
@@ -27,12 +39,13 @@ PROG = "sct_deepseg_lesion"
 logger = logging.getLogger("sct_sitehead")
 
 EPILOG = """\
-exit codes: 0 success, 2 usage, 3 bad input image, 4 unknown model or site, 5 bad or untrusted registry,
-6 download failed, 7 integrity (sha256/size) failure, 8 missing from cache while offline, 9 cannot write
-output or cache, 10 inference failed, 130 interrupted.
+exit codes: 0 success, 2 usage, 3 bad input image (or over the memory limit), 4 unknown model or site, 5 bad or
+untrusted registry, 6 download failed, 7 integrity (sha256/size) failure, 8 missing from cache while offline,
+9 cannot write output or cache, 10 inference failed, 130 interrupted, 143 terminated (SIGTERM).
 
 environment: SCT_SITEHEAD_SITE (default -site), SCT_SITEHEAD_REGISTRY (default -registry),
-SCT_SITEHEAD_OFFLINE=1 (like -offline), SCT_SITEHEAD_CACHE (cache folder), SCT_SITEHEAD_ALLOW_HTTP=1.
+SCT_SITEHEAD_OFFLINE=1 (like -offline), SCT_SITEHEAD_CACHE (cache folder), SCT_SITEHEAD_ALLOW_HTTP=1,
+SCT_SITEHEAD_MAX_MEMORY (default -max-memory), SCT_SITEHEAD_DOWNLOAD_TIMEOUT (seconds per model file).
 
 example: sct_deepseg_lesion -i t2.nii.gz -site montreal -qc qc/
 """
@@ -61,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("-ofolder", type=Path, metavar="DIR", help="output folder (default: next to each input)")
     inputs.add_argument("-soft", action="store_true", help="also write the lesion probability map (_soft)")
     inputs.add_argument("-qc", type=Path, metavar="DIR", help="write a QC picture per input and an HTML index")
+    inputs.add_argument(
+        "-qc-subject",
+        dest="qc_subject",
+        metavar="SUBJECT",
+        help="subject the QC rows are filed under (default: the file name's sub- entity, else its stem)",
+    )
+    inputs.add_argument(
+        "-overwrite",
+        action="store_true",
+        help="replace the outputs of an earlier run (those its sidecar names); other files are never replaced",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -100,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("execution")
     run.add_argument("-device", default="auto", metavar="auto|cpu|cuda[:N]", help="where to run (default: auto)")
     run.add_argument("-threads", type=int, metavar="N", help="CPU threads for inference (default: all)")
+    run.add_argument(
+        "-max-memory",
+        dest="max_memory",
+        metavar="SIZE",
+        help="memory one image's run may plan to use, e.g. 4G; larger runs are refused before they start "
+        "(default: $SCT_SITEHEAD_MAX_MEMORY, else 2G)",
+    )
     run.add_argument("-v", type=int, choices=(0, 1, 2), default=1, help="verbosity: 0 quiet, 1 info, 2 debug")
     run.add_argument("-h", "-help", "--help", action="help", help="show this help and exit")
     run.add_argument("-version", action="version", version=f"%(prog)s {__version__}")
@@ -130,7 +161,11 @@ def check_inputs(paths: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sct_sitehead.deploy.budget import parse_size
+    from sct_sitehead.deploy.output_check import check_outputs
     from sct_sitehead.deploy.pipeline import Segmenter  # numpy, scipy and nibabel: see check_inputs
+    from sct_sitehead.deploy.qc import add_qc_entries, subject_of
+    from sct_sitehead.deploy.session import check_threads
 
     source = ModelSource.resolve(
         args.registry,
@@ -155,14 +190,17 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"no site given; use -site NAME with one of: {', '.join(sorted(release.heads))}")
     for site in sites:
         release.head(site)
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"-threads must be at least 1, got {args.threads}")
+    check_threads(args.threads, "-threads")
+    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
     if args.thr is not None and not 0.0 < args.thr < 1.0:
         raise UsageError(f"-thr must be between 0 and 1, got {args.thr}")
     if args.min_lesion is not None and not 0.0 <= args.min_lesion < float("inf"):
         raise UsageError(f"-min-lesion must be a volume in mm³, 0 or more, got {args.min_lesion}")
+    args.i = expand_inputs(args.i)  # folders -> their images; our own masks are never inputs
     check_inputs(args.i)
     plan = plan_outputs(args.i, sites, args.o, args.ofolder)
+    labels = {site: [label.name for label in release.head(site).labels] for site in sites}
+    check_outputs(plan, labels, soft=args.soft, qc_dir=args.qc, overwrite=args.overwrite)
     options = Options(
         threshold=args.thr,
         min_lesion_mm3=args.min_lesion,
@@ -172,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         qc_dir=args.qc,
         crop=not args.no_crop,
         mirror=args.tta,
+        max_memory=max_memory,
     )
     segmenter = Segmenter.open(
         release,
@@ -186,10 +225,11 @@ def run(args: argparse.Namespace) -> int:
     qc_entries: list[dict[str, Any]] = []
     for image in args.i:
         try:
-            result = segmenter.write(segmenter.segment(image), image, {site: plan[(image, site)] for site in sites})
+            outputs = {site: plan[(image, site)] for site in sites}
+            result = segmenter.write(segmenter.segment(image), image, outputs, qc_subject=args.qc_subject)
         except InputImageError as exc:
             # A pipeline over many subjects goes on past one bad image; the exit code still reports it.
-            sys.stderr.write(f"{PROG}: error: {exc}\n")
+            sys.stderr.write(f"{PROG}: error: {exc if str(image) in str(exc) else f'{image}: {exc}'}\n")
             failures.append(exc)
             continue
         for site_result in result.sites:
@@ -205,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
             if args.qc is not None:
                 qc_entries.append(
                     {
+                        "subject": args.qc_subject or subject_of(image),
                         "image": str(image),
+                        "release": f"{release.model}@{release.version}",
                         "site": site_result.site,
                         "png": site_result.files[-1].name,
                         "lesions": site_result.lesion_count,
@@ -213,11 +255,29 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
     if args.qc is not None and qc_entries:
-        from sct_sitehead.deploy.qc import write_qc_index
-
-        index = write_qc_index(args.qc, qc_entries)
+        index = add_qc_entries(args.qc, qc_entries)  # under a lock: runs sharing one report add their rows
         logger.info("QC: %s", index)
     return failures[0].exit_code if failures else 0
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM (``timeout``, Slurm, ``docker stop``) raises :class:`Terminated` in the main thread, so the run unwinds
+    as it does on Ctrl-C and removes its temporary files; its default action would kill the process on the spot.
+    Outside the main thread (a caller's worker) nothing is changed."""
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,12 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.v)
     try:
-        return run(args)
+        with sigterm_raises():
+            return run(args)
     except SiteHeadError as exc:
         if args.v >= 2:
             traceback.print_exc()
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return exc.exit_code
+    except Terminated:
+        sys.stderr.write(f"{PROG}: terminated (SIGTERM); no partial output was left\n")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         sys.stderr.write(f"{PROG}: interrupted; no partial output was left\n")
         return EXIT_INTERRUPTED

@@ -43,9 +43,10 @@ RUNTIME_BYTES = 160_000_000
 #: ONNX Runtime's working memory per voxel of the windows one call runs, lesion@1.1.3 on CPU (measured: mirroring
 #: adds one window's worth, +270 bytes per voxel on a whole image, +240 on sub-ms01's crop); rounded up.
 NETWORK_BYTES_PER_VOXEL = 300
-#: Floats per model-grid voxel while the cord localiser's mask is turned into a lesion region (distance transform:
-#: float64 distances and int32 indices).
-LOCALISER_BYTES_PER_VOXEL = 20
+#: Bytes per coarse-grid voxel while the cord localiser's mask becomes a lesion region and a box: scipy's distance
+#: transform (int32 feature transform, indices and differences, float64 squares: about 60), the kept sample (4),
+#: the connected pieces' labels (4) and a few masks; rounded up.
+LOCALISER_BYTES_PER_VOXEL = 84
 #: What :func:`~sct_sitehead.deploy.prediction.predict_on_grid` calls before it makes a model grid: (native box
 #: shape, native affine, the model grid, the window settings, a crop's window or None).
 GridCheck = Callable[[Sequence[int], np.ndarray, InputSpec, WindowSettings, Sequence[int] | None], None]
@@ -76,8 +77,10 @@ def resolve_limit(configured: int | None) -> int:
 
 
 def gigabytes(size: float) -> str:
-    """``1234567890`` -> ``"1.23 GB"`` (powers of 1000, as the limits are given)."""
-    return f"{size / 1e9:.3g} GB" if size < 1e15 else f"{size:.3g} bytes"
+    """``1234567890`` -> ``"1.23 GB"``, ``2100000`` -> ``"2.1 MB"`` (powers of 1000, as the limits are given)."""
+    if size >= 1e15:
+        return f"{size:.3g} bytes"
+    return f"{size / 1e9:.3g} GB" if size >= 1e9 else f"{size / 1e6:.3g} MB"
 
 
 def model_shape(shape: Sequence[int], affine: np.ndarray, spec: InputSpec) -> tuple[int, int, int]:

@@ -21,6 +21,7 @@ from typing import cast
 
 import numpy as np
 
+from sct_sitehead.deploy.budget import GridCheck
 from sct_sitehead.deploy.prediction import NativeImage, predict_on_grid
 from sct_sitehead.deploy.spatial import Bbox, ModelGrid, nonzero_bounds, three
 from sct_sitehead.deploy.windows import LOCALISER_WINDOWS, Predict, WindowSettings
@@ -123,6 +124,7 @@ def localise(
     model: Predict,
     *,
     settings: WindowSettings = LOCALISER_WINDOWS,
+    budget: GridCheck | None = None,
 ) -> Localised | None:
     """Run the cord localiser on a native image.
 
@@ -133,13 +135,17 @@ def localise(
         model: callable batch -> ``{name: (N, K, x, y, z)}`` (a :class:`~sct_sitehead.deploy.session.SiteHeadModel`
             with one head).
         settings: how its windows run (default: :data:`~sct_sitehead.deploy.windows.LOCALISER_WINDOWS`).
+        budget: the memory check before its grid is made (see :func:`~sct_sitehead.deploy.prediction.
+            predict_on_grid`).
 
     Returns:
         The cord, or None when the localiser finds none (the caller then runs on the whole image).
     """
     from scipy import ndimage
 
-    prediction = predict_on_grid(NativeImage(data, affine), spec.input, model, settings, keep_sample=True)
+    prediction = predict_on_grid(
+        NativeImage(data, affine), spec.input, model, settings, keep_sample=True, budget=budget
+    )
     grid = prediction.grid
     (probabilities,) = prediction.probabilities.values()
     cord = probabilities[spec.channel] >= spec.threshold

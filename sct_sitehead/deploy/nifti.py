@@ -14,7 +14,7 @@ import os
 import stat
 import struct
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,7 +48,9 @@ def _fail(path: Path, what: str, fix: str) -> InputImageError:
     return InputImageError(f"{path}: {what}; {fix}")
 
 
-def load_image(path: str | Path) -> nibabel.Nifti1Image:
+def load_image(
+    path: str | Path, *, before_reading: Callable[[nibabel.Nifti1Header], None] | None = None
+) -> nibabel.Nifti1Image:
     """Read a NIfTI image (``.nii`` or ``.nii.gz``) and check that it is a 3D volume the model can segment.
 
     4D and 5D images whose extra dimensions are all 1 are squeezed to 3D (header dims updated). A 3D image with one
@@ -59,6 +61,11 @@ def load_image(path: str | Path) -> nibabel.Nifti1Image:
     voxel data are then read once, to the end of the file, so that truncated files and gzip CRC errors fail now;
     the returned image keeps the file's raw array in memory with its scaling (``scl_slope``/``scl_inter``), like
     nibabel's own array proxy, and :func:`image_data` converts it to float32.
+
+    Args:
+        path: the file.
+        before_reading: called with the checked header before any voxel is read (the memory budget); it raises to
+            refuse the image.
 
     Returns:
         The image, 3D, with ``img.dataobj`` already in memory.
@@ -75,6 +82,8 @@ def load_image(path: str | Path) -> nibabel.Nifti1Image:
     header = _read_raw_header(path)
     _check_header(path, header)
     _check_extensions(path, header)
+    if before_reading is not None:
+        before_reading(header)
     try:
         with _quiet_nibabel():
             img = nib.load(path)

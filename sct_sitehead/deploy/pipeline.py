@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -21,14 +22,15 @@ from nibabel.affines import voxel_sizes
 
 from sct_sitehead.atomic import staged_outputs, write_json_atomic
 from sct_sitehead.deploy import localise, nifti, session, windows
+from sct_sitehead.deploy.budget import LOCALISER_BYTES_PER_VOXEL, Budget, Network, resolve_limit
 from sct_sitehead.deploy.lesions import lesion_stats
 from sct_sitehead.deploy.masks import LESION, MaskRule, drop_far_lesions, native_mask
-from sct_sitehead.deploy.naming import label_path, make_folder, sidecar_path, soft_path, split_nifti_name
+from sct_sitehead.deploy.naming import label_path, make_folder, sidecar_path, soft_path
 from sct_sitehead.deploy.nifti import image_data
 from sct_sitehead.deploy.options import Options
 from sct_sitehead.deploy.outputs import save_like
 from sct_sitehead.deploy.prediction import GridPrediction, NativeImage, predict_on_grid
-from sct_sitehead.deploy.qc import write_qc
+from sct_sitehead.deploy.qc import qc_picture_path, subject_of, write_qc
 from sct_sitehead.deploy.results import (
     InputResult,
     LabelMask,
@@ -39,6 +41,7 @@ from sct_sitehead.deploy.results import (
 )
 from sct_sitehead.deploy.spatial import Bbox, ModelGrid, from_model_grid, three
 from sct_sitehead.deploy.windows import Predict, WindowSettings
+from sct_sitehead.errors import RegistryError
 from sct_sitehead.registry.cache import Cache
 from sct_sitehead.registry.specs import HeadSpec, LabelSpec, Release
 from sct_sitehead.version import __version__
@@ -120,6 +123,8 @@ class Segmenter:
             optimized_dir=cache.ort_dir(),
             sha256=sha256,
         )
+        for site in sites:
+            check_channels(site, model.output_channels(site), heads[site].labels)
         localiser = None
         if release.localiser is not None and options.crop:
             paths["localiser backbone"] = cache.fetch(release.localiser.backbone, **fetch)
@@ -135,6 +140,8 @@ class Segmenter:
                     paths["localiser head"]: release.localiser.head.sha256,
                 },
             )
+            channel = release.localiser.channel
+            check_channels("cord localiser", localiser.output_channels("cord"), [LabelSpec("cord", 1, channel)])
         logger.info(
             "%s@%s on %s, sites: %s%s",
             release.model,
@@ -201,16 +208,34 @@ class Segmenter:
             The input nibabel image and the prediction, whose ``probabilities`` are ``{site: (K, x', y', z')
             float32}``, channels in the order of the head's ``labels``.
         """
+        plan = Budget(resolve_limit(self.options.max_memory), describe_input(image))
+
+        def check_native(header: nibabel.Nifti1Header) -> None:
+            plan.check_native(
+                header.get_data_shape(),
+                np.dtype(header.get_data_dtype()).itemsize,
+                labels=sum(len(head.labels) for head in self.heads.values()),
+                soft=self.options.soft,
+                qc=self.options.qc_dir is not None,
+            )
+
         if isinstance(image, (str, Path)):
-            image = nifti.load_image(image)
+            image = nifti.load_image(image, before_reading=check_native)
         else:
             image = nifti.check_image(image, describe_input(image))
+            check_native(image.header)
         native = NativeImage(nifti.image_data(image), image.affine, hand_over=True)
         found, seconds = None, {}
         if self.localiser is not None and self.release.localiser is not None:
             assert native.data is not None  # handed over only in predict_on_grid, below
             start = time.perf_counter()
-            found = localise.localise(native.data, native.affine, self.release.localiser, self.localiser)
+            found = localise.localise(
+                native.data,
+                native.affine,
+                self.release.localiser,
+                self.localiser,
+                budget=plan.for_network(self.localiser_network()),
+            )
             seconds["localise"] = time.perf_counter() - start
         prediction = predict_on_grid(
             native,
@@ -219,16 +244,31 @@ class Segmenter:
             self.windows,
             crop=None if found is None else found.bbox,
             reference=None if found is None else found.sample,
+            budget=plan.for_network(self.lesion_network()),
         )
+        logger.debug("memory planned for %s: %s", plan.source, plan.planned)
         probabilities = prediction.probabilities
         far = None if found is None else ~found.near_on(prediction.grid)
         for site in self.sites:
             labels = self.heads[site].labels
-            channels = probabilities.pop(site)[[label.channel for label in labels]]
+            channels = probabilities.pop(site)
+            check_channels(site, channels.shape[0], labels)
+            channels = channels[[label.channel for label in labels]]
             if far is not None:
                 drop_far_lesions(channels, [label.name for label in labels], far)
             probabilities[site] = channels
         return image, replace(prediction, seconds={**seconds, **prediction.seconds})
+
+    def lesion_network(self) -> Network:
+        """What the lesion model holds per model-grid voxel (its heads' channels), for the memory budget."""
+        channels = sum(self.model.output_channels(site) or self.release.channels for site in self.sites)
+        return Network(channels=channels, mirror=self.options.mirror)
+
+    def localiser_network(self) -> Network:
+        """What the cord localiser holds per voxel of its coarse grid, for the memory budget."""
+        assert self.localiser is not None
+        channels = self.localiser.output_channels("cord") or self.release.channels
+        return Network(channels=channels, extra_per_voxel=LOCALISER_BYTES_PER_VOXEL, keeps_image=True)
 
     def segment(self, image: str | Path | nibabel.Nifti1Image) -> Segmentation:
         """Segment one image, in memory: every site's masks on the input's grid, lesion counts and volumes.
@@ -285,7 +325,14 @@ class Segmenter:
         mask = native_mask(channel, grid, self.rule(site, label.name), zooms, native_probabilities=soft)
         return LabelMask(label.name, label.value, grid_window(grid), mask, soft)
 
-    def write(self, segmentation: Segmentation, image_path: Path, outputs: dict[str, Path]) -> InputResult:
+    def write(
+        self,
+        segmentation: Segmentation,
+        image_path: Path,
+        outputs: dict[str, Path],
+        *,
+        qc_subject: str | None = None,
+    ) -> InputResult:
         """Write a segmentation's files: per site the label masks, the soft map (``Options.soft``), the sidecar
         and the QC picture (``Options.qc_dir``).
 
@@ -298,6 +345,7 @@ class Segmenter:
             segmentation: from :meth:`segment`.
             image_path: the input's path (for the sidecar and QC).
             outputs: ``{site: main lesion mask path}``.
+            qc_subject: the subject the QC picture is filed under; default: the file name's ``sub-`` entity.
         """
         started = time.perf_counter() - segmentation.seconds
         image = segmentation.image
@@ -317,7 +365,8 @@ class Segmenter:
                     jobs.append(pool.submit(context.run, write_label, label, image, path, soft))
                 sidecar = sidecar_path(mask_path)
                 if self.options.qc_dir is not None:
-                    written.append(self._qc(found, image_path, mask_path, self.options.qc_dir))
+                    subject = qc_subject or subject_of(image_path)
+                    written.append(self._qc(found, image_path, subject, segmentation.crop, self.options.qc_dir))
                 facts = {**found.facts, "Seconds": round(time.perf_counter() - started, 3)}
                 write_json_atomic(with_files(facts, written), sidecar)
                 result.sites.append(
@@ -335,9 +384,9 @@ class Segmenter:
         result.seconds = time.perf_counter() - started
         return result
 
-    def _qc(self, found: SiteSegmentation, image_path: Path, mask_path: Path, qc_dir: Path) -> Path:
-        """The QC picture of one site's lesion mask, in ``qc_dir``."""
-        stem, _ = split_nifti_name(mask_path)
+    def _qc(self, found: SiteSegmentation, image_path: Path, subject: str, crop: Bbox | None, qc_dir: Path) -> Path:
+        """The QC picture of one site's lesion mask, in ``qc_dir``, zoomed on the box the lesion model ran on."""
+        release = f"{self.release.model}@{self.release.version}"
         make_folder(qc_dir)
         lesion = found.labels.get(LESION)
         full = lesion.full(found.image.shape).astype(bool) if lesion else np.zeros(found.image.shape[:3], dtype=bool)
@@ -345,8 +394,9 @@ class Segmenter:
             image_data(found.image),
             full,
             found.image.affine,
-            qc_dir / f"{stem}.png",
-            f"{image_path.name} | {self.release.model}@{self.release.version} | site {found.site}",
+            qc_picture_path(qc_dir, subject, image_path, found.site, release),
+            f"{subject} | {image_path.name} | {release} | site {found.site}",
+            box=crop,
         )
 
     def sidecar(
@@ -382,6 +432,22 @@ class Segmenter:
                 for lesion in stats["lesions"]
             ],
         }
+
+
+def check_channels(site: str, channels: int | None, labels: Sequence[LabelSpec]) -> None:
+    """A head must output every channel its labels name in the registry.
+
+    Raises:
+        RegistryError: it outputs fewer (the head file and the registry index belong to different releases).
+    """
+    needed = max(label.channel for label in labels) + 1
+    if channels is not None and channels < needed:
+        names = ", ".join(f"{label.name} -> channel {label.channel}" for label in labels)
+        raise RegistryError(
+            f"head {site!r} outputs {channels} channel(s), but the registry maps its labels to channels up to "
+            f"{needed - 1} ({names}); the head file and the registry index do not belong together. Fix the index, "
+            "or publish the release again"
+        )
 
 
 def describe_input(image: str | Path | nibabel.Nifti1Image) -> str:

@@ -1,4 +1,5 @@
-"""QC pictures: one PNG per input and site (axial and sagittal mosaics, lesions in red), and an HTML index.
+"""QC pictures: one PNG per input and site (axial and sagittal mosaics zoomed on the cord, lesions outlined in red),
+and an HTML index that grows: many runs, in many processes, add their rows to one report folder (as SCT's ``-qc``).
 
 Display conventions: the image is reoriented to RAS (exact axis flips and permutations), axial tiles are shown
 radiologically (patient's right on the picture's left, anterior up), sagittal tiles with anterior on the left and
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import html
 import io
+import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,8 +20,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from sct_sitehead.atomic import write_atomic
-from sct_sitehead.errors import UsageError
+from sct_sitehead.atomic import write_atomic, write_json_atomic
+from sct_sitehead.errors import OutputError, UsageError
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -38,11 +41,25 @@ WINDOW_PERCENTILES = (1.0, 99.5)
 SAGITTAL_STEP_MM = 2.0
 OVERLAY_RGB = (255, 0, 0)
 OVERLAY_ALPHA = 0.5
+#: Lesion outline width in picture pixels: an outline leaves the lesion's own signal visible inside it.
+OUTLINE_PX = 2
+#: Extra native voxels kept around the zoom box on each side.
+ZOOM_MARGIN_VOXELS = 4
+#: The report's rows, one per (subject, image, site, release); index.html is rendered from it under a lock.
+ENTRIES_FILE = "entries.json"
+LOCK_FILE = ".index.lock"
 MARGIN = 6
 TITLE_PX = 22
 
 
-def write_qc(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, out_png: Path, title: str) -> Path:
+def write_qc(
+    image: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    out_png: Path,
+    title: str,
+    box: Sequence[tuple[int, int]] | None = None,
+) -> Path:
     """Write the QC picture of one segmentation.
 
     Axial slices are those holding lesions (evenly sampled when there are more than :data:`AXIAL_TILES`), or
@@ -55,6 +72,8 @@ def write_qc(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, out_png: P
         affine: (4, 4) native voxel-to-world affine.
         out_png: output path (written atomically).
         title: text written above the mosaics.
+        box: native voxel box ``((x0, x1), (y0, y1), (z0, z1))`` to zoom on (the cord the localiser found);
+            None: the whole field of view.
 
     Returns:
         ``out_png``.
@@ -69,7 +88,10 @@ def write_qc(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, out_png: P
     mask = np.asarray(mask).astype(bool, copy=False)
     if image.ndim != 3 or image.shape != mask.shape:
         raise UsageError(f"QC needs a 3D image and a mask of the same shape, got {image.shape} and {mask.shape}")
-    volume, lesions, zooms = _to_ras(image, mask, np.asarray(affine, dtype=np.float64))
+    affine = np.asarray(affine, dtype=np.float64)
+    if box is not None:
+        image, mask, affine = zoom_to_box(image, mask, affine, box)
+    volume, lesions, zooms = _to_ras(image, mask, affine)
     low, high = (float(v) for v in np.percentile(volume, WINDOW_PERCENTILES))
     window = (low, high if high > low else low + 1.0)
 
@@ -105,6 +127,27 @@ def write_qc(image: np.ndarray, mask: np.ndarray, affine: np.ndarray, out_png: P
     write_atomic(out_png, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     logger.debug("QC picture %s (%dx%d)", out_png, width, height)
     return out_png
+
+
+def zoom_to_box(
+    image: np.ndarray, mask: np.ndarray, affine: np.ndarray, box: Sequence[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop an image and its mask to a native voxel box (plus :data:`ZOOM_MARGIN_VOXELS`), with the affine moved.
+
+    Args:
+        image: (X, Y, Z) array; mask: (X, Y, Z) bool; affine: (4, 4); box: three (start, stop) voxel pairs.
+
+    Returns:
+        The (x, y, z) cropped image and mask and the crop's (4, 4) affine.
+    """
+    starts = [max(0, int(a) - ZOOM_MARGIN_VOXELS) for a, _ in box]
+    stops = [min(n, int(b) + ZOOM_MARGIN_VOXELS) for (_, b), n in zip(box, image.shape)]
+    if any(stop - start < 1 for start, stop in zip(starts, stops)):
+        return image, mask, affine
+    window = tuple(slice(a, b) for a, b in zip(starts, stops))
+    shifted = affine.copy()
+    shifted[:3, 3] = affine[:3, :3] @ np.asarray(starts, dtype=np.float64) + affine[:3, 3]
+    return image[window], mask[window], shifted
 
 
 def _to_ras(image: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -168,10 +211,21 @@ def _tile(
         > 0
     )
     rgb = np.repeat(grey_px[:, :, None], 3, axis=2)
+    lesion_px = _outline(lesion_px)
     rgb[lesion_px] = (1 - OVERLAY_ALPHA) * rgb[lesion_px] + OVERLAY_ALPHA * np.asarray(OVERLAY_RGB, np.float32)
     tile = Image.fromarray(rgb.round().astype(np.uint8), mode="RGB")
     _text(tile, (3, tile.height - 13), label)
     return tile
+
+
+def _outline(inside: np.ndarray) -> np.ndarray:
+    """The border pixels of a (rows, columns) bool region, :data:`OUTLINE_PX` wide (small regions stay filled)."""
+    eroded = inside.copy()
+    for _ in range(OUTLINE_PX):
+        padded = np.pad(eroded, 1)
+        eroded = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    border: np.ndarray = inside & ~eroded
+    return border
 
 
 def _grid(tiles: list[PILImage.Image], columns: int) -> PILImage.Image:
@@ -204,13 +258,119 @@ def _text(picture: PILImage.Image, xy: tuple[int, int], text: str) -> None:
     draw.text(xy, text, fill=(255, 230, 0))
 
 
+def qc_picture_path(qc_dir: Path, subject: str, image: Path, site: str, release: str) -> Path:
+    """Where one segmentation's picture goes: ``<qc_dir>/[<subject>_]<image stem>_<site>_<release>.png``.
+
+    Named by subject, image, site and release, so separate runs over one report folder never overwrite each
+    other's pictures (two inputs named alike in different folders differ by subject); the subject is left out
+    where the stem already starts with it, as BIDS names do.
+    """
+    name = image.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    if not name.startswith(subject):
+        name = f"{subject}_{name}"
+    return Path(qc_dir) / f"{_slug(name)}_{_slug(site)}_{_slug(release)}.png"
+
+
+def subject_of(image: Path) -> str:
+    """The subject a picture is filed under: the BIDS ``sub-`` entity of the file name, else the file's stem."""
+    match = re.match(r"^(sub-[A-Za-z0-9]+)", image.name)
+    return match.group(1) if match else image.name.split(".")[0]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._@+-]+", "-", text).strip("-") or "_"
+
+
+def add_qc_entries(qc_dir: Path, entries: list[dict[str, Any]]) -> Path:
+    """Add rows to the report in ``qc_dir`` and render its ``index.html`` again, under a lock.
+
+    Concurrent processes (a shell loop with ``xargs -P``, cluster jobs) may call this on one folder: each holds
+    the lock while it reads ``entries.json``, adds its rows (a row with the same subject, image, site and release
+    replaces the old one) and writes both files atomically, so no row is lost and a reader never sees half a page.
+
+    Args:
+        qc_dir: the report folder (created if needed).
+        entries: rows as for :func:`write_qc_index`, with ``subject`` and ``release``.
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        OutputError: the report cannot be written.
+    """
+    from filelock import FileLock
+
+    qc_dir = Path(qc_dir)
+    try:
+        qc_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            f"cannot create the QC folder {qc_dir}: {exc.strerror or exc}; pick another with -qc"
+        ) from None
+    with FileLock(str(qc_dir / LOCK_FILE)):
+        rows = {_entry_key(row): row for row in read_qc_entries(qc_dir)}
+        for entry in entries:
+            row = {key: _plain(value) for key, value in entry.items()}
+            png = Path(str(row.get("png", "")))
+            if png.is_absolute():
+                try:
+                    row["png"] = png.resolve().relative_to(qc_dir.resolve()).as_posix()
+                except ValueError:
+                    pass
+            rows[_entry_key(row)] = row
+        ordered = sorted(rows.values(), key=lambda r: [str(r.get(k, "")) for k in ("subject", "image", "site")])
+        write_json_atomic({"entries": ordered}, qc_dir / ENTRIES_FILE)
+        return write_qc_index(qc_dir, ordered)
+
+
+def read_qc_entries(qc_dir: Path) -> list[dict[str, Any]]:
+    """The rows of the report in ``qc_dir`` (none if it has none yet, or an unreadable file, which is rebuilt)."""
+    path = Path(qc_dir) / ENTRIES_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        logger.warning("QC rows %s unreadable (%s); the report starts again from this run's rows", path, exc)
+        return []
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(entry.get(key, "")) for key in ("subject", "image", "site", "release"))
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
+
+
+#: Click a column's header to sort the rows by it (numbers as numbers); again to reverse.
+SORT_SCRIPT = """
+document.querySelectorAll("th").forEach((th, column) => th.addEventListener("click", () => {
+  const table = th.closest("table"), rows = Array.from(table.querySelectorAll("tr")).slice(1);
+  const up = th.dataset.order !== "up"; th.dataset.order = up ? "up" : "down";
+  const key = (row) => { const text = row.cells[column].dataset.sort ?? row.cells[column].textContent;
+    const number = parseFloat(text); return isNaN(number) ? text : number; };
+  rows.sort((a, b) => { const x = key(a), y = key(b); return (x > y ? 1 : x < y ? -1 : 0) * (up ? 1 : -1); });
+  rows.forEach((row) => table.appendChild(row));
+}));
+"""
+
+
 def write_qc_index(qc_dir: Path, entries: list[dict[str, Any]]) -> Path:
     """Write ``index.html`` in ``qc_dir``: one row per segmentation with its picture, lesion count and volume.
+
+    The columns sort on a click of their header.
 
     Args:
         qc_dir: folder holding the pictures.
         entries: dicts with ``image`` (input path), ``png`` (picture, relative to ``qc_dir`` or absolute),
-            ``lesions`` (count), ``volume_mm3`` and optionally ``site``.
+            ``lesions`` (count), ``volume_mm3`` and optionally ``site``, ``subject`` and ``release``.
 
     Returns:
         The path of ``index.html``.
@@ -231,8 +391,10 @@ def write_qc_index(qc_dir: Path, entries: list[dict[str, Any]]) -> Path:
         volume = entry.get("volume_mm3")
         rows.append(
             "<tr>"
+            f"<td>{html.escape(str(entry.get('subject', '')))}</td>"
             f"<td>{html.escape(str(entry.get('image', '')))}</td>"
             f"<td>{html.escape(str(entry.get('site', '')))}</td>"
+            f"<td>{html.escape(str(entry.get('release', '')))}</td>"
             f"<td class=num>{html.escape(str(entry.get('lesions', '')))}</td>"
             f"<td class=num>{'' if volume is None else f'{float(volume):.1f}'}</td>"
             f'<td><a href="{html.escape(source)}"><img src="{html.escape(source)}" '
@@ -245,11 +407,12 @@ def write_qc_index(qc_dir: Path, entries: list[dict[str, Any]]) -> Path:
             '<html lang="en"><head><meta charset="utf-8"><title>sct_deepseg_lesion QC</title>',
             "<style>body{font-family:sans-serif;background:#111;color:#eee}table{border-collapse:collapse}"
             "td,th{border:1px solid #444;padding:4px;vertical-align:top}.num{text-align:right}"
-            "img{max-width:1100px}</style></head><body>",
+            "th{cursor:pointer}img{max-width:1100px}</style></head><body>",
             f"<h1>sct_deepseg_lesion QC ({len(entries)} segmentation{'s' if len(entries) != 1 else ''})</h1>",
-            "<table><tr><th>input</th><th>site</th><th>lesions</th><th>volume (mm&sup3;)</th><th>picture</th></tr>",
+            "<table><tr><th>subject</th><th>input</th><th>site</th><th>release</th><th>lesions</th>"
+            "<th>volume (mm&sup3;)</th><th>picture</th></tr>",
             *rows,
-            "</table></body></html>",
+            f'</table><script type="module">{SORT_SCRIPT}</script></body></html>',
             "",
         ]
     )

@@ -183,6 +183,13 @@ class SiteHeadModel:
     def sites(self) -> list[str]:
         return list(self._heads)
 
+    def output_channels(self, site: str) -> int | None:
+        """The channels a head's ``probabilities`` has, when its graph fixes them (None: only known at run time)."""
+        for node in self._heads[site].get_outputs():
+            if node.name == HEAD_OUTPUT and len(node.shape) == 5 and isinstance(node.shape[1], int):
+                return int(node.shape[1])
+        return None
+
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Probabilities of every head for a batch of patches.
 

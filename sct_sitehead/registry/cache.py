@@ -145,8 +145,6 @@ class Cache:
         damage = cached_damage(final, asset.sha256)
         if damage is None:
             return final
-        if damage:
-            logger.warning("the cached %s (%s) %s; fetching it again", describe(asset), final, damage)
         if offline:
             # Offline forbids the network, not the disk: an embedded or local registry's files are still copied in.
             local = tuple(url for url in asset.urls if not is_remote(url))
@@ -156,6 +154,8 @@ class Cache:
                     raise IntegrityError(damaged_offline_message(asset, final, damage))
                 raise OfflineError(offline_message(asset, self.root))
             asset = dataclasses.replace(asset, urls=local)
+        if damage:
+            logger.warning("the cached %s (%s) %s; fetching it again", describe(asset), final, damage)
         allow_http = allow_http or env.allow_plain_http()
         lock = self._lock(asset.sha256)
         self._acquire(lock, asset, damage)

@@ -54,7 +54,9 @@ def read_graph(graph: Path) -> bytes | None:
     problem = graph_problem(graph, data)
     if problem is None:
         return data
-    logger.warning("optimised graph %s %s; removing it and making it again from the verified model", graph, problem)
+    logger.warning(
+        "ignoring optimised graph %s: it %s; it is removed and made again from the model file", graph, problem
+    )
     discard(graph)
     return None
 
