@@ -29,6 +29,9 @@ from sct_sitehead.errors import OutputError
 
 #: The temp files written inside :func:`staged_outputs`, with their destinations (None: outside any stage).
 _STAGE: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar("stage", default=None)
+#: Every temp name handed out inside :func:`staged_outputs`, recorded before the file is created: a signal raising
+#: between its creation and the code that would remove it (SIGTERM, Ctrl-C) cannot leave it behind.
+_RESERVED: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("reserved", default=None)
 #: Permission bits asked for when a file is created by a plain ``open()``; the umask then applies.
 _PLAIN = 0o666
 #: A file whose mode is set explicitly stays private until then (a private key is never readable by others).
@@ -101,21 +104,25 @@ def staged_outputs() -> Iterator[None]:
         OutputError: a rename at the end failed (the renames already done stay; the other temp files are removed).
     """
     staged: list[tuple[Path, Path]] = []
-    token = _STAGE.set(staged)
+    reserved: list[Path] = []
+    token, reserved_token = _STAGE.set(staged), _RESERVED.set(reserved)
     try:
         yield
     except BaseException:
-        for tmp, _ in staged:
+        for tmp in [*reserved, *(tmp for tmp, _ in staged)]:
             tmp.unlink(missing_ok=True)
         raise
     finally:
         _STAGE.reset(token)
+        _RESERVED.reset(reserved_token)
     for done, (tmp, path) in enumerate(staged):
         try:
             os.replace(tmp, path)
-        except OSError as exc:
+        except BaseException as exc:  # a signal here too: no temp file may stay
             for left, _ in staged[done:]:
                 left.unlink(missing_ok=True)
+            if not isinstance(exc, OSError):
+                raise
             raise OutputError(
                 f"cannot write {path}: {exc.strerror or exc}; check write permission on {path.parent}"
             ) from exc
@@ -188,6 +195,9 @@ def _reserve_temp(path: Path, permissions: int) -> Path:
     suffix = _suffix(path)
     stem = path.name[: len(path.name) - len(suffix)]
     tmp = path.with_name(f".{stem}.{secrets.token_hex(6)}.tmp{suffix}")
+    reserved = _RESERVED.get()
+    if reserved is not None:
+        reserved.append(tmp)
     # O_EXCL reserves the name: no other writer, and no symlink planted there, is followed.
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, permissions))
     return tmp

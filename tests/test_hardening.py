@@ -97,11 +97,12 @@ def served(tmp_path: Path):
 
 # --- 1: a damaged cache file is never run ------------------------------------------------------------------------
 def first_run(tmp_path: Path, registry: Path | str, capsys, *extra) -> tuple[list, np.ndarray]:
+    """A run that fills the cache; returns its arguments without an output folder (each run gives its own)."""
     image = blob_image(tmp_path / "sub-01_T2w.nii.gz", affine=AFFINE)
-    argv = ["-i", image, "-site", "universal", "-registry", registry, "-ofolder", tmp_path / "out", "-v", "0", *extra]
-    code, _, err = run_deepseg(argv, capsys)
+    argv = ["-i", image, "-site", "universal", "-registry", registry, "-v", "0", *extra]
+    code, _, err = run_deepseg([*argv, "-ofolder", tmp_path / "first"], capsys)
     assert code == 0, err
-    return argv, mask_of(tmp_path / "out" / "sub-01_T2w_lesionseg.nii.gz")
+    return argv, mask_of(tmp_path / "first" / "sub-01_T2w_lesionseg.nii.gz")
 
 
 def test_f01_damaged_cached_asset_is_fetched_again_not_run(tiny_registry, tmp_path, capsys) -> None:
@@ -111,10 +112,33 @@ def test_f01_damaged_cached_asset_is_fetched_again_not_run(tiny_registry, tmp_pa
     cache = Cache()
     backbone = cache.asset_path(sha256_of(tiny_registry.parent / "tiny/1.0.0/backbone.onnx"))
     damage(backbone, 100)
-    code, _, err = run_deepseg([*argv, "-overwrite"], capsys)
+    code, _, err = run_deepseg([*argv, "-ofolder", tmp_path / "again"], capsys)
     assert code == 0, err
-    assert np.array_equal(mask_of(tmp_path / "out" / "sub-01_T2w_lesionseg.nii.gz"), reference)
+    assert np.array_equal(mask_of(tmp_path / "again" / "sub-01_T2w_lesionseg.nii.gz"), reference)
     assert sha256_of(backbone) == backbone.name
+
+
+def test_f01_the_reported_case_sub_ms01_with_4_kb_of_the_backbone_overwritten(bids_dir, tmp_path, capsys) -> None:
+    """The embedded release on sub-ms01, 4 KB of the cached backbone's weights overwritten (the protobuf still
+    loads): before, exit 0 with no lesion and no cord; now the same masks as before the damage."""
+    image = bids_dir / "sub-ms01" / "anat" / "sub-ms01_T2w.nii.gz"
+    argv = ["-i", image, "-site", "montreal", "-v", "0"]
+    code, _, err = run_deepseg([*argv, "-ofolder", tmp_path / "first"], capsys)
+    assert code == 0, err
+    release = Registry.load(None, cache=Cache(), offline=True).release()
+    backbone = Cache().asset_path(release.backbone.sha256)
+    backbone.chmod(0o644)
+    with backbone.open("r+b") as handle:  # 4 KB of NaN patterns in the weights
+        handle.seek(1_000_000)
+        handle.write(b"\xff" * 4096)
+    code, _, err = run_deepseg([*argv, "-ofolder", tmp_path / "again"], capsys)
+    assert code == 0, err
+    for name in ("sub-ms01_T2w_lesionseg.nii.gz", "sub-ms01_T2w_lesionseg.json"):
+        before, after = tmp_path / "first" / name, tmp_path / "again" / name
+        if name.endswith(".json"):
+            assert json.loads(after.read_text())["LesionCount"] == json.loads(before.read_text())["LesionCount"] > 0
+        else:
+            assert np.array_equal(mask_of(after), mask_of(before))
 
 
 def test_f01_damaged_optimised_graph_is_found_and_made_again(tiny_registry, tmp_path, capsys) -> None:
@@ -123,9 +147,9 @@ def test_f01_damaged_optimised_graph_is_found_and_made_again(tiny_registry, tmp_
     assert graphs
     for graph in graphs:
         damage(graph, graph.stat().st_size // 2)
-    code, _, err = run_deepseg([*argv, "-overwrite"], capsys)
+    code, _, err = run_deepseg([*argv, "-ofolder", tmp_path / "again"], capsys)
     assert code == 0, err
-    assert np.array_equal(mask_of(tmp_path / "out" / "sub-01_T2w_lesionseg.nii.gz"), reference)
+    assert np.array_equal(mask_of(tmp_path / "again" / "sub-01_T2w_lesionseg.nii.gz"), reference)
     for graph in graphs:  # made again, and matching their records
         assert json.loads(graph.with_name(graph.name + ".json").read_text())["sha256"] == sha256_of(graph)
 
@@ -135,12 +159,12 @@ def test_f01_damaged_asset_offline_is_an_integrity_error(served, tmp_path, capsy
     argv, _ = first_run(tmp_path, url, capsys, "-trust", public)
     head = Cache().asset_path(sha256_of(www / "tiny/1.0.0/heads/universal.onnx"))
     damage(head)
-    code, _, err = run_deepseg([*argv, "-overwrite", "-offline"], capsys)
+    code, _, err = run_deepseg([*argv, "-ofolder", tmp_path / "offline", "-offline"], capsys)
     assert code == IntegrityError.exit_code, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "universal head of tiny@1.0.0" in lines[0] and "offline" in lines[0], lines
     assert not head.exists()  # removed: the next online run fetches it again
-    code, _, err = run_deepseg([*argv, "-overwrite"], capsys)
+    code, _, err = run_deepseg([*argv, "-ofolder", tmp_path / "online"], capsys)
     assert code == 0, err
 
 
@@ -175,8 +199,10 @@ def test_f02_an_input_named_as_another_inputs_mask_is_refused(tiny_registry, tmp
     second = blob_image(tmp_path / "a_lesionseg.nii.gz", affine=AFFINE, shape=(40, 36, 20))
     before = second.read_bytes()
     code, lines = run_cli(["-i", first, second, "-site", "montreal", "-registry", tiny_registry], capsys)
-    assert code == UsageError.exit_code and len(lines) == 1 and str(second) in lines[0], lines
+    # The second is skipped as an input (named like a mask), and is then a file this tool did not write.
+    assert code == UsageError.exit_code and str(second) in lines[-1] and "not written by" in lines[-1], lines
     assert second.read_bytes() == before
+    assert not (tmp_path / "a_lesionseg.json").exists()
 
 
 def test_f02_links_to_an_input_are_refused(tiny_registry, tmp_path, capsys) -> None:
@@ -217,13 +243,31 @@ def test_f02_own_outputs_are_replaced_only_with_overwrite(tiny_registry, tmp_pat
     assert run_cli([*argv, "-overwrite"], capsys)[0] == 0
 
 
+def test_f02_the_python_api_does_not_write_over_its_input_either(tiny_registry, tmp_path) -> None:
+    from sct_sitehead import ModelSource, open_segmenter
+
+    image = blob_image(tmp_path / "t2.nii.gz", affine=AFFINE)
+    before = image.read_bytes()
+    segmenter = open_segmenter("montreal", source=ModelSource.resolve(tiny_registry))
+    result = segmenter.segment(image)
+    with pytest.raises(UsageError, match="is the input"):
+        segmenter.write(result, image, {"montreal": image})
+    assert image.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["registry", "t2.nii.gz"]
+
+
 # --- 3 and 4: no header makes a run allocate without bound -------------------------------------------------------
+#: Runs the command and writes its peak resident memory in KiB: VmHWM, the high-water mark of this process's own
+#: memory since exec. (ru_maxrss would also count the pages of the parent it was forked from: a pytest process of
+#: 1 GB makes every child report 1 GB.)
 MEASURE = """
-import resource, sys
+import re, resource, sys
+from pathlib import Path
 from sct_sitehead.cli.deepseg_lesion import main
 code = main(sys.argv[2:])
-with open(sys.argv[1], "w") as handle:
-    handle.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+status = Path("/proc/self/status")
+found = re.search(r"VmHWM:\\s+(\\d+) kB", status.read_text()) if status.exists() else None
+peak = found.group(1) if found else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+Path(sys.argv[1]).write_text(str(peak))
 sys.exit(code)
 """
 
@@ -278,7 +322,7 @@ def test_f03_huge_voxels_are_refused_before_allocating(tiny_registry, tmp_path) 
     nib.save(nib.Nifti1Image(rng.normal(100, 10, (128, 128, 64)).astype(np.int16), np.diag([40, 40, 40, 1.0])), image)
     assert image.stat().st_size < 1 << 20
     for registry in (tiny_registry, write_registry(tmp_path / "with-localiser", localiser={})):
-        argv = ["-i", image, "-site", "montreal", "-registry", registry, "-ofolder", tmp_path / "out"]
+        argv = ["-i", image, "-site", "montreal", "-registry", registry, "-ofolder", tmp_path / "out", "-v", "0"]
         code, lines, seconds, peak = measured_run(argv, tmp_path / "cache", tmp_path)
         assert code == 3 and len(lines) == 1 and "memory limit of 2 GB" in lines[0], lines
         assert seconds < 30 and peak < 500e6, (seconds, peak)
@@ -316,7 +360,7 @@ def test_f03_sub_ms01_with_8_mm_voxels_is_refused(bids_dir, tmp_path) -> None:
     affine[:3, :2] *= 8 / np.asarray(source.header.get_zooms()[:2])
     image = tmp_path / "sub-ms01_8mm_T2w.nii.gz"
     nib.save(nib.Nifti1Image(np.asanyarray(source.dataobj), affine, source.header), image)
-    argv = ["-i", image, "-site", "montreal", "-ofolder", tmp_path / "out"]
+    argv = ["-i", image, "-site", "montreal", "-ofolder", tmp_path / "out", "-v", "0"]
     code, lines, seconds, peak = measured_run(argv, tmp_path / "cache", tmp_path)
     assert code == 3 and len(lines) == 1 and "memory limit" in lines[0], lines
     assert seconds < 60 and peak < 1e9, (seconds, peak)
@@ -328,7 +372,7 @@ def test_f04_a_legal_header_of_a_billion_voxels_is_refused_from_the_header(
     tiny_registry, tmp_path, payload: str
 ) -> None:
     """1024x1024x476 int16 (under the 2 GB float32 cap). Before: zeros took 23 s and 3.1 GB; noise 8.5 GB, 420 s."""
-    noise = np.random.default_rng(0).integers(0, 1000, 2048, dtype=np.int16).tobytes() * 256
+    noise = np.random.default_rng(0).integers(0, 1000, 256, dtype=np.int16).tobytes() * 2048
     image = header_image(
         tmp_path / f"{payload}.nii.gz",
         (1024, 1024, 476),
@@ -336,7 +380,7 @@ def test_f04_a_legal_header_of_a_billion_voxels_is_refused_from_the_header(
         payload=noise if payload != "zeros" else None,
     )
     assert image.stat().st_size < 10e6
-    argv = ["-i", image, "-site", "montreal", "-registry", tiny_registry, "-ofolder", tmp_path / "out"]
+    argv = ["-i", image, "-site", "montreal", "-registry", tiny_registry, "-ofolder", tmp_path / "out", "-v", "0"]
     code, lines, seconds, peak = measured_run(argv, tmp_path / "cache", tmp_path)
     assert code == 3 and len(lines) == 1 and "1024x1024x476" in lines[0] and "memory limit" in lines[0], lines
     assert seconds < 20 and peak < 500e6, (seconds, peak)
@@ -380,7 +424,7 @@ def test_f05_a_trickling_server_is_stopped_by_the_minimum_rate(served, tmp_path)
 def test_f05_the_overall_deadline_stops_a_slow_download(served, tmp_path, monkeypatch) -> None:
     asset, _ = trickle_site(served, (256, 0.05))  # 5 KB/s: above the rate floor, about 2 minutes for the file
     monkeypatch.setenv("SCT_SITEHEAD_DOWNLOAD_TIMEOUT", "1.5")
-    cache = Cache(tmp_path / "c", retries=3, backoff=0.0, min_rate=(1, 30.0))
+    cache = Cache(tmp_path / "c", retries=3, backoff=0.0)
     started = time.monotonic()
     error = fetch_in_thread(cache, asset, within=15)
     assert isinstance(error, DownloadError) and "SCT_SITEHEAD_DOWNLOAD_TIMEOUT" in str(error), error
@@ -394,7 +438,8 @@ from sct_sitehead.registry.cache import Cache
 from sct_sitehead.registry.specs import Asset
 cache = Cache(Path(sys.argv[1]))
 asset = Asset("backbone", sys.argv[2], 1, ("https://example.invalid/backbone.onnx",))
-cache._acquire(cache._lock(asset.sha256), asset)
+lock = cache._lock(asset.sha256)  # kept: a FileLock is released when it is garbage-collected
+cache._acquire(lock, asset)
 print("held", flush=True)
 time.sleep(60)
 """

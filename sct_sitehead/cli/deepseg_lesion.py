@@ -161,7 +161,7 @@ def check_inputs(paths: list[Path]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sct_sitehead.deploy.budget import parse_size
+    from sct_sitehead.deploy.budget import parse_size, resolve_limit
     from sct_sitehead.deploy.output_check import check_outputs
     from sct_sitehead.deploy.pipeline import Segmenter  # numpy, scipy and nibabel: see check_inputs
     from sct_sitehead.deploy.qc import add_qc_entries, subject_of
@@ -191,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
     for site in sites:
         release.head(site)
     check_threads(args.threads, "-threads")
-    max_memory = parse_size(args.max_memory) if args.max_memory is not None else None
+    # SCT_SITEHEAD_MAX_MEMORY is checked here too, before anything is fetched.
+    max_memory = resolve_limit(parse_size(args.max_memory) if args.max_memory is not None else None)
     if args.thr is not None and not 0.0 < args.thr < 1.0:
         raise UsageError(f"-thr must be between 0 and 1, got {args.thr}")
     if args.min_lesion is not None and not 0.0 <= args.min_lesion < float("inf"):

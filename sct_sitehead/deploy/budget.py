@@ -16,8 +16,8 @@ Each check adds the arrays alive at its worst moment to what is held throughout 
 lesion model's grid exists, their float32 copy) and to :data:`RUNTIME_BYTES`; past the limit (default
 :data:`DEFAULT_MAX_MEMORY`, else ``-max-memory`` or ``SCT_SITEHEAD_MAX_MEMORY``) the run stops with one line that
 gives the numbers: an :class:`~sct_sitehead.errors.InputImageError`, exit 3. The figures are upper estimates
-(measured: sub-ms01 planned 0.33 GB, peak 0.26 GB; whole image 0.66 / 0.49 GB); they bound the peak resident
-memory, not the address space.
+(measured on sub-ms01: planned 0.36 GB, peak 0.26 GB; ``-no-crop`` 0.61 / 0.53 GB; ``-tta`` 0.54 / 0.36 GB); they
+bound the peak resident memory, not the address space.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from sct_sitehead.deploy.naming import label_path, sidecar_path, soft_path, split_nifti_name
+from sct_sitehead.deploy.naming import label_path, sidecar_path, soft_path
 from sct_sitehead.errors import RegistryError, UsageError
 from sct_sitehead.registry import untrusted_json
 
@@ -25,20 +25,17 @@ GENERATOR = "sct_sitehead"
 MAX_SIDECAR_BYTES = 1 << 20
 
 
-def planned_files(mask: Path, labels: Sequence[str], *, soft: bool, qc_dir: Path | None) -> list[Path]:
-    """Every file one (input, site) run writes: a mask per label, the soft map, the QC picture, the sidecar.
+def planned_files(mask: Path, labels: Sequence[str], *, soft: bool) -> list[Path]:
+    """Every file one (input, site) run writes beside its mask: a mask per label, the soft map, the sidecar.
 
     Args:
         mask: the main (lesion) mask's path, from :func:`~sct_sitehead.deploy.naming.plan_outputs`.
         labels: the head's label names.
         soft: the soft map is written too.
-        qc_dir: the QC folder, if any.
     """
     files = [mask if label == LESION else label_path(mask, label) for label in labels]
     if soft:
         files.append(soft_path(mask))
-    if qc_dir is not None:
-        files.append(qc_dir / f"{split_nifti_name(mask)[0]}.png")
     files.append(sidecar_path(mask))
     return files
 
@@ -58,7 +55,8 @@ def check_outputs(
         plan: ``{(input, site): main mask path}``.
         labels: each site's label names.
         soft: soft maps are written too.
-        qc_dir: the QC folder (its ``index.html`` is checked against the inputs only: every run rewrites it).
+        qc_dir: the QC folder: a report that runs add to (its pictures and ``index.html`` are replaced by design),
+            so it is only checked not to be an input.
         overwrite: replace the tool's own earlier outputs.
 
     Raises:
@@ -66,8 +64,8 @@ def check_outputs(
     """
     inputs = list(dict.fromkeys(image for image, _ in plan))
     claimed: dict[str, Path] = {}
-    for (image, site), mask in plan.items():
-        for path in planned_files(mask, labels[site], soft=soft, qc_dir=qc_dir):
+    for (_, site), mask in plan.items():
+        for path in planned_files(mask, labels[site], soft=soft):
             refuse_input(path, inputs)
             real = os.path.realpath(path)
             if real in claimed:
@@ -78,6 +76,7 @@ def check_outputs(
             claimed[real] = path
             refuse_existing(path, sidecar_path(mask), overwrite=overwrite)
     if qc_dir is not None:
+        refuse_input(qc_dir, inputs)
         refuse_input(qc_dir / "index.html", inputs)
 
 
@@ -110,7 +109,7 @@ def refuse_existing(path: Path, sidecar: Path, *, overwrite: bool) -> None:
     """Raise UsageError when ``path`` exists and may not be replaced (module notes)."""
     if not os.path.lexists(path):
         return
-    if not is_own_output(path, sidecar):
+    if not written_by_this_tool(path, sidecar):
         raise UsageError(
             f"output {path} exists and was not written by sct_deepseg_lesion (no sidecar {sidecar.name} of this tool "
             "lists it); it was left untouched and nothing was done. Move it away, or choose another -o or -ofolder"
@@ -122,7 +121,7 @@ def refuse_existing(path: Path, sidecar: Path, *, overwrite: bool) -> None:
         )
 
 
-def is_own_output(path: Path, sidecar: Path) -> bool:
+def written_by_this_tool(path: Path, sidecar: Path) -> bool:
     """True when ``sidecar`` is a regular file written by this tool and names ``path`` (or is ``path``)."""
     try:
         if not sidecar.is_file() or sidecar.is_symlink() or sidecar.stat().st_size > MAX_SIDECAR_BYTES:

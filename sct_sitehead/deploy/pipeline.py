@@ -28,6 +28,7 @@ from sct_sitehead.deploy.masks import LESION, MaskRule, drop_far_lesions, native
 from sct_sitehead.deploy.naming import label_path, make_folder, sidecar_path, soft_path
 from sct_sitehead.deploy.nifti import image_data
 from sct_sitehead.deploy.options import Options
+from sct_sitehead.deploy.output_check import planned_files, refuse_input
 from sct_sitehead.deploy.outputs import save_like
 from sct_sitehead.deploy.prediction import GridPrediction, NativeImage, predict_on_grid
 from sct_sitehead.deploy.qc import qc_picture_path, subject_of, write_qc
@@ -346,7 +347,14 @@ class Segmenter:
             image_path: the input's path (for the sidecar and QC).
             outputs: ``{site: main lesion mask path}``.
             qc_subject: the subject the QC picture is filed under; default: the file name's ``sub-`` entity.
+
+        Raises:
+            UsageError: an output is the input itself (by path, link or hard link); nothing is written.
+            OutputError: a file cannot be written.
         """
+        for site, found in segmentation.sites.items():
+            for path in planned_files(outputs[site], list(found.labels), soft=self.options.soft):
+                refuse_input(path, [image_path])
         started = time.perf_counter() - segmentation.seconds
         image = segmentation.image
         result = InputResult(image=image_path)

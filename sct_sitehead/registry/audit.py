@@ -26,6 +26,9 @@ from sct_sitehead.registry.trust import load_trust_store
 
 logger = logging.getLogger(__name__)
 
+#: How a kept index copy's problem begins when it is its signature file that fails.
+SIGNATURE_PROBLEM = "has an unusable signature"
+
 
 @dataclass
 class Audit:
@@ -67,8 +70,9 @@ def audit_cache(cache: Cache) -> Audit:
         if note:
             audit.notes.append((copy, note))
         if problem:
-            audit.others.append((copy, problem))
-            for path in (copy, copy.with_name(copy.name + SIGNATURE_SUFFIX)):
+            signature = copy.with_name(copy.name + SIGNATURE_SUFFIX)
+            audit.others.append((signature if problem.startswith(SIGNATURE_PROBLEM) else copy, problem))
+            for path in (copy, signature):
                 remove_quietly(path)
     state = cache.seen_path()
     if state.is_file():
@@ -99,13 +103,13 @@ def index_copy_problem(copy: Path) -> tuple[str | None, str | None]:
         signature = parse_signature(signature_path.read_bytes(), source=str(signature_path))
         store = load_trust_store()
     except (OSError, RegistryError, UsageError) as exc:
-        return f"has an unusable signature ({exc})", None
+        return f"{SIGNATURE_PROBLEM} ({exc})", None
     if signature["key_id"] not in store.keys:
         return None, f"signed by key {signature['key_id']}, not in the trusted keys here: verified when it is used"
     try:
         verify_index_bytes(data, signature, store.keys, source=str(copy))
     except RegistryError as exc:
-        return str(exc), None
+        return f"{SIGNATURE_PROBLEM} ({exc})", None
     return None, None
 
 

@@ -279,6 +279,7 @@ class Cache:
         from filelock import Timeout
 
         holder = Path(lock.lock_file).with_suffix(".holder")
+        timed_out = False
         try:
             Path(lock.lock_file).parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -288,7 +289,7 @@ class Cache:
                 try:
                     lock.acquire(timeout=self.lock_timeout)
                 except Timeout:
-                    raise DownloadError(lock_timeout_message(asset, self.lock_timeout, holder)) from None
+                    timed_out = True
         except OSError as exc:
             if damage:
                 raise IntegrityError(
@@ -301,6 +302,8 @@ class Cache:
                 f"(lock file {lock.lock_file}: {exc.strerror or exc}). Set SCT_SITEHEAD_CACHE to a writable folder, "
                 "or pre-fill this cache with `sct_sitehead models install` on a machine that can write it."
             ) from None
+        if timed_out:
+            raise DownloadError(lock_timeout_message(asset, self.lock_timeout, holder))
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "asset": describe(asset)}
         try:
             write_bytes_atomic(holder, json.dumps(record).encode("utf-8"))

@@ -130,10 +130,13 @@ def check_folder(folder: Path, *, repair: bool = True) -> list[tuple[Path, str]]
         except OSError as exc:
             problem = f"cannot be read ({exc.strerror or exc})"
         if problem is not None:
-            failed.append((path, problem))
+            # Name the file at fault: an unreadable record is the record's damage, not the graph's.
+            failed.append((record_path(path) if "record (" in problem else path, problem))
     if repair:
         for path, _ in failed:
-            if path.name.endswith(GRAPH_SUFFIX):
+            if path.name.endswith(GRAPH_SUFFIX + RECORD_SUFFIX):
+                discard(path.with_name(path.name[: -len(RECORD_SUFFIX)]))  # the graph cannot be checked without it
+            elif path.name.endswith(GRAPH_SUFFIX):
                 discard(path)  # with its record
             elif not path.is_dir() or path.is_symlink():
                 path.unlink(missing_ok=True)
