@@ -290,3 +290,33 @@ def _restore_package_logger():
     reset()
     yield
     reset()
+
+
+def pad_backbone(index: Path, size: int) -> None:
+    """Grow the tiny backbone to about ``size`` bytes with an ONNX metadata entry (ignored when it runs), and update
+    the index: a download must span many network reads for a process to be killed in the middle of one."""
+    import onnx
+
+    path = index.parent / "tiny" / "1.0.0" / "backbone.onnx"
+    model = onnx.load(path)
+    onnx.helper.set_model_props(model, {"padding": "x" * size})
+    onnx.save(model, path)
+    data = json.loads(index.read_text())
+    entry = data["models"]["tiny"]["releases"]["1.0.0"]["backbone"]
+    entry.update(sha256=sha256_of(path), size=path.stat().st_size)
+    index.write_text(json.dumps(data, indent=2))
+
+
+@pytest.fixture
+def signed_site(tmp_path: Path) -> tuple[Path, Path]:
+    from sct_sitehead.registry.signing import generate_keypair, sign_index
+
+    """The tiny registry folder with a 1 MiB backbone, signed with a fresh key: ``(folder, public key)``."""
+    www = tmp_path / "www"
+    index = write_registry(www)
+    pad_backbone(index, 1 << 20)
+    private, public = tmp_path / "keys" / "k.pem", tmp_path / "keys" / "k.pub"
+    private.parent.mkdir()
+    generate_keypair(private, public)
+    sign_index(index, private)
+    return www, public

@@ -10,7 +10,6 @@ an old sidecar, and the cache holds only verified assets.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal
@@ -32,7 +31,6 @@ import sct_sitehead.deploy.outputs
 from sct_sitehead.cli.deepseg_lesion import main
 from sct_sitehead.errors import EXIT_INTERRUPTED, OutputError
 from sct_sitehead.registry.server import RangeRequestHandler, make_server
-from sct_sitehead.registry.signing import generate_keypair, sign_index
 
 PROG = "sct_deepseg_lesion"
 PYTHONPATH = str(Path(sct_sitehead.__file__).resolve().parents[1])
@@ -96,34 +94,6 @@ class CountingServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def pad_backbone(index: Path, size: int) -> None:
-    """Grow the tiny backbone to about ``size`` bytes with an ONNX metadata entry (ignored when it runs), and update
-    the index: a download must span many network reads for a process to be killed in the middle of one."""
-    import onnx
-
-    path = index.parent / BACKBONE.lstrip("/")
-    model = onnx.load(path)
-    onnx.helper.set_model_props(model, {"padding": "x" * size})
-    onnx.save(model, path)
-    data = json.loads(index.read_text())
-    entry = data["models"]["tiny"]["releases"]["1.0.0"]["backbone"]
-    entry.update(sha256=sha256_of(path), size=path.stat().st_size)
-    index.write_text(json.dumps(data, indent=2))
-
-
-@pytest.fixture
-def signed_site(tmp_path: Path) -> tuple[Path, Path]:
-    """The tiny registry folder with a 1 MiB backbone, signed with a fresh key: ``(folder, public key)``."""
-    www = tmp_path / "www"
-    index = write_registry(www)
-    pad_backbone(index, 1 << 20)
-    private, public = tmp_path / "keys" / "k.pem", tmp_path / "keys" / "k.pub"
-    private.parent.mkdir()
-    generate_keypair(private, public)
-    sign_index(index, private)
-    return www, public
 
 
 #: Voxels of 0.9 x 0.9 x 1.5 mm: the tiny model's 1 mm grid is a resampling away.

@@ -24,7 +24,6 @@ import onnx
 import pytest
 from conftest import blob_image, default_sigint, run_deepseg, sha256_of, write_registry
 from onnx_factory import HEADS, head_model
-from test_cli_faults import pad_backbone
 from test_faults import FaultServer, send, served_file
 
 import sct_sitehead
@@ -40,7 +39,7 @@ from sct_sitehead.errors import (
 )
 from sct_sitehead.registry.cache import Cache
 from sct_sitehead.registry.index import Registry
-from sct_sitehead.registry.signing import generate_keypair, load_private_key, sign_bytes, sign_index
+from sct_sitehead.registry.signing import generate_keypair, load_private_key, sign_bytes
 from sct_sitehead.registry.specs import Asset
 
 PROG = "sct_deepseg_lesion"
@@ -80,16 +79,11 @@ def replace_head(index: Path, site: str, model: onnx.ModelProto) -> None:
 
 
 @pytest.fixture
-def served(tmp_path: Path):
+def served(signed_site: tuple[Path, Path]):
     """The tiny registry with a 1 MiB backbone, signed with a fresh key, served over HTTP on 127.0.0.1: ``(server,
     www, index URL, public key, private key)``."""
-    www = tmp_path / "www"
-    index = write_registry(www)
-    pad_backbone(index, 1 << 20)
-    private, public = tmp_path / "keys" / "k.pem", tmp_path / "keys" / "k.pub"
-    private.parent.mkdir()
-    generate_keypair(private, public)
-    sign_index(index, private)
+    www, public = signed_site
+    private = public.with_name("k.pem")  # signed_site's private half, beside its public key
     server = FaultServer(www)
     yield server, www, server.url("registry.json"), public, private
     server.close()

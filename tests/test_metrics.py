@@ -156,33 +156,9 @@ def test_summarize_skips_undefined_values():
 def _tune_on(tmp_path, probability_maps, leave_one_out=True):
     """tune_thresholds over one `montreal` case per map: each case's reference is the 27-voxel lesion at
     [4:7, 4:7, 4:7], its map every head's lesion probability."""
-    import nibabel as nib
-
-    from sct_sitehead.evaluation.evaluate import Case
-    from sct_sitehead.evaluation.thresholds import tune_thresholds
-    from sct_sitehead.registry.specs import LabelSpec
-
     reference = np.zeros((12, 12, 12), np.uint8)
     reference[4:7, 4:7, 4:7] = 1
-    image = nib.Nifti1Image(reference, np.eye(4))
-    cases, maps = [], {}
-    for number, probabilities in enumerate(probability_maps):
-        path = tmp_path / f"ref{number}.nii.gz"
-        nib.save(image, path)
-        cases.append(Case(f"sub-{number}", "montreal", path, path))
-        maps[path] = probabilities[None].astype(np.float32)
-
-    class Head:
-        labels = (LabelSpec("lesion", 1, 0),)
-
-    class Segmenter:
-        sites = ["universal", "montreal"]
-        heads = {"universal": Head(), "montreal": Head()}
-
-        def predict(self, path):
-            return image, {site: maps[path] for site in self.sites}
-
-    return tune_thresholds(Segmenter(), cases, leave_one_out=leave_one_out)
+    return _tune_on_references(tmp_path, [(reference, p) for p in probability_maps], leave_one_out=leave_one_out)
 
 
 def test_tuning_keeps_the_threshold_with_the_best_dice_and_drops_lone_false_alarm_voxels(tmp_path):
@@ -346,7 +322,7 @@ def test_tuning_scores_dice_on_lesion_cases_only(tmp_path):
     assert row["dice"] == pytest.approx(1.0) and row["threshold"] == 0.3 and row["f1_all_lesions"] == 1.0
 
 
-def _tune_on_references(tmp_path, pairs):
+def _tune_on_references(tmp_path, pairs, leave_one_out=False):
     """tune_thresholds on `montreal` cases, each given as (reference mask, lesion probability map)."""
     import nibabel as nib
 
@@ -372,7 +348,7 @@ def _tune_on_references(tmp_path, pairs):
         def predict(self, path):
             return nib.load(path), {site: maps[path] for site in self.sites}
 
-    return tune_thresholds(Segmenter(), cases, leave_one_out=False)
+    return tune_thresholds(Segmenter(), cases, leave_one_out=leave_one_out)
 
 
 def _participants(root, rows: str):
