@@ -297,3 +297,22 @@ def test_dask_local_cluster_matches_one_process_and_survives_a_killed_worker(bid
     for mask in plain.glob("sub-*/anat/*.nii.gz"):
         twin = killed / mask.relative_to(plain)
         assert np.array_equal(np.asarray(nib.load(mask).dataobj), np.asarray(nib.load(twin).dataobj)), mask
+
+
+def test_a_dask_run_waits_for_a_recomputed_scan_before_clearing_temps():
+    """A worker that dies after finishing a scan has it recomputed: that copy must end before temps are cleared."""
+    from sct_sitehead.cohort.execute import _wait_for_stragglers
+
+    class Client:
+        calls = 0
+
+        def processing(self) -> dict[str, list[str]]:
+            self.calls += 1
+            return {"tcp://w1": ["scan-sub-c01_T2w", "other-cohort"]} if self.calls < 4 else {"tcp://w1": []}
+
+    client = Client()
+    _wait_for_stragglers(client, {"scan-sub-c01_T2w"})
+    assert client.calls == 4
+    started = time.monotonic()
+    _wait_for_stragglers(Client(), {"scan-sub-c01_T2w"}, wait_s=0.0)  # bounded: gives up, with a warning
+    assert time.monotonic() - started < 5

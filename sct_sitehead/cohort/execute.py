@@ -3,8 +3,10 @@ cluster of ``jobs`` worker processes, or an existing cluster at ``scheduler`` (S
 dask-jobqueue: docs/COHORTS.md).
 
 On Dask a unit is a task; each worker keeps its segmenter across its scans (:func:`~.work.segmenter_for`) and writes
-its outputs atomically. A worker that dies has its running tasks rescheduled on another by the scheduler; what it
-was writing was only ever hidden temp files, which :func:`remove_stale_temps` clears at the end.
+its outputs atomically. A worker that dies has its tasks rescheduled on another by the scheduler, even one it had
+finished (its result died with it), so a scan may run twice: the copies write identical files, the records are
+written here from the first result, and the run waits for every copy to stop (:data:`STRAGGLER_WAIT_S`) before
+:func:`remove_stale_temps` clears the hidden temp files a dead worker left.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sct_sitehead.cohort.plan import Unit
-from sct_sitehead.cohort.work import SegmenterSpec, run_scan, run_unit, segmenter_for
+from sct_sitehead.cohort.work import SegmenterSpec, run_scan, run_unit, segmenter_for, write_record
 from sct_sitehead.deploy.qc import add_qc_entries
 from sct_sitehead.errors import UsageError
 
@@ -30,6 +32,8 @@ logger = logging.getLogger(__name__)
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\..+)?$")
 #: How often the QC report is rendered again while a cohort runs (it is also at the end).
 QC_EVERY_S = 5.0
+#: How long a Dask run waits, once every scan has a result, for late copies of its tasks still running.
+STRAGGLER_WAIT_S = 300.0
 
 
 @dataclass
@@ -101,7 +105,9 @@ def run_cohort(
         records: Iterator[dict[str, Any]] = _in_process(units, spec, out_dir, print_)
     else:
         records = _on_dask(units, spec, out_dir, print_, jobs=jobs, scheduler=scheduler)
+    by_image = {str(unit.scan.image): unit for unit in units}
     for record in _progress(records, len(units)):
+        write_record(by_image[record["Image"]], record)
         summary.records.append(record)
         qc.add(record.get("Qc") or [])
     qc.flush()
@@ -157,10 +163,28 @@ def _on_dask(
                     "Error": f"{unit.scan.image}: {type(exc).__name__}: {exc}",
                     "ExitCode": 1,
                 }
+        _wait_for_stragglers(client, {future.key for future in futures})
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _wait_for_stragglers(client: Any, keys: set[str], wait_s: float = STRAGGLER_WAIT_S) -> None:
+    """Wait until no worker runs one of ``keys`` (a finished task recomputed because its worker died).
+
+    The futures are still held, so the scheduler still lists such a task; once they are released it would not,
+    though the worker would go on running it.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        running = {key for keys_ in client.processing().values() for key in keys_} & keys
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            logger.warning("%d scan(s) still running on the cluster after %.0f s: %s", len(running), wait_s, running)
+            return
+        time.sleep(0.2)
 
 
 def _import_distributed() -> Any:

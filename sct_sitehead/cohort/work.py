@@ -1,4 +1,7 @@
-"""One scan of a cohort: segment it, write its files atomically, then its record (the cohort table's rows).
+"""One scan of a cohort: segment it, write its files atomically, and return its record (the cohort table's rows).
+
+The record is written by the process that runs the cohort (:func:`write_record`), never by a worker: Dask may run a
+task twice (a worker that dies after finishing has its result recomputed), and a late copy must not replace it.
 
 A Dask worker runs :func:`run_scan`, which keeps one :class:`~sct_sitehead.deploy.pipeline.Segmenter` per process
 (:func:`segmenter_for`): the ONNX sessions are loaded once per worker and kept across its scans.
@@ -54,10 +57,10 @@ def run_scan(spec: SegmenterSpec, unit: Unit, out_dir: Path, print_: dict[str, A
 
 
 def run_unit(segmenter: Segmenter, unit: Unit, out_dir: Path, print_: dict[str, Any]) -> dict[str, Any]:
-    """Segment one scan, write its outputs, then its record; a failure is recorded, not raised.
+    """Segment one scan and write its outputs; a failure is recorded, not raised.
 
     Returns:
-        The record (also written to ``unit.record``): ``Status`` ``done`` or ``failed``, the input's sha256, the
+        The record (for :func:`write_record`): ``Status`` ``done`` or ``failed``, the input's sha256, the
         fingerprint, the files and their sizes, a table row per site, QC rows, and for a failure ``Error`` (the
         message, naming the file) and ``ExitCode``.
     """
@@ -86,9 +89,17 @@ def run_unit(segmenter: Segmenter, unit: Unit, out_dir: Path, print_: dict[str, 
         record.update(
             Status="done", Seconds=seconds, **_outcome(segmentation, result, out_dir, segmenter, seconds, scan.subject)
         )
+    return record
+
+
+def write_record(unit: Unit, record: dict[str, Any]) -> None:
+    """Write a scan's record, the last file of the scan: the skip rule trusts the outputs it lists.
+
+    Raises:
+        OutputError: the record cannot be written.
+    """
     make_folder(unit.record.parent)
     write_json_atomic(record, unit.record)
-    return record
 
 
 def _outcome(
