@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from conftest import run_deepseg, save_image, write_registry
 
-from sct_sitehead.deploy.localise import Localised, keep_main_pieces, localise, native_bbox
+from sct_sitehead.deploy.localise import (
+    Localised,
+    cord_axis,
+    fill_cord_gaps,
+    keep_main_pieces,
+    localise,
+    native_bbox,
+    shift_footprint,
+    superior_axis,
+)
 from sct_sitehead.deploy.spatial import to_model_grid
 from sct_sitehead.deploy.windows import crop_window, fill_window, one_window
 from sct_sitehead.errors import UsageError
@@ -146,8 +155,10 @@ def test_cli_with_localiser_runs_near_the_cord_only(tmp_path, capsys, crop):
     if crop:
         assert not mask[2:5, 2:5, 2:5].any()  # far from the cord: not looked at
         box = sidecar["CordCrop"]["Bbox"]
-        assert all(a > 5 and b < n - 5 for (a, b), n in zip(box, mask.shape))
-        assert all(a <= 26 and b >= 38 for (a, b) in box[:2]) and box[2][0] <= 18 and box[2][1] >= 30
+        # Across the cord (a round blob: its axis is the one closest to world S-I, native z) the box is cropped;
+        # along it, the whole field of view.
+        assert all(a > 5 and b < n - 5 for (a, b), n in zip(box[:2], mask.shape[:2]))
+        assert all(a <= 26 and b >= 38 for (a, b) in box[:2]) and box[2] == [0, mask.shape[2]]
     else:
         assert mask[2:5, 2:5, 2:5].all()
         assert sidecar["CordCrop"] is None
@@ -239,3 +250,190 @@ def test_native_bbox_of_an_empty_mask_is_a_usage_error():
     _, grid = to_model_grid(np.zeros((8, 8, 8), np.float32), np.eye(4), "RAS", (2.0, 2.0, 2.0))
     with pytest.raises(UsageError, match="at least one voxel"):
         native_bbox(np.zeros(grid.shape, bool), grid, np.eye(4), (8, 8, 8), margin_mm=4.0)
+
+
+# --- a focal lesion cannot cut the crop (issue 19, point 3) ------------------------------------------------------
+
+
+def slab_affine() -> np.ndarray:
+    """A sagittal PSR grid at 1 mm: native axis 1 runs superior, closest to world S-I."""
+    return np.array([[0, 0, 1.0, -20.0], [-1.0, 0, 0, 40.0], [0, 1.0, 0, -60.0], [0, 0, 0, 1]])
+
+
+def test_superior_axis_is_the_voxel_axis_closest_to_world_s_i():
+    assert superior_axis(np.eye(4)) == 2
+    assert superior_axis(slab_affine()) == 1
+    oblique = np.eye(4)
+    oblique[:3, :3] = [[0.8, 0, 0.2], [0, 1, 0], [-0.3, 0, 4.0]]  # 4 mm slices, tilted a little
+    assert superior_axis(oblique) == 2
+
+
+def test_cord_axis_follows_an_elongated_cord_and_falls_back_to_s_i():
+    data = np.zeros((40, 30, 30), dtype=np.float32)
+    _, grid = to_model_grid(data, np.eye(4), "RAS", (2.0, 2.0, 2.0))  # (20, 15, 15), world = native axes
+    along_x = np.zeros(grid.shape, dtype=bool)
+    along_x[1:19, 6:9, 6:9] = True
+    assert cord_axis(along_x, grid) == 0  # a cord (or a header) along native x: followed
+    round_piece = np.zeros(grid.shape, dtype=bool)
+    round_piece[8:12, 6:10, 6:10] = True
+    assert cord_axis(round_piece, grid) == 2  # no direction: the axis closest to world S-I
+    # Two short pieces side by side along x (false alarms across a slab): only the largest piece counts.
+    pieces = np.zeros(grid.shape, dtype=bool)
+    pieces[2:5, 6:8, 3:12] = True
+    pieces[15:18, 6:8, 3:11] = True
+    assert cord_axis(pieces, grid) == 2
+    _, sagittal = to_model_grid(np.zeros((30, 40, 30), np.float32), slab_affine(), "RAS", (2.0, 2.0, 2.0))
+    assert cord_axis(np.zeros(sagittal.shape, dtype=bool), sagittal) == 1
+
+
+def test_shift_footprint_moves_without_wrapping():
+    footprint = np.zeros((6, 5), dtype=bool)
+    footprint[0, 0] = footprint[3, 4] = True
+    moved = shift_footprint(footprint, np.array([1.4, -0.6]))  # by (1, -1)
+    assert moved.sum() == 1 and moved[4, 3]  # (0, 0) left the array: dropped, not wrapped
+    assert not shift_footprint(footprint, np.array([9.0, 0.0])).any()
+
+
+def test_fill_cord_gaps_bridges_a_gap_and_repeats_the_ends():
+    cord = np.zeros((20, 20, 30), dtype=bool)
+    cord[4:7, 4:7, 5:10] = True  # slices 5-9, centred at (5, 5)
+    cord[12:15, 10:13, 20:25] = True  # slices 20-24, centred at (13, 11): the cord moved across the gap
+    filled = fill_cord_gaps(cord, axis=2)
+    assert filled[cord].all() and filled.any(axis=(0, 1)).all()
+    for k in range(5):  # before the first slice with cord: its footprint
+        np.testing.assert_array_equal(filled[:, :, k], cord[:, :, 5])
+    for k in range(25, 30):
+        np.testing.assert_array_equal(filled[:, :, k], cord[:, :, 24])
+    for k in range(10, 20):  # across the gap: both ends' footprints, moved to the interpolated centre
+        t = (k - 9) / (20 - 9)
+        centre = np.array([5, 5]) + t * np.array([8, 6])
+        index = np.argwhere(filled[:, :, k])
+        assert np.allclose(index.mean(axis=0), centre, atol=1.0)
+        assert 9 <= len(index) <= 18
+    assert np.array_equal(fill_cord_gaps(cord, axis=2), filled)  # pure
+
+
+def cord_with_gap_model(gap: slice):
+    """A localiser whose cord is the bright column of :func:`column_image`, except in ``gap`` and the top slices."""
+
+    def predict(batch: np.ndarray) -> dict[str, np.ndarray]:
+        cord = (batch > 2.0).astype(np.float32)  # z-scored: the column only
+        cord[..., gap] = 0.0
+        cord[..., -6:] = 0.0
+        return {"cord": cord}
+
+    return predict
+
+
+def column_image() -> np.ndarray:
+    """(64, 64, 60) noise around 100 with a bright 6 x 6 voxel column along z (a straight cord)."""
+    data = np.random.default_rng(3).normal(100, 5, (64, 64, 60)).astype(np.float32)
+    data[28:34, 28:34, :] = 400
+    return data
+
+
+def test_localise_keeps_the_whole_cord_axis_and_bridges_gaps():
+    """A localiser that misses the cord over a stretch (where a lesion is) and at the top: the box still spans the
+    whole field of view along the cord, and the lesion region covers the cord in the gap and up to the edge."""
+    spec = LocaliserSpec(
+        input=InputSpec("RAS", (2.0, 2.0, 2.0), (32, 32, 32), 8, NormalizationSpec("zscore")),
+        backbone=None,
+        head=None,
+        channel=0,
+        threshold=0.5,
+        margin_mm=6.0,
+        cord_margin_mm=2.0,
+    )
+    data = column_image()
+    found = localise(data, np.eye(4), spec, cord_with_gap_model(slice(10, 18)))
+    assert found is not None
+    assert found.bbox[2] == (0, 60)
+    assert all(a > 10 and b < 54 for a, b in found.bbox[:2])  # across the cord: cropped
+    near = found.near_at(np.eye(4), data.shape)
+    assert near[28:34, 28:34, :].all()  # the gap (native z 20-35) and the top slices included
+    assert not near[:20].any() and not near[:, :20].any()
+
+
+def shipped_localiser(cache_root: Path):
+    """The cord localiser of the release shipped in ``models/`` (spec and ONNX Runtime model)."""
+    from sct_sitehead.deploy.session import SiteHeadModel
+    from sct_sitehead.registry.cache import Cache
+    from sct_sitehead.registry.index import Registry
+    from sct_sitehead.registry.local import embedded_registry_path
+
+    cache = Cache(cache_root)
+    spec = Registry.load(str(embedded_registry_path()), cache=cache, offline=True).release().localiser
+    assert spec is not None, "the shipped release has no cord localiser"
+    fetch = dict(offline=True, progress=False)
+    backbone, head = cache.fetch(spec.backbone, **fetch), cache.fetch(spec.head, **fetch)
+    return spec, SiteHeadModel(backbone, {"cord": head}, device="cpu", threads=1, optimized_dir=cache.ort_dir())
+
+
+@pytest.fixture(scope="module")
+def localiser_1_1_3(tmp_path_factory):
+    return shipped_localiser(tmp_path_factory.mktemp("shipped"))
+
+
+def insert_lesion(data: np.ndarray, cord: np.ndarray, affine: np.ndarray, where: str | float) -> np.ndarray:
+    """Make a lesion in ``cord`` (native bool mask) at +250% of the cord's median signal, in place in ``data``.
+
+    The lesion is an ellipsoid 10 mm along the cord (the native axis closest to world S-I) and 3.5 mm across,
+    centred on the cord: at its median slice (``"mid"``), or 2 mm from the first or last slice of the field of
+    view (``"first"``, ``"last"``), so it reaches that end, or at a fraction of the way up the cord's slices.
+
+    Returns:
+        (X, Y, Z) bool mask of the lesion's voxels.
+    """
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    axis = int(np.argmax(np.abs(directions[2])))
+    step = float(np.linalg.norm(affine[:3, axis]))
+    n = data.shape[axis]
+    slices = np.flatnonzero(np.moveaxis(cord, axis, 0).any(axis=(1, 2)))
+    offset = min(int(round(2.0 / step)), n - 1)
+    if isinstance(where, float):
+        centre_slice = int(round(slices[0] + where * (slices[-1] - slices[0])))
+    else:
+        centre_slice = {"mid": int(np.median(slices)), "first": offset, "last": n - 1 - offset}[where]
+    # The cord's centre in the nearest slice with cord (the manual mask may stop a slice short of the edge).
+    nearest = int(slices[np.argmin(np.abs(slices - centre_slice))])
+    in_plane = np.argwhere(np.take(cord, nearest, axis=axis)).mean(axis=0)
+    centre_index = np.insert(in_plane, axis, centre_slice)
+    centre = affine[:3, :3] @ centre_index + affine[:3, 3]
+    index = np.argwhere(cord)
+    offsets = index @ affine[:3, :3].T + affine[:3, 3] - centre
+    along = offsets @ directions[:, axis]
+    across = np.linalg.norm(offsets - np.outer(along, directions[:, axis]), axis=1)
+    inside = (along / 5.0) ** 2 + (across / 1.75) ** 2 <= 1.0
+    lesion = np.zeros(cord.shape, dtype=bool)
+    lesion[tuple(index[inside].T)] = True
+    data[lesion] = 3.5 * np.median(data[cord])
+    return lesion
+
+
+#: Measured with the code before the fix: sub-errsm18 "first" had 17 of 53 lesion voxels outside the box, and at 0.2
+#: of the way up its cord 35 of 61 outside the lesion region (the found cord broke at the lesion); the other cases
+#: passed there too and guard the same contract.
+LESION_CASES = [
+    (subject, where) for subject in ("sub-errsm23", "sub-unf01", "sub-errsm18") for where in ("mid", "first", "last")
+] + [("sub-errsm18", 0.2)]
+
+
+@pytest.mark.parametrize(("subject", "where"), LESION_CASES)
+def test_a_bright_lesion_stays_in_the_box_and_the_lesion_region(bids_dir, localiser_1_1_3, subject, where):
+    """Release 1.1.3's localiser on real T2w scans with one inserted lesion (+250% of the cord's median): every
+    lesion voxel lies in the box the lesion model runs on and in the region where lesions are kept, mid-cord and
+    at either end of the field of view."""
+    spec, model = localiser_1_1_3
+    image = nib.load(bids_dir / subject / "anat" / f"{subject}_T2w.nii.gz")
+    labels = bids_dir / "derivatives" / "labels" / subject / "anat" / f"{subject}_T2w_seg-manual.nii.gz"
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    cord = np.asarray(nib.load(labels).dataobj) > 0.5
+    lesion = insert_lesion(data, cord, image.affine, where)
+    assert lesion.sum() >= 40  # about 64 mm3 at 1 mm
+    found = localise(data, image.affine, spec, model)
+    assert found is not None
+    in_box = np.zeros(data.shape, dtype=bool)
+    in_box[tuple(slice(a, b) for a, b in found.bbox)] = True
+    assert in_box[lesion].all(), f"{(~in_box[lesion]).sum()} of {lesion.sum()} lesion voxels outside {found.bbox}"
+    near = found.near_at(image.affine, data.shape)
+    assert near[lesion].all(), f"{(~near[lesion]).sum()} of {lesion.sum()} lesion voxels outside the lesion region"
