@@ -183,13 +183,15 @@ def write_registry(
     receptive_field: bool = False,
     localiser: dict | None = None,
     min_lesion_mm3: dict[str, float] | None = None,
+    contrasts: dict[str, list[str]] | None = None,
 ) -> Path:
     """A registry folder with the tiny ONNX release of ``onnx_factory`` (model ``tiny``, version 1.0.0).
 
     ``localiser``: add a cord localiser (the tiny backbone and a head marking voxels brighter than
     ``level`` z-scores as cord) with these fields of the registry's ``localiser`` object overriding the defaults
     (spacing 2 mm, margin_mm 6, cord_margin_mm 3); ``level`` sets the head's brightness level (default 1).
-    ``min_lesion_mm3``: per-head smallest lesion kept.
+    ``min_lesion_mm3``: per-head smallest lesion kept. ``contrasts``: per-head contrasts it was trained on (heads
+    not named record none, as in releases published before the field).
     """
     from onnx_factory import SLOPE, backbone_model, head_model, write_tiny_release
 
@@ -259,6 +261,7 @@ def write_registry(
                         "threshold": 0.5,
                         "backbone": {**asset(tiny["backbone"]), "outputs": tiny["backbone_outputs"]},
                         "heads": heads,
+                        **({"head_contrasts": contrasts} if contrasts else {}),
                         **({"localiser": localiser_entry(localiser)} if localiser is not None else {}),
                     }
                 },

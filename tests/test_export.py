@@ -51,6 +51,7 @@ def test_export_follows_the_model_contract(release: dict, tmp_path: Path) -> Non
     assert manifest["heads"]["siteA"]["labels"] == [{"name": "lesion", "value": 1, "channel": 0}]
     assert manifest["heads"]["siteB"]["strategy"] == "spatial"
     assert manifest["heads"]["universal"]["strategy"] == "pooled"
+    assert all(head["contrasts"] == ["T2w"] for head in manifest["heads"].values())  # the toy data are all T2w
     assert max(manifest["check"]["max_abs_diff"].values()) < manifest["check"]["atol"]
     assert json.loads((tmp_path / "export.json").read_text()) == manifest
     for entry in [manifest["backbone"], *manifest["heads"].values()]:

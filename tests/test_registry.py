@@ -155,6 +155,22 @@ def test_valid_index_passes(index: dict) -> None:
             lambda i: i["models"]["lesion"]["releases"]["1.0.0"]["heads"]["montreal"].update(min_lesion_mm3=-1),
             "min_lesion_mm3",
         ),
+        (
+            lambda i: i["models"]["lesion"]["releases"]["1.0.0"].update(head_contrasts={"montreal": []}),
+            "head_contrasts",
+        ),
+        (
+            lambda i: i["models"]["lesion"]["releases"]["1.0.0"].update(head_contrasts={"montreal": ["T2w", "T2w"]}),
+            "head_contrasts",
+        ),
+        (
+            lambda i: i["models"]["lesion"]["releases"]["1.0.0"].update(head_contrasts={"montreal": "T2w"}),
+            "head_contrasts",
+        ),
+        (
+            lambda i: i["models"]["lesion"]["releases"]["1.0.0"]["heads"]["montreal"].update(contrasts=["T2w"]),
+            "contrasts",
+        ),
         (lambda i: i.update(mirrors=["ftp://mirror/"]), "mirrors/0"),
     ],
 )
@@ -232,6 +248,42 @@ def test_release_is_typed_and_thresholds_resolve(tmp_path: Path, index: dict, ca
     assert load_dict(tmp_path, index, cache).release().head("montreal").min_lesion_mm3 == 12.5
     assert montreal.labels == (LabelSpec("lesion", 1, 1), LabelSpec("cord", 1, 0))
     assert montreal.asset.release == "lesion@1.0.0" and montreal.asset.site == "montreal"
+
+
+def test_a_heads_contrasts_are_optional(tmp_path: Path, index: dict, cache: Cache) -> None:
+    index["models"]["lesion"]["releases"]["1.0.0"]["head_contrasts"] = {"montreal": ["T2w", "T2star"]}
+    release = load_dict(tmp_path, index, cache).release()
+    assert release.head("montreal").contrasts == ("T2w", "T2star")
+    assert release.head("universal").contrasts is None  # absent: not recorded
+
+
+def test_head_contrasts_pass_the_schema_of_clients_that_predate_them(index: dict) -> None:
+    """An older client's schema has no ``head_contrasts``; the release level accepts extra keys, so an index
+    listing them still validates there (a field inside a head would not: heads reject unknown keys)."""
+    older = copy.deepcopy(load_schema())
+    del older["$defs"]["release"]["properties"]["head_contrasts"]
+    release = index["models"]["lesion"]["releases"]["1.0.0"]
+    release["head_contrasts"] = {"montreal": ["T2w"]}
+    jsonschema.Draft202012Validator(older).validate(index)
+    release["heads"]["montreal"]["contrasts"] = ["T2w"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(older).validate(index)
+
+
+def test_the_shipped_release_without_contrasts_still_loads_and_verifies_signed(tmp_path: Path, cache: Cache) -> None:
+    """lesion@1.1.3 was published before heads recorded their contrasts: it stays valid, and a signature made over
+    its bytes still verifies (the signature covers the bytes, the schema only what a head may hold)."""
+    shipped = embedded_registry_path().read_bytes()
+    release = Registry.load(None, cache=cache, offline=True).release("lesion", "1.1.3")
+    assert release.heads and all(head.contrasts is None for head in release.heads.values())
+    private, public = make_keys(tmp_path)
+    copy_path = tmp_path / "signed" / "registry.json"
+    copy_path.parent.mkdir()
+    copy_path.write_bytes(shipped)
+    sign_index(copy_path, private)
+    signed = Registry.load(str(copy_path), cache=cache, offline=True, trust=[public])
+    assert signed.key_id is not None
+    assert all(head.contrasts is None for head in signed.release("lesion", "1.1.3").heads.values())
 
 
 def test_unknown_site_lists_sites_and_suggests(tmp_path: Path, cache: Cache) -> None:

@@ -49,6 +49,10 @@ environment: SCT_SITEHEAD_SITE (default -site), SCT_SITEHEAD_REGISTRY (default -
 SCT_SITEHEAD_OFFLINE=1 (like -offline), SCT_SITEHEAD_CACHE (cache folder), SCT_SITEHEAD_ALLOW_HTTP=1,
 SCT_SITEHEAD_MAX_MEMORY (default -max-memory), SCT_SITEHEAD_DOWNLOAD_TIMEOUT (seconds per model file).
 
+contrast: an input's contrast is its file name's BIDS suffix (_T2w, _T2star, _T1w, _MTS, _FLAIR, ...), else the
+"Contrast" field of its JSON sidecar <stem>.json, else unknown. A known contrast that a head was not trained on
+(-list-sites shows each head's) gives a one-line warning; the run goes on. The sidecar records it (ContrastMatch).
+
 example: sct_deepseg_lesion -i t2.nii.gz -site montreal -qc qc/
 """
 
@@ -147,9 +151,11 @@ def list_models(registry: Registry) -> None:
 
 
 def list_sites(release: Release) -> None:
+    """One line per site: its name, head strategy, labels and the contrasts its head was trained on."""
     for site, head in sorted(release.heads.items()):
         labels = ", ".join(label.name for label in head.labels)
-        print(f"{site}\t{head.strategy}\t{labels}")
+        contrasts = f"trained on {', '.join(head.contrasts)}" if head.contrasts else "contrasts not recorded"
+        print(f"{site}\t{head.strategy}\t{labels}\t{contrasts}")
 
 
 def check_inputs(paths: list[Path]) -> None:

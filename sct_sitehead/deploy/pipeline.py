@@ -23,6 +23,7 @@ from nibabel.affines import voxel_sizes
 from sct_sitehead.atomic import staged_outputs, write_json_atomic
 from sct_sitehead.deploy import localise, nifti, session, windows
 from sct_sitehead.deploy.budget import LOCALISER_BYTES_PER_VOXEL, Budget, Network, resolve_limit
+from sct_sitehead.deploy.contrasts import ImageContrast, contrast_facts, image_contrast, mismatch_warning
 from sct_sitehead.deploy.lesions import lesion_stats
 from sct_sitehead.deploy.masks import LESION, MaskRule, drop_far_lesions, native_mask
 from sct_sitehead.deploy.naming import label_path, make_folder, sidecar_path, soft_path
@@ -274,6 +275,9 @@ class Segmenter:
     def segment(self, image: str | Path | nibabel.Nifti1Image) -> Segmentation:
         """Segment one image, in memory: every site's masks on the input's grid, lesion counts and volumes.
 
+        The image's contrast (:mod:`~sct_sitehead.deploy.contrasts`) goes into each site's facts; a warning is
+        logged, one line, when a head was not trained on it.
+
         Args:
             image: a NIfTI path, or a nibabel image (checked as a file would be).
 
@@ -283,7 +287,10 @@ class Segmenter:
         """
         started = time.perf_counter()
         source = describe_input(image)
+        given = image
         image, prediction = self.predict_model_grid(image)
+        # After the image passed its checks: a file that cannot be segmented gets its error alone.
+        contrast = self.check_contrast(given, source)
         grid, crop = prediction.grid, prediction.crop
         # Volumes follow the affine actually used for the geometry, even where pixdim disagrees with it.
         zooms = tuple(float(z) for z in voxel_sizes(image.affine))
@@ -312,9 +319,19 @@ class Segmenter:
             stats = lesion_stats(
                 lesion.mask if lesion else np.zeros([s.stop - s.start for s in window], dtype=bool), zooms
             )
-            facts = self.sidecar(site, source, stats, crop, seconds)
+            facts = self.sidecar(site, source, stats, crop, seconds, contrast)
             sites[site] = SiteSegmentation(site, labels, stats, facts, image)
         return Segmentation(image, sites, crop, seconds)
+
+    def check_contrast(self, image: str | Path | nibabel.Nifti1Image, source: str) -> ImageContrast | None:
+        """The image's contrast (from its file's name or sidecar; None when unknown or in memory), with a warning
+        logged when one of the heads was not trained on it."""
+        path = image if isinstance(image, (str, Path)) else getattr(image, "get_filename", lambda: None)()
+        contrast = image_contrast(path)
+        warning = mismatch_warning(source, contrast, {site: self.heads[site].contrasts for site in self.sites})
+        if warning is not None:
+            logger.warning("%s", warning)
+        return contrast
 
     def _label_mask(
         self, site: str, label: LabelSpec, channel: np.ndarray, grid: ModelGrid, zooms: tuple[float, ...]
@@ -414,8 +431,12 @@ class Segmenter:
         stats: dict[str, Any],
         crop: Bbox | None,
         seconds: float,
+        contrast: ImageContrast | None = None,
     ) -> dict[str, Any]:
-        """BIDS-derivatives style description of one site's outputs (the file names are added when written)."""
+        """BIDS-derivatives style description of one site's outputs (the file names are added when written).
+
+        ``contrast``: the image's (None: unknown), recorded with the head's contrasts and whether they match.
+        """
         head = self.heads[site]
         rule = self.rule(site)
         return {
@@ -433,6 +454,7 @@ class Segmenter:
             "Device": self.model.provider,
             "Seconds": round(seconds, 3),
             "Labels": [{"name": label.name, "value": label.value} for label in head.labels],
+            **contrast_facts(contrast, head.contrasts),
             "LesionCount": int(stats["count"]),
             "LesionVolumeTotalMm3": round(float(stats["total_volume_mm3"]), 3),
             "Lesions": [

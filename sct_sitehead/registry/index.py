@@ -180,6 +180,7 @@ class Registry:
     def build_release(self, model: str, version: str, raw: dict[str, Any]) -> Release:
         spec = f"{model}@{version}"
         threshold = float(raw["threshold"])
+        head_contrasts = raw.get("head_contrasts", {})
         heads = {
             site: HeadSpec(
                 site=site,
@@ -188,6 +189,7 @@ class Registry:
                 labels=tuple(LabelSpec(lab["name"], int(lab["value"]), int(lab["channel"])) for lab in head["labels"]),
                 threshold=float(head.get("threshold", threshold)),
                 min_lesion_mm3=float(head.get("min_lesion_mm3", 0.0)),
+                contrasts=tuple(head_contrasts[site]) if site in head_contrasts else None,
             )
             for site, head in raw["heads"].items()
         }

@@ -74,8 +74,11 @@ def release_entry(
     head_min_lesion_mm3: dict[str, float] | None = None,
     date: str,
 ) -> dict[str, Any]:
-    """The registry's release object from an export manifest, asset urls relative to the index."""
-    heads = {}
+    """The registry's release object from an export manifest, asset urls relative to the index; each head keeps
+    its ``strategy`` and ``labels``; when the export records the heads' contrasts, the release's ``head_contrasts``
+    holds them (at the release level, whose extra keys clients of schema_version 1 accept)."""
+    heads: dict[str, Any] = {}
+    head_contrasts: dict[str, list[str]] = {}
     for site, head in sorted(manifest["heads"].items()):
         if sites is not None and site not in sites and site != "universal":
             continue
@@ -85,6 +88,8 @@ def release_entry(
         min_lesion_mm3 = (head_min_lesion_mm3 or {}).get(site, 0.0)
         if min_lesion_mm3 > 0:
             entry["min_lesion_mm3"] = min_lesion_mm3
+        if head.get("contrasts"):  # an export from checkpoints that predate the field has none
+            head_contrasts[site] = list(head["contrasts"])
         heads[site] = entry
     backbone = manifest["backbone"]
     return {
@@ -94,6 +99,7 @@ def release_entry(
         "threshold": threshold,
         "backbone": {**asset_entry(backbone, prefix), "outputs": backbone["outputs"]},
         "heads": heads,
+        **({"head_contrasts": head_contrasts} if head_contrasts else {}),
     }
 
 

@@ -84,8 +84,9 @@ class Asset:
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A site's head: its ONNX file, training strategy, labels, effective threshold and the smallest lesion
-    (mm³) its masks keep."""
+    """A site's head: its ONNX file, training strategy, labels, effective threshold, the smallest lesion (mm³)
+    its masks keep, and the contrasts (BIDS suffixes, e.g. ``("T2w", "T2star")``) of the cases it was trained on
+    (None: not recorded, as in releases published before the field)."""
 
     site: str
     asset: Asset
@@ -93,14 +94,16 @@ class HeadSpec:
     labels: tuple[LabelSpec, ...]
     threshold: float
     min_lesion_mm3: float = 0.0
+    contrasts: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
 class LocaliserSpec:
     """The cord localiser of a release: a small backbone + head on a coarse grid that finds the cord.
 
-    The lesion model then runs only on the cord's bounding box grown by ``margin_mm``, and lesion probabilities
-    further than ``cord_margin_mm`` from the found cord are set to 0.
+    The lesion model then runs only on a box that spans the whole image along the cord and, across it, the cord
+    grown by ``margin_mm``; lesion probabilities further than ``cord_margin_mm`` from the found cord are set to 0
+    (see :mod:`sct_sitehead.deploy.localise`).
     """
 
     input: InputSpec

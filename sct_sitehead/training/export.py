@@ -248,7 +248,8 @@ def export_release(
 
     Returns:
         Manifest pieces: ``input``, ``channels``, ``backbone`` {file, sha256, size, outputs}, ``heads``
-        {site: {file, sha256, size, strategy, labels}}, ``opset``, ``check`` (tolerances, max differences),
+        {site: {file, sha256, size, strategy, labels, contrasts (the BIDS suffixes of its training cases; absent
+        for a checkpoint that predates them)}}, ``opset``, ``check`` (tolerances, max differences),
         ``parameters``. Also written to ``out_dir/export.json``.
 
     Raises:
@@ -309,6 +310,8 @@ def export_release(
                 "strategy": head_meta["strategy"],
                 "labels": [{"name": name, "value": 1, "channel": channel} for name, channel in labels],
             }
+            if head_meta.get("contrasts"):  # checkpoints trained before contrasts were recorded have none
+                manifest_heads[site]["contrasts"] = list(head_meta["contrasts"])
     manifest = {
         "input": meta["input"],
         "channels": space.channels,
