@@ -299,7 +299,7 @@ def predicted_splits(settings: Settings, n: int, samples: Sequence[Any] | None =
     """``{site: {participant: split}}`` that ``simulate`` would write with ``n`` subjects per site, computed
     without simulating: each subject's source is the first draw of its generator, as in the simulator.
     ``samples``: the source images with a cord mask (read from ``settings.source`` when None)."""
-    from sct_sitehead.simulate import simulator
+    from sct_sitehead.simulate import selection, simulator
     from sct_sitehead.simulate.sites import load_sites
 
     profiles = load_sites()
@@ -314,7 +314,7 @@ def predicted_splits(settings: Settings, n: int, samples: Sequence[Any] | None =
             rng = simulator.subject_rng(settings.data_seed, name, number)
             chosen.append((f"sub-{name}{number:03d}", eligible[int(rng.integers(len(eligible)))]))
         split_rng = np.random.default_rng([settings.data_seed, zlib.crc32(name.encode()), 0])
-        out[name] = simulator._splits(chosen, list(settings.holdout), SPLIT_FRACTIONS, split_rng)
+        out[name] = selection.holdout_splits(chosen, list(settings.holdout), SPLIT_FRACTIONS, split_rng)
     return out
 
 

@@ -48,6 +48,16 @@ def test_the_test_split_covers_every_contrast_with_cord_masks_where_the_data_all
     assert "T1w" in splits.description and "did not allow" in splits.description
 
 
+def test_val_lacks_only_t1w_and_mts_anatomy_which_the_simulator_then_takes_from_train():
+    """`simulate -splits` stands val subjects in on train anatomy for a contrast no val person has a cord mask of
+    (tests/test_simulator.py checks it does): every contrast has one in train and test, val lacks T1w and MTS."""
+    splits = load_splits()
+    masked = {split: {contrast_of(s) for p in splits.in_split(split) for s in p.cord_masks} for split in SPLITS}
+    assert masked["train"] == masked["test"] == set(CONTRASTS)
+    assert set(CONTRASTS) - masked["val"] == {"T1w", "MTS"}
+    assert "Val's T1w and MTS cases must therefore be simulated on training anatomy" in splits.description
+
+
 def test_lesion_113_training_anatomy_is_not_in_test():
     """lesion@1.1.x trained on errsm30 and the PAM50 template and was tested on sg-unf01 and sg-unf05."""
     splits = load_splits()

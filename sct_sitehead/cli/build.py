@@ -22,6 +22,7 @@ from sct_sitehead.cli.options import (
     verbosity_option,
 )
 from sct_sitehead.deploy.options import Options
+from sct_sitehead.evaluation.splits import load_splits
 from sct_sitehead.registry.publish import publish as run_publish
 from sct_sitehead.settings import ModelSource, parse_sites
 
@@ -86,13 +87,25 @@ def phantom(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="site profiles JSON (default: the packaged sites.json)",
 )
-@click.option("-holdout", metavar="SUB,SUB", help="source subjects whose anatomy only appears in the test split")
+@click.option(
+    "-splits",
+    "by_splits",
+    is_flag=True,
+    help="draw each subject from the anatomy of its split's persons, by the frozen split shipped with the package "
+    "(sct_sitehead/evaluation/splits.json); participants.tsv says which val subjects stand in on train anatomy "
+    "(seen_anatomy)",
+)
+@click.option(
+    "-holdout",
+    metavar="SUB,SUB",
+    help="the older scheme, instead of -splits: source subjects whose anatomy only appears in the test split",
+)
 @click.option(
     "-phantoms",
     type=click.IntRange(0),
     default=0,
     show_default=True,
-    help="procedural phantom anatomies added to the sources (train and val only)",
+    help="procedural phantom anatomies added to the sources (train and val only; train only with -splits)",
 )
 @click.option(
     "-phantom-contrasts", metavar="A,B", help="contrasts the phantoms cycle through (default: T1w,T2star,T2w)"
@@ -102,7 +115,8 @@ def phantom(
     "test_per_site",
     type=click.IntRange(1),
     default=None,
-    help="with -holdout: subjects per site drawn from the held-out anatomy (default: left to chance)",
+    help="with -splits or -holdout: the first N subjects of each site are the test split, drawn from the held-out "
+    "anatomy (default: -splits shares every subject by 70/15/15%, -holdout leaves it to chance)",
 )
 @click.option(
     "-real-share",
@@ -112,6 +126,12 @@ def phantom(
     help="share of a site's train/val subjects drawn from real anatomy when it also has phantoms "
     "(default: every source equally likely)",
 )
+@click.option(
+    "-pam50",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="the PAM50 template folder (template/, atlas/): grey matter and tract-weighted lesion placement "
+    "(default: pam50 beside SOURCE)",
+)
 @verbosity_option
 def simulate(
     source: Path,
@@ -120,11 +140,13 @@ def simulate(
     seed: int,
     sites: str | None,
     sites_config: Path | None,
+    by_splits: bool,
     holdout: str | None,
     phantoms: int,
     phantom_contrasts: str | None,
     test_per_site: int | None,
     real_share: float | None,
+    pam50: Path | None,
 ) -> None:
     """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
     from sct_sitehead.simulate import simulate as run_simulation
@@ -141,6 +163,8 @@ def simulate(
         test_per_site=test_per_site,
         phantom_contrasts=parse_sites(phantom_contrasts) or None,
         real_share=real_share,
+        pam50=pam50,
+        splits=load_splits() if by_splits else None,
     )
     click.echo(f"simulated dataset: {written}")
 
