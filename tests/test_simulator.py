@@ -1,5 +1,6 @@
 """Multi-site simulator: layout, determinism, lesions in the deformed cord, site label sets and annotation
-protocols, holdout split; its parts (deformation, lesion insertion, annotation, sites file) on small inputs."""
+protocols, the frozen split by person and the holdout split; its parts (deformation, lesion insertion,
+annotation, sites file, source selection) on small inputs."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from sct_sitehead.cli import admin as admin_cli
 from sct_sitehead.errors import InputImageError, OutputError, UsageError
 from sct_sitehead.evaluation.bids import read_bids
+from sct_sitehead.evaluation.splits import load_splits, parse_splits
 from sct_sitehead.simulate import insert_lesions, load_sites, make_phantom, simulate
 from sct_sitehead.simulate.annotation import annotate
 from sct_sitehead.simulate.deform import displacement_field, draw_deformation, source_coordinates
 from sct_sitehead.simulate.grids import grid_affine
+from sct_sitehead.simulate.selection import plan_sites, share_out
+from sct_sitehead.simulate.simulator import _sources
 from sct_sitehead.simulate.sites import Annotation
 
 SITES = load_sites()
@@ -94,7 +99,7 @@ def test_same_seed_gives_identical_subject_files(bids_dir: Path, dataset: Path, 
         holdout=["sub-unf01"],
     )
     files = sorted(p.relative_to(again) for p in again.rglob("sub-*.nii.gz"))
-    assert len(files) == N_PER_SITE * (5 + 6)  # image + 2 truths + the sites' 2 and 3 labels
+    assert len(files) == N_PER_SITE * (6 + 7)  # image + 3 truths (lesion, cord, label map) + 2 and 3 labels
     assert all((dataset / p).read_bytes() == (again / p).read_bytes() for p in files)
     other = simulate(bids_dir, tmp_path / "other", n_per_site=1, seed=6, sites=["montreal"])
     image = next((other / "sub-montreal001" / "anat").glob("*.nii.gz"))
@@ -174,6 +179,79 @@ def test_holdout_anatomy_only_in_test(dataset: Path):
     assert {r["split"] for r in rows if not r["source"].startswith("sub-unf01_")} <= {"train", "val"}
 
 
+# --- the frozen split by person, on the real data ---------------------------------------------------------------
+SPLIT_SITES = ("zurich", "montreal", "bordeaux")  # val has T2w anatomy, and no T1w or MTS: it stands in on train's
+
+
+@pytest.fixture(scope="module")
+def split_dataset(bids_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Through the command line: 4 subjects per site, the first the test split, then 2 train and 1 val."""
+    out = tmp_path_factory.mktemp("split") / "ds"
+    argv = ["simulate", bids_dir, out, "-n", 4, "-test-n", 1, "-seed", 5, "-splits", "-sites", ",".join(SPLIT_SITES)]
+    assert admin_cli.main([str(a) for a in [*argv, "-v", "0"]]) == 0
+    return out
+
+
+def test_the_frozen_split_draws_every_subject_from_its_own_split_persons(split_dataset: Path):
+    """No test subject from a train or val person, no train subject from a val or test person; val only from val
+    persons, or, where val has no real image of the site's contrast (T1w, MTS), from train persons, said so."""
+    splits = load_splits()
+    rows = participants(split_dataset)
+    assert list(rows[0]) == ["participant_id", "site", "source", "split", "seen_anatomy"]
+    assert [r["split"] for r in rows if r["site"] == "montreal"] == ["test", "train", "train", "val"]
+    for row in rows:
+        person = splits.person(splits.person_of_source(row["source"]))
+        if row["split"] == "val" and row["site"] in ("zurich", "bordeaux"):
+            assert (person.split, row["seen_anatomy"]) == ("train", "yes"), row
+        else:
+            assert (person.split, row["seen_anatomy"]) == (row["split"], "no"), row
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    simulation = json.loads((split_dataset / "simulation.json").read_text())
+    record = simulation["splits"]
+    assert record["persons"]["test"] == [p.name for p in splits.in_split("test")]
+    assert {site: record["sites"][site]["seen_anatomy"] for site in SPLIT_SITES} == {
+        "zurich": ["T1w"],
+        "montreal": [],
+        "bordeaux": ["MTS"],
+    }
+    assert all(record["sites"][site]["subjects"] == {"train": 2, "val": 1, "test": 1} for site in SPLIT_SITES)
+    assert record["sites"]["zurich"]["sources"]["test"] == ["sub-unf01_T1w"]
+    assert simulation["holdout"] == []
+    assert all(
+        simulation["subjects"][r["participant_id"]]["seen_anatomy"] == (r["seen_anatomy"] == "yes") for r in rows
+    )
+
+
+def test_borrowed_anatomy_follows_its_person_and_the_test_split_never_borrows(bids_dir: Path):
+    """The borrow recipe's pools, every site, 52 subjects with 12 test: planned, nothing simulated."""
+    splits = load_splits()
+    profiles = list(load_sites(BORROW_SITES).values())
+    plans = plan_sites(
+        _sources(bids_dir), profiles, splits, n_per_site=52, seed=0, test_per_site=12, fractions=(0.7, 0.15, 0.15)
+    )
+    borrowed: set[tuple[str, str | None]] = set()
+    for site in profiles:
+        plan = plans[site.name]
+        assert sum(v == "test" for v in plan.split_of.values()) == 12
+        assert all(plan.split_of[f"sub-{site.name}{n:03d}"] == "test" for n in range(1, 13))
+        for split, pool in plan.pools.items():
+            assert pool, (site.name, split)
+            for source in pool:
+                home = splits.split_of(source.subject)
+                assert source.sample.contrast in site.contrasts
+                if split == "test":
+                    assert home == "test" and source.borrow is None, source.name
+                elif split == "train" or home == "val":
+                    assert home == split, source.name
+                else:  # val on train anatomy: real images of a contrast val has none of
+                    assert home == "train" and source.borrow is None, source.name
+                    assert source.sample.contrast in plan.report["seen_anatomy"], source.name
+                if source.borrow is not None:
+                    borrowed.add((split, home))
+        assert set(plan.report["seen_anatomy"]) <= {"T1w", "MTS"}
+    assert borrowed == {("train", "train"), ("val", "val")}  # the checks above saw borrowed anatomy
+
+
 # --- without the real data: a phantom dataset as the source ---------------------------------------------------
 @pytest.fixture(scope="module")
 def phantom_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -201,7 +279,7 @@ def test_phantom_source_whole_dataset_is_byte_identical(phantom_source: Path, tm
     ]
     files = sorted(p.relative_to(runs[0]) for p in runs[0].rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(runs[1]) for p in runs[1].rglob("*") if p.is_file())
-    assert len(files) == 3 + 1 + 1 + 2 * 5 + 2 * 4  # descriptions, participants, simulation.json, subjects
+    assert len(files) == 3 + 1 + 1 + 2 * 6 + 2 * 5  # descriptions, participants, simulation.json, subjects
     assert all((runs[0] / p).read_bytes() == (runs[1] / p).read_bytes() for p in files)
 
 
@@ -305,9 +383,80 @@ def test_borrowed_anatomy_takes_the_site_contrast_and_stays_out_of_test(phantom_
         lesion = arr(files["lesion-truth"]) > 0.5
         shell = ndimage.binary_dilation(cord, iterations=2) & ~cord & ~lesion
         healthy = cord & ~ndimage.binary_dilation(lesion, iterations=1)
-        assert np.median(image[healthy]) > 1.3 * np.median(image[shell])  # T1w-like: CSF darker than cord
+        # T1w-like: CSF darker than cord, slice by slice (the bias along the cord changes both by up to 2x)
+        both = [z for z in range(image.shape[2]) if healthy[:, :, z].any() and shell[:, :, z].any()]
+        ratios = [np.median(image[:, :, z][healthy[:, :, z]]) / np.median(image[:, :, z][shell[:, :, z]]) for z in both]
+        assert np.median(ratios) > 1.3
         if lesion.any():
-            assert np.median(image[lesion]) < np.median(image[healthy])  # T1w lesions are dark
+            # T1w lesions are dark: against the healthy cord of the same slice (the same bias)
+            shared = [z for z in range(image.shape[2]) if lesion[:, :, z].any() and healthy[:, :, z].any()]
+            gaps = [
+                np.median(image[:, :, z][lesion[:, :, z]]) - np.median(image[:, :, z][healthy[:, :, z]]) for z in shared
+            ]
+            assert np.median(gaps) < 0
+
+
+PHANTOM_SPLITS = {
+    "description": "ph1 trains, ph2 is held out; no val person",
+    "persons": {
+        "one": {"split": "train", "participants": {"sub-ph1": ["sub-ph1_T1w", "sub-ph1_T2w"]}},
+        "two": {"split": "test", "participants": {"sub-ph2": ["sub-ph2_T2w"]}},
+    },
+}
+
+
+def test_the_frozen_split_leaves_out_test_subjects_without_test_anatomy(phantom_source: Path, tmp_path: Path):
+    """ph2 (test) has no T1w: zurich gets no test subject, and says so; val (no person) stands in on ph1, never on
+    a phantom or ph2; phantoms train only; test subjects do not change when phantoms are added."""
+    splits = parse_splits(PHANTOM_SPLITS)
+    # real_share 0: every train subject from a phantom where the site has one of its contrast
+    common = dict(n_per_site=5, seed=0, sites=["montreal", "zurich"], test_per_site=2, splits=splits, real_share=0.0)
+    out = simulate(phantom_source, tmp_path / "ds", phantoms=3, **common)
+    rows = participants(out)
+    by_id = {r["participant_id"]: r for r in rows}
+    assert [p for p in by_id if p.startswith("sub-montreal")] == [f"sub-montreal00{n}" for n in range(1, 6)]
+    assert [p for p in by_id if p.startswith("sub-zurich")] == ["sub-zurich003", "sub-zurich004", "sub-zurich005"]
+    for row in rows:
+        if row["split"] == "test":
+            assert row["source"] == "sub-ph2_T2w" and row["seen_anatomy"] == "no"
+        elif row["split"] == "val":
+            assert row["source"].startswith("sub-ph1_") and row["seen_anatomy"] == "yes"
+        else:
+            assert row["source"].startswith("sub-phantom") and row["seen_anatomy"] == "no"
+    record = json.loads((out / "simulation.json").read_text())["splits"]["sites"]
+    assert record["zurich"]["left_out"] == {"train": 0, "val": 0, "test": 2}
+    assert record["zurich"]["no_anatomy"]["test"] == ["T1w"] and record["zurich"]["subjects"]["test"] == 0
+    assert record["montreal"]["seen_anatomy"] == ["T2w"] and record["montreal"]["left_out"]["test"] == 0
+    plain = simulate(phantom_source, tmp_path / "plain", **common)
+    tested = sorted(p for p in plain.rglob("sub-montreal00[12]*.nii.gz"))
+    assert len(tested) >= 4 and all(p.read_bytes() == (out / p.relative_to(plain)).read_bytes() for p in tested)
+
+
+def test_the_frozen_split_refuses_unknown_sources_and_a_holdout_beside_it(phantom_source: Path, tmp_path: Path):
+    with pytest.raises(UsageError, match=r"source subjects \['sub-ph1', 'sub-ph2'\] belong to no person"):
+        simulate(phantom_source, tmp_path / "a", n_per_site=1, seed=0, splits=load_splits())
+    with pytest.raises(UsageError, match="give one of them"):
+        simulate(
+            phantom_source,
+            tmp_path / "b",
+            n_per_site=1,
+            seed=0,
+            holdout=["sub-ph2"],
+            splits=parse_splits(PHANTOM_SPLITS),
+        )
+    code = admin_cli.main(["simulate", str(phantom_source), str(tmp_path / "c"), "-n", "1", "-splits", "-v", "0"])
+    assert code == UsageError.exit_code
+    assert not list(tmp_path.iterdir())
+
+
+def test_share_out_keeps_the_fractions():
+    rng = np.random.default_rng(0)
+    shared = list(share_out([f"s{k}" for k in range(20)], (0.7, 0.15, 0.15), rng).values())
+    assert (shared.count("train"), shared.count("val"), shared.count("test")) == (14, 3, 3)
+    two = share_out(list(range(10)), (0.7, 0.15, 0.15), np.random.default_rng(1), with_test=False)
+    assert set(two.values()) == {"train", "val"} and list(two.values()).count("train") == 8
+    with pytest.raises(UsageError, match="sum to 0"):
+        share_out([1], (0.0, 0.0, 0.0), rng)
 
 
 def test_the_borrow_recipe_differs_from_the_default_sites_only_by_borrowing():

@@ -4,6 +4,7 @@ checkpoints and resume, on :func:`conftest.make_dataset`, the tiny multi-site BI
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,14 @@ from sct_sitehead.training.config import load_config  # noqa: E402
 from sct_sitehead.training.data import Case, case_weights, prepare_cases, sample_batch  # noqa: E402
 from sct_sitehead.training.loop import learning_rate  # noqa: E402
 from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
-from sct_sitehead.training.train import _samples, load_backbone, train_backbone, train_head  # noqa: E402
+from sct_sitehead.training.train import (  # noqa: E402
+    _samples,
+    contrasts_of,
+    load_backbone,
+    train_backbone,
+    train_head,
+    universal_meta,
+)
 
 pytestmark = [pytest.mark.train, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -385,6 +393,24 @@ def test_a_site_the_backbone_never_saw_gets_its_own_label_map(trained: Path, tmp
         train_head(new, trained, "siteZ", "finetune", tmp_path / "work", tiny_config())
     with pytest.raises(TrainingError, match="unknown head strategy"):
         train_head(new, trained, "siteN", "deeper", tmp_path / "work", tiny_config())
+
+
+def test_each_head_records_the_contrasts_of_its_training_cases(trained: Path, tmp_path: Path) -> None:
+    """siteB's second case becomes a T2star image: siteB's head records both contrasts, siteA's only T2w, and the
+    universal head (in the backbone checkpoint) every contrast of the backbone's cases."""
+    data = make_dataset(tmp_path / "bids")
+    for folder in (data / "sub-siteB04" / "anat", data / "derivatives" / "labels" / "sub-siteB04" / "anat"):
+        for path in folder.iterdir():
+            path.rename(path.with_name(path.name.replace("_T2w", "_T2star")))
+    head_b = train_head(data, trained, "siteB", "finetune", tmp_path / "b", tiny_config())
+    head_a = train_head(data, trained, "siteA", "finetune", tmp_path / "a", tiny_config())
+    assert load_checkpoint(head_b, kind="head")[1]["contrasts"] == ["T2star", "T2w"]
+    assert load_checkpoint(head_a, kind="head")[1]["contrasts"] == ["T2w"]
+    _, meta = load_backbone(train_backbone(data, tmp_path / "backbone", tiny_config(steps=2)))
+    assert meta["contrasts"] == universal_meta(meta)["contrasts"] == ["T2star", "T2w"]
+    samples, _ = read_bids(data)
+    unlabelled = [replace(sample, labels={}) if sample.contrast == "T2star" else sample for sample in samples]
+    assert contrasts_of(unlabelled) == ["T2w"]  # an image without labels is no training case
 
 
 @pytest.mark.gpu

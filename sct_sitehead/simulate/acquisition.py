@@ -155,7 +155,7 @@ def sample_to_target(volumes: Sequence[np.ndarray], work_affine: np.ndarray, tar
 def transfer_intensities(
     image: np.ndarray, target: TargetGrid, acquisition: Acquisition, rng: np.random.Generator
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Contrast curve, bias field, noise, then scaling to the site's data type.
+    """Contrast curve, bias fields (a smooth random one and one along the cord), noise, then the site's data type.
 
     Args:
         image: (X, Y, Z) float32 image on the target grid, normalised so the bright tissue is about 1.
@@ -169,6 +169,9 @@ def transfer_intensities(
     signal = np.power(np.maximum(image, 0.0), np.float32(acquisition.gamma), dtype=np.float32)
     coefficients = rng.normal(size=9)
     signal *= _bias_field(target.shape, coefficients, acquisition.bias)
+    along = float(rng.uniform(*ALONG_CORD_BIAS))
+    slope, bend = rng.uniform(-1.0, 1.0, size=2)
+    signal *= _along_cord_field(target, along, float(slope), float(bend))
     sigma = np.float32(acquisition.noise_sigma)
     if sigma > 0:
         real = signal + rng.standard_normal(signal.shape, dtype=np.float32) * sigma
@@ -182,7 +185,30 @@ def transfer_intensities(
     if np.issubdtype(dtype, np.integer):
         info = np.iinfo(dtype)
         signal = np.clip(np.rint(signal), info.min, info.max)
-    return signal.astype(dtype), {"bias_coefficients": [round(float(c), 4) for c in coefficients]}
+    return signal.astype(dtype), {
+        "bias_coefficients": [round(float(c), 4) for c in coefficients],
+        "along_cord_bias": [round(along, 4), round(float(slope), 4), round(float(bend), 4)],
+    }
+
+
+def _along_cord_field(target: TargetGrid, strength: float, slope: float, bend: float) -> np.ndarray:
+    """exp(strength * p(s)), p a linear plus quadratic profile along the grid's world S-I axis, |p| <= 1.
+
+    A surface coil's sensitivity falls along the cord: on real scans the CSF-to-cord ratio and the brightness of
+    the whole cord change by a factor of 2 or more from one end of a field of view to the other.
+    """
+    axis = list(target.world_axis).index(2)
+    n = target.shape[axis]
+    s = np.linspace(-1.0, 1.0, n, dtype=np.float32)
+    profile = slope * s + bend * (s**2 - np.float32(1 / 3))
+    peak = float(np.abs(profile).max())
+    if peak > 0:
+        profile /= peak
+    return np.exp(np.float32(strength) * profile).reshape([n if i == axis else 1 for i in range(3)])
+
+
+#: Strength range of the bias along the cord (:func:`_along_cord_field`): up to exp(0.7), about 2x, at an end.
+ALONG_CORD_BIAS = (0.0, 0.7)
 
 
 def _bias_field(shape: Sequence[int], coefficients: np.ndarray, strength: float) -> np.ndarray:

@@ -1,10 +1,12 @@
 """Insert synthetic lesions of known shape into the spinal cord of a real image.
 
 Each lesion is an ellipsoid with a slightly irregular surface, elongated along the local cord axis (found by
-principal components of the cord mask around the lesion), centred at least 1 mm deep inside the cord and
-clipped to it. Its partial-volume fraction per voxel is measured by supersampling the voxel, so the edges are
-smooth on thick slices too. The intensity change is relative to the cord's median intensity, with a sign set by
-the sequence: hyperintense on T2w, T2star and MTS, hypointense on T1w.
+principal components of the cord mask around the lesion), centred inside the cord (optionally where a weight map,
+e.g. the tract probabilities of :mod:`~sct_sitehead.simulate.cord_atlas`, makes it likely; a lesion may reach the
+cord's surface) and clipped to it. Its partial-volume fraction per voxel is measured by supersampling the voxel, so
+the edges are smooth on thick slices too. The intensity change is relative to the cord's median intensity, with a
+sign set by the sequence: hyperintense on T2w, T2star and MTS, hypointense on T1w; its size is drawn log-uniformly
+from the sequence's range, so faint and very bright lesions are both common.
 
 :func:`insert_lesions` is the user-facing entry point ("put known lesions into my healthy scans to test a
 model"); :func:`insert_lesions_array` is the same on arrays, used by the simulator.
@@ -27,14 +29,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: Lesion intensity relative to the cord's median, (low, high) per sequence.
+#: Real MS lesions on T2w and T2*w reach 3 to 4 times the cord's signal; on MTS and T1w they range from clearly
+#: visible to nearly iso-intense.
 LESION_CONTRAST: dict[str, tuple[float, float]] = {
-    "T2w": (0.35, 0.9),
-    "T2star": (0.3, 0.8),
-    "MTS": (0.25, 0.6),
-    "T1w": (-0.45, -0.2),
+    "T2w": (0.3, 3.0),
+    "T2star": (0.3, 3.0),
+    "MTS": (0.08, 0.8),
+    "T1w": (-0.6, -0.06),
 }
-#: Lesion centres are at least this deep inside the cord (mm), where the cord allows it.
-MIN_DEPTH_MM = 1.0
+#: Lesion centres are at least this deep inside the cord (mm), where the cord allows it: a lesion may be subpial.
+MIN_DEPTH_MM = 0.3
 _PCA_RADIUS_MM = 15.0
 _WOBBLE = 0.12
 
@@ -149,6 +153,7 @@ def insert_lesions_array(
     elongation: Sequence[float] = (1.5, 3.5),
     lesion_contrast: Sequence[float] | None = None,
     allowed: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """Array form of :func:`insert_lesions`.
 
@@ -157,6 +162,8 @@ def insert_lesions_array(
         cord_fraction: (X, Y, Z) cord fraction 0..1 (a binary mask works); lesions stay where it is >= their own.
         affine: (4, 4) voxel-to-world affine.
         allowed: optional (X, Y, Z) bool mask of where lesion centres may go (e.g. a field of view).
+        weights: optional (X, Y, Z) non-negative weights: a centre is drawn with probability proportional to its
+            voxel's weight (uniform over the cord when None or zero everywhere allowed).
         Other arguments: as for :func:`insert_lesions`.
 
     Returns:
@@ -180,7 +187,7 @@ def insert_lesions_array(
     centres = cord if allowed is None else cord & allowed
     if not centres.any():
         raise InputImageError("the cord mask has no voxel where lesions are allowed; widen the allowed region")
-    specs = _draw(rng, centres, affine, n_lesions, volume_mm3, elongation, lesion_contrast, cord)
+    specs = _draw(rng, centres, affine, n_lesions, volume_mm3, elongation, lesion_contrast, cord, weights)
     fraction = np.zeros(data.shape, dtype=np.float32)
     change = np.zeros(data.shape, dtype=np.float32)
     for spec in specs:
@@ -205,6 +212,7 @@ def _draw(
     elongation: Sequence[float],
     contrast_range: Sequence[float],
     cord: np.ndarray,
+    weights: np.ndarray | None = None,
 ) -> list[_Spec]:
     from scipy import ndimage
 
@@ -216,10 +224,14 @@ def _draw(
     depth = np.where(centres[crop], depth, 0.0)
     deep = np.argwhere(depth >= min(MIN_DEPTH_MM, 0.5 * float(depth.max())))
     deep += [s.start for s in crop]
+    probability = None
+    if weights is not None:
+        chosen = np.maximum(np.asarray(weights, dtype=np.float64)[tuple(deep.T)], 0.0)
+        probability = chosen / chosen.sum() if chosen.sum() > 0 else None
     cord_world = _world(np.argwhere(cord).astype(np.float64), affine)
     specs = []
     for _ in range(n):
-        index = deep[rng.integers(len(deep))].astype(np.float64)
+        index = deep[rng.choice(len(deep), p=probability)].astype(np.float64)
         center = _world(index[None, :] + rng.uniform(-0.3, 0.3, size=(1, 3)), affine)[0]
         along = _cord_axis(cord_world, center)
         across = np.cross(along, [0.0, 1.0, 0.0] if abs(along[1]) < 0.9 else [1.0, 0.0, 0.0])
@@ -236,11 +248,21 @@ def _draw(
                 semi_axes=np.array([ratio * width, width * squash, width / squash]),
                 wobble_dirs=directions / np.linalg.norm(directions, axis=1, keepdims=True),
                 wobble_phases=rng.uniform(0, 2 * np.pi, size=3),
-                contrast=float(rng.uniform(contrast_range[0], contrast_range[1])),
+                contrast=_draw_contrast(rng, contrast_range),
                 nominal_mm3=volume,
             )
         )
     return specs
+
+
+def _draw_contrast(rng: np.random.Generator, bounds: Sequence[float]) -> float:
+    """Log-uniform in magnitude between the bounds (same sign; uniform when a bound is 0 or they differ in sign)."""
+    low, high = sorted(float(b) for b in bounds)
+    if low * high <= 0:
+        return float(rng.uniform(low, high))
+    sign = 1.0 if high > 0 else -1.0
+    small, large = sorted((abs(low), abs(high)))
+    return sign * float(np.exp(rng.uniform(np.log(small), np.log(large))))
 
 
 def _world(index: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -9,12 +9,13 @@ and a site's subjects do not change when other sites are added.
 
 Output (BIDS)::
 
-    participants.tsv                      participant_id, site, source, split
+    participants.tsv                      participant_id, site, source, split (and seen_anatomy, with splits)
     dataset_description.json
     simulation.json                       the arguments, every site profile, per-subject parameters
     sub-<site><NNN>/anat/sub-<site><NNN>[_acq-<x>]_<contrast>.nii.gz
     derivatives/labels/sub-.../anat/<stem>_<suffix>.nii.gz      the site's labels (lesion-manual, ...)
     derivatives/truth/sub-.../anat/<stem>_lesion-truth.nii.gz   the unannotated truth (and _cord-truth)
+    derivatives/truth/sub-.../anat/<stem>_labelmap-truth.nii.gz the tissue classes for synthesis (:mod:`.labelmap`)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ import numpy as np
 from sct_sitehead.atomic import move_into_place, write_json_atomic
 from sct_sitehead.errors import InputImageError, OutputError, UsageError
 from sct_sitehead.evaluation.bids import Sample, load_spatial_image, read_bids
+from sct_sitehead.evaluation.splits import Splits
 from sct_sitehead.simulate.acquisition import (
     TargetGrid,
     blur_margin_mm,
@@ -43,21 +45,40 @@ from sct_sitehead.simulate.acquisition import (
     working_grid,
 )
 from sct_sitehead.simulate.annotation import annotate, truth_masks
+from sct_sitehead.simulate.cord_atlas import MAPS, CrossSections, load_cross_sections, map_onto_cord
 from sct_sitehead.simulate.deform import draw_deformation, source_coordinates, warp
-from sct_sitehead.simulate.grids import world_extent
+from sct_sitehead.simulate.grids import voxel_coordinates, world_extent
+from sct_sitehead.simulate.labelmap import LABEL_MAP, label_map, to_target
 from sct_sitehead.simulate.lesions import insert_lesions_array
 from sct_sitehead.simulate.phantom_sources import write_phantom_sources
+from sct_sitehead.simulate.selection import (
+    SitePlan,
+    Source,
+    check_split_covers,
+    eligible_sources,
+    holdout_pool,
+    holdout_splits,
+    participant_id,
+    plan_sites,
+    real_or_phantom,
+    split_report,
+    split_rng,
+)
 from sct_sitehead.simulate.sites import Borrow, Site, load_sites
 from sct_sitehead.simulate.staging import staging_folder
 from sct_sitehead.version import __version__
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 #: Working grid spacing bounds (mm): fine enough for the sites' voxels, coarse enough to stay fast.
 WORK_SPACING_MM = (0.6, 1.0)
 #: Intensity (of the 99.5th percentile) below which a borrowed image is air, kept dark when inverted.
 BODY_LEVEL = 0.1
+#: Relative chance of a lesion centre per unit of cord and of each PAM50 tract probability: MS lesions of the cord
+#: are most frequent in the dorsal columns and the lateral funiculi (Eden et al. 2019), and occur anywhere.
+TRACT_WEIGHTS = {"cord": 0.3, "gm": 0.2, "dorsal_columns": 1.0, "lateral_funiculi": 0.8}
+#: The label map's file suffix under derivatives/truth.
+LABEL_MAP_SUFFIX = "labelmap-truth"
 
 
 @dataclass(frozen=True)
@@ -115,16 +136,21 @@ def borrowed_intensities(data: np.ndarray, borrow: Borrow) -> np.ndarray:
     return image / np.float32(scale)
 
 
-def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> SimulatedSubject:
+def simulate_subject(
+    anatomy: Anatomy, site: Site, rng: np.random.Generator, sections: CrossSections | None = None
+) -> SimulatedSubject:
     """Deform one source anatomy, insert lesions, acquire and annotate it as ``site`` would.
 
     Args:
         anatomy: from :func:`load_anatomy`.
         site: the site profile.
         rng: the subject's random generator.
+        sections: the PAM50 cross-sections (:mod:`.cord_atlas`): grey matter in the label map, and lesions placed
+            by tract probability (:data:`TRACT_WEIGHTS`); None: no grey matter, lesions uniform in the cord.
 
     Returns:
-        The subject's image (site dtype), affine, labels (the site's label set), truth and parameters.
+        The subject's image (site dtype), affine, labels (the site's label set), truth (lesion, cord and the
+        ``labelmap``, :mod:`.labelmap`) and parameters.
     """
     acquisition = site.acquisition
     grid, grid_params = plan_grid(acquisition, anatomy.data.shape, anatomy.affine, anatomy.cord_points, rng)
@@ -135,6 +161,10 @@ def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> 
     image = warp(anatomy.data, coords)
     cord = np.clip(warp(anatomy.cord, coords), 0.0, 1.0)
     del coords
+    maps = map_onto_cord(cord, work_affine, sections, rng) if sections is not None else None
+    weights = None
+    if maps is not None:
+        weights = cord * (TRACT_WEIGHTS["cord"] + sum(TRACT_WEIGHTS[name] * maps[name] for name in MAPS))
     profile = site.lesions
     free = profile.max_count == 0 or rng.random() < profile.p_lesion_free
     n_lesions = 0 if free else int(rng.integers(1, profile.max_count + 1))
@@ -144,6 +174,7 @@ def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> 
         n_lesions = 0
     allowed = np.zeros(work_shape, dtype=bool)
     allowed[inside] = True
+    clean = image
     image, lesion, records = insert_lesions_array(
         image,
         cord,
@@ -154,11 +185,16 @@ def simulate_subject(anatomy: Anatomy, site: Site, rng: np.random.Generator) -> 
         volume_mm3=profile.volume_mm3,
         elongation=profile.elongation,
         allowed=allowed,
+        weights=weights,
     )
+    grey = maps["gm"] if maps is not None else np.zeros_like(cord)
+    classes = label_map(clean, cord, grey, lesion, work_affine, rng)
+    del clean, grey, maps, weights
+    classes_t = to_target(classes, voxel_coordinates(grid.shape, grid.affine, work_affine))
     image_t, cord_t, lesion_t = sample_to_target([image, cord, lesion], work_affine, grid)
     written, intensity_params = transfer_intensities(image_t, grid, acquisition, rng)
     labels, annotation_info = annotate(lesion_t, cord_t, grid.spacing, site.annotation)
-    truth = truth_masks(lesion_t, cord_t)
+    truth = {**truth_masks(lesion_t, cord_t), "labelmap": classes_t}
     voxel_mm3 = float(np.prod(grid.spacing))
     params = {
         "grid": {**grid_params, "orientation": acquisition.orientation, "spacing_mm": list(grid.spacing)},
@@ -208,6 +244,8 @@ def simulate(
     test_per_site: int | None = None,
     phantom_contrasts: Sequence[str] | None = None,
     real_share: float | None = None,
+    pam50: Path | None = None,
+    splits: Splits | None = None,
 ) -> Path:
     """Write a simulated multi-site lesion dataset.
 
@@ -219,25 +257,35 @@ def simulate(
         n_per_site: subjects per site.
         seed: random seed; the same arguments give byte-identical files.
         holdout: source subjects (e.g. ``["sub-unf01"]``) whose anatomy appears only in the test split; the other
-            subjects are then split between train and val only.
+            subjects are then split between train and val only. The older scheme: ``splits`` replaces it.
         sites: names of the sites to simulate (default: all in the config).
-        split_fractions: train, val, test fractions for subjects of anatomy not held out.
+        split_fractions: train, val, test fractions for subjects of anatomy not held out (with ``splits``: of
+            every subject, or of those after the first ``test_per_site``, between train and val).
         phantoms: procedural phantom anatomies added to the sources (:mod:`.phantom_sources`); they are never
-            held out, so the test split keeps only real anatomy when ``holdout`` is given.
-        test_per_site: with ``holdout``, the first this many subjects of each site are drawn from the held-out
-            anatomy (the test split) and the others from the rest; None draws every subject from all sources, so
-            the test split's size per site is left to chance.
+            held out, so the test split keeps only real anatomy when ``holdout`` is given; with ``splits`` they
+            are train only.
+        test_per_site: with ``holdout`` or ``splits``, the first this many subjects of each site are drawn from
+            the held-out (test) anatomy and are the test split, and the others from the rest; None: with
+            ``holdout``, every subject is drawn from all sources, so the test split's size per site is left to
+            chance; with ``splits``, ``split_fractions`` shares every subject between the three splits.
         phantom_contrasts: the contrasts the phantoms cycle through (default:
             :data:`.phantom_sources.DEFAULT_CONTRASTS`).
         real_share: the share of a site's train and val subjects drawn from real anatomy where the site has both
             real and phantom sources of its contrast (one real T1w scan among 4 phantoms gets about half the
             subjects at 0.5 instead of a fifth). None: every source is equally likely.
+        pam50: the PAM50 template folder (``template/``, ``atlas/``) for grey matter and tract-weighted lesion
+            placement; None: ``pam50`` beside ``source`` when it is there, else none (a warning).
+        splits: the frozen split by person (:func:`sct_sitehead.evaluation.splits.load_splits`): each subject's
+            split is planned first and its source drawn from that split's persons (:mod:`.selection`);
+            ``participants.tsv`` gets a ``seen_anatomy`` column and ``simulation.json`` a ``splits`` record.
+            None: the ``holdout`` scheme.
 
     Returns:
         ``out``.
 
     Raises:
-        UsageError: bad arguments (unknown site or holdout subject, a site whose contrasts no source has).
+        UsageError: bad arguments (unknown site or holdout subject, a site whose contrasts no source has, both
+            ``holdout`` and ``splits``, a source subject the split does not know).
         OutputError: ``out`` is not empty or cannot be written.
     """
     source, out = Path(source), Path(out)
@@ -254,6 +302,14 @@ def simulate(
             f"holdout subjects {unknown} have no image with a cord mask in {source}; "
             f"choose among {sorted({s.subject for s in samples})}"
         )
+    if splits is not None:
+        if holdout:
+            raise UsageError(
+                f"holdout {holdout} and the frozen split both choose the test anatomy; give one of them (the "
+                "split holds its test persons out already)"
+            )
+        check_split_covers(splits, samples)
+    sections = _cross_sections(source, pam50)
     staging = staging_folder(out)
     started = time.perf_counter()
     extra = tempfile.TemporaryDirectory(prefix="sct_sitehead-phantoms-") if phantoms else None
@@ -266,6 +322,18 @@ def simulate(
             made = _sources(written)
             phantom_subjects = {s.subject for s in made}
             samples = samples + made
+        plans = None
+        if splits is not None:
+            plans = plan_sites(
+                samples,
+                profiles,
+                splits,
+                n_per_site=n_per_site,
+                seed=seed,
+                test_per_site=test_per_site,
+                fractions=split_fractions,
+                phantom_subjects=phantom_subjects,
+            )
         rows, subjects = _simulate_all(
             samples,
             profiles,
@@ -277,9 +345,21 @@ def simulate(
             test_per_site,
             real_share=real_share,
             phantom_subjects=phantom_subjects,
+            sections=sections,
+            plans=plans,
         )
         _write_dataset_files(
-            staging, source, rows, subjects, profiles, n_per_site, seed, holdout, split_fractions, real_share
+            staging,
+            source,
+            rows,
+            subjects,
+            profiles,
+            n_per_site,
+            seed,
+            holdout,
+            split_fractions,
+            real_share,
+            split_record=None if splits is None else split_report(splits, plans or {}),
         )
         move_into_place(staging, out)
     except BaseException:
@@ -296,6 +376,20 @@ def simulate(
         time.perf_counter() - started,
     )
     return out
+
+
+def _cross_sections(source: Path, pam50: Path | None) -> CrossSections | None:
+    """The PAM50 cross-sections from ``pam50``, or from ``pam50`` beside ``source``; None (warned) without one."""
+    if pam50 is None:
+        pam50 = source.parent / "pam50"
+        if not pam50.is_dir():
+            logger.warning(
+                "no PAM50 folder at %s: the label maps get no grey matter and lesions are placed uniformly in the "
+                "cord; give one with -pam50",
+                pam50,
+            )
+            return None
+    return load_cross_sections(Path(pam50))
 
 
 def _choose_sites(profiles: dict[str, Site], names: Sequence[str] | None) -> list[Site]:
@@ -331,111 +425,51 @@ def _simulate_all(
     *,
     real_share: float | None = None,
     phantom_subjects: set[str] | frozenset[str] = frozenset(),
+    sections: CrossSections | None = None,
+    plans: dict[str, SitePlan] | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     anatomies: dict[tuple[Path, Borrow | None], Anatomy] = {}
     rows: list[dict[str, str]] = []
     subjects: dict[str, Any] = {}
     for site in profiles:
-        eligible = _eligible(samples, site, holdout)
-        chosen = []
+        eligible = eligible_sources(samples, site, holdout)
+        plan = None if plans is None else plans[site.name]
+        chosen: list[tuple[str, Source]] = []
         for number in range(1, n_per_site + 1):
+            participant = participant_id(site.name, number)
+            pool = holdout_pool(eligible, holdout, test_per_site, number) if plan is None else plan.pool(participant)
+            if not pool:
+                continue  # the split planned for it has no anatomy at this site: plan_site reported it
             rng = subject_rng(seed, site.name, number)
-            pool = _pool(eligible, holdout, test_per_site, number)
             if real_share is not None:
-                pool = _real_or_phantom(pool, phantom_subjects, float(real_share), rng)
+                pool = real_or_phantom(pool, phantom_subjects, float(real_share), rng)
             source = pool[int(rng.integers(len(pool)))]
             key = (source.sample.image, source.borrow)
             if key not in anatomies:
                 anatomies[key] = load_anatomy(source.sample, source.borrow)
             started = time.perf_counter()
-            result = simulate_subject(anatomies[key], site, rng)
-            participant = f"sub-{site.name}{number:03d}"
+            result = simulate_subject(anatomies[key], site, rng, sections)
             _write_subject(root, participant, source.sample, site, result)
             chosen.append((participant, source))
             subjects[participant] = {"site": site.name, "source": source.name, **result.params}
             logger.debug("%s from %s in %.2f s", participant, source.name, time.perf_counter() - started)
-        split_rng = np.random.default_rng([int(seed), zlib.crc32(site.name.encode()), 0])
-        splits = _splits(chosen, holdout, split_fractions, split_rng)
-        rows.extend({"participant_id": p, "site": site.name, "source": s.name, "split": splits[p]} for p, s in chosen)
+        if plan is None:
+            assigned = holdout_splits(chosen, holdout, split_fractions, split_rng(seed, site.name))
+        else:
+            assigned = dict(plan.split_of)
+        for participant, source in chosen:
+            row = {
+                "participant_id": participant,
+                "site": site.name,
+                "source": source.name,
+                "split": assigned[participant],
+            }
+            if plan is not None:
+                seen = plan.seen(participant, source)
+                row["seen_anatomy"] = "yes" if seen else "no"
+                subjects[participant]["seen_anatomy"] = seen
+            rows.append(row)
     return rows, subjects
-
-
-@dataclass(frozen=True)
-class _Source:
-    """A source image as one site uses it: in its own contrast, or borrowed (written as the site's contrast)."""
-
-    sample: Sample
-    borrow: Borrow | None = None
-
-    @property
-    def subject(self) -> str:
-        return self.sample.subject
-
-    @property
-    def name(self) -> str:
-        """``sub-errsm30_T2w``, or ``sub-errsm30_T2w as T1w`` when borrowed."""
-        return f"{self.sample.stem} as {self.sample.contrast}" if self.borrow else self.sample.stem
-
-
-def _eligible(samples: list[Sample], site: Site, holdout: list[str]) -> list[_Source]:
-    """The site's own contrasts, then the contrasts it borrows (never from held-out anatomy)."""
-    own = [_Source(s) for s in samples if s.contrast in site.contrasts]
-    if not own:
-        raise UsageError(
-            f"site {site.name!r} scans {list(site.contrasts)} but the source has cord-labelled images of "
-            f"{sorted({s.contrast for s in samples})} only; leave the site out (sites=...) or add such images"
-        )
-    borrowed = [
-        _Source(replace(s, contrast=site.contrasts[0], entities={}), site.borrow[s.contrast])
-        for s in samples
-        if s.contrast in site.borrow and s.subject not in holdout
-    ]
-    return own + borrowed
-
-
-def _pool(eligible: list[_Source], holdout: list[str], test_per_site: int | None, number: int) -> list[_Source]:
-    """The sources subject ``number`` (1-based) of a site may come from."""
-    if not holdout or test_per_site is None:
-        return eligible
-    held = [s for s in eligible if s.subject in holdout]
-    rest = [s for s in eligible if s.subject not in holdout]
-    wanted = held if number <= test_per_site else rest
-    return wanted or eligible
-
-
-def _real_or_phantom(
-    pool: list[_Source], phantom_subjects: set[str] | frozenset[str], real_share: float, rng: np.random.Generator
-) -> list[_Source]:
-    """The real sources of ``pool`` with probability ``real_share``, else its phantoms (the whole pool when it
-    lacks either kind)."""
-    real = [s for s in pool if s.subject not in phantom_subjects]
-    made = [s for s in pool if s.subject in phantom_subjects]
-    if not real or not made:
-        return pool
-    return real if rng.random() < real_share else made
-
-
-def _splits(
-    chosen: list[tuple[str, _Source]],
-    holdout: list[str],
-    fractions: tuple[float, float, float],
-    rng: np.random.Generator,
-) -> dict[str, str]:
-    """Holdout anatomy -> test; the rest shuffled into train/val/test by the fractions (train/val with a holdout)."""
-    train, val, test = (max(float(f), 0.0) for f in fractions)
-    if holdout:
-        test = 0.0
-    total = train + val + test
-    if total <= 0:
-        raise UsageError(f"split fractions {fractions} sum to 0; use e.g. (0.7, 0.15, 0.15)")
-    splits = {p: "test" for p, s in chosen if s.subject in holdout}
-    rest = [p for p, s in chosen if s.subject not in holdout]
-    order = [rest[i] for i in rng.permutation(len(rest))]
-    n_train = int(round(len(rest) * train / total))
-    n_val = int(round(len(rest) * val / total)) if test > 0 else len(rest) - n_train
-    for index, participant in enumerate(order):
-        splits[participant] = "train" if index < n_train else "val" if index < n_train + n_val else "test"
-    return splits
 
 
 def _output_stem(participant: str, sample: Sample) -> str:
@@ -464,6 +498,8 @@ def _write_subject(root: Path, participant: str, sample: Sample, site: Site, res
     truth_dir = root / "derivatives" / "truth" / participant / "anat"
     files[truth_dir / f"{stem}_lesion-truth.nii.gz"] = result.truth["lesion"]
     files[truth_dir / f"{stem}_cord-truth.nii.gz"] = result.truth["cord"]
+    if "labelmap" in result.truth:
+        files[truth_dir / f"{stem}_{LABEL_MAP_SUFFIX}.nii.gz"] = result.truth["labelmap"]
     try:
         for path, data in files.items():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -483,8 +519,10 @@ def _write_dataset_files(
     holdout: list[str],
     split_fractions: tuple[float, float, float],
     real_share: float | None = None,
+    *,
+    split_record: dict[str, Any] | None = None,
 ) -> None:
-    header = ["participant_id", "site", "source", "split"]
+    header = ["participant_id", "site", "source", "split"] + (["seen_anatomy"] if split_record is not None else [])
     ordered = sorted(rows, key=lambda r: r["participant_id"])
     lines = ["\t".join(header)] + ["\t".join(row[k] for k in header) for row in ordered]
     (root / "participants.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -524,7 +562,9 @@ def _write_dataset_files(
             "split_fractions": list(split_fractions),
             # Written only when set, so a default run writes the same file as before the option existed.
             **({"real_share": real_share} if real_share is not None else {}),
+            **({"splits": split_record} if split_record is not None else {}),
             "sites": {site.name: site.as_dict() for site in profiles},
+            "label_map": {"suffix": LABEL_MAP_SUFFIX, "classes": {str(k): v for k, v in LABEL_MAP.items()}},
             "subjects": subjects,
         },
         root / "simulation.json",

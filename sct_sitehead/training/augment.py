@@ -1,4 +1,5 @@
-"""Batch augmentation in torch, on the training device: spatial, intensity and resolution.
+"""Batch augmentation in torch, on the training device: spatial, intensity, resolution and artefacts
+(Gibbs ringing, motion-like ghosting, Rician noise).
 
 Every random number comes from one ``torch.Generator`` on the CPU, so a seed gives the same augmentation on any
 device. Images and targets go through the same spatial transform; targets are resampled linearly and
@@ -15,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from sct_sitehead.training.synth import has_classes, synthesize
 
 
 def _uniform(generator: torch.Generator, low: float, high: float, size: int = 1) -> Tensor:
@@ -70,6 +73,44 @@ def _low_resolution(image: Tensor, generator: torch.Generator, options: Mapping[
     return F.interpolate(down, size=shape, mode="trilinear", align_corners=False)[0]
 
 
+def _gibbs(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """(1, X, Y, Z) -> the same with Gibbs ringing along one random axis: k-space cut to a random central fraction
+    (``gibbs_keep``) of that axis, as an acquisition with fewer phase or readout lines."""
+    axis = int(torch.randint(3, (1,), generator=generator)) + 1
+    low, high = options["gibbs_keep"]
+    keep = float(_uniform(generator, float(low), float(high)))
+    n = image.shape[axis]
+    spectrum = torch.fft.fftshift(torch.fft.fft(image, dim=axis), dim=axis)
+    half = max(1, int(round(keep * n / 2)))
+    window = torch.zeros(n, dtype=image.dtype, device=image.device)
+    window[max(0, n // 2 - half) : n // 2 + half] = 1.0
+    shape = [1, 1, 1, 1]
+    shape[axis] = n
+    spectrum = spectrum * window.reshape(shape)
+    return torch.fft.ifft(torch.fft.ifftshift(spectrum, dim=axis), dim=axis).real.to(image.dtype)
+
+
+def _ghosting(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """(1, X, Y, Z) -> the same with motion-like ghosts along one random (phase-encoding) axis: every
+    ``count``-th k-space line of that axis scaled by ``1 - intensity``, which repeats the anatomy ``count`` times
+    across the field of view at a fraction of its signal."""
+    axis = int(torch.randint(3, (1,), generator=generator)) + 1
+    low_n, high_n = options["ghosting_count"]
+    count = int(torch.randint(int(low_n), int(high_n) + 1, (1,), generator=generator))
+    low, high = options["ghosting_intensity"]
+    intensity = float(_uniform(generator, float(low), float(high)))
+    n = image.shape[axis]
+    floor = image.min()
+    spectrum = torch.fft.fftshift(torch.fft.fft(image - floor, dim=axis), dim=axis)
+    lines = torch.ones(n, dtype=image.dtype, device=image.device)
+    lines[::count] = 1.0 - intensity
+    lines[n // 2] = 1.0  # the centre line (the mean signal) is kept
+    shape = [1, 1, 1, 1]
+    shape[axis] = n
+    spectrum = spectrum * lines.reshape(shape)
+    return torch.fft.ifft(torch.fft.ifftshift(spectrum, dim=axis), dim=axis).abs().to(image.dtype) + floor
+
+
 def _gamma(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
     low_g, high_g = options["gamma_range"]
     gamma = float(_uniform(generator, float(low_g), float(high_g)))
@@ -87,7 +128,14 @@ def _bias_field(image: Tensor, generator: torch.Generator, options: Mapping[str,
 
 
 def _noise(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """Gaussian noise of a random standard deviation up to ``noise_std``; with probability ``rician`` Rician
+    instead (a magnitude image's noise: the modulus of the signal above the minimum plus complex Gaussian noise)."""
     std = float(options["noise_std"]) * float(torch.rand(1, generator=generator))
+    if _optional_happens(generator, options, "rician"):
+        low = image.min()
+        real = image - low + std * torch.randn(image.shape, generator=generator).to(image)
+        imaginary = std * torch.randn(image.shape, generator=generator).to(image)
+        return torch.sqrt(real**2 + imaginary**2) + low
     return image + std * torch.randn(image.shape, generator=generator).to(image)
 
 
@@ -123,7 +171,11 @@ def _curve(image: Tensor, generator: torch.Generator, options: Mapping[str, Any]
 
 
 def augment_batch(
-    images: Tensor, targets: Tensor, generator: torch.Generator, options: Mapping[str, Any]
+    images: Tensor,
+    targets: Tensor,
+    generator: torch.Generator,
+    options: Mapping[str, Any],
+    classes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Augment each sample of a batch independently.
 
@@ -132,13 +184,17 @@ def augment_batch(
         targets: (B, K, X, Y, Z) binary targets.
         generator: CPU generator, the only randomness used.
         options: the config's ``augment`` section (probabilities and ranges).
+        classes: optional (B, 1, X, Y, Z) label maps: with probability ``synth`` a sample whose label map is real
+            gets an image synthesised from it (:func:`.synth.synthesize`) before the other augmentations.
 
     Returns:
         Augmented (B, 1, X, Y, Z) float32 images and (B, K, X, Y, Z) float32 binary targets.
     """
     out_images, out_targets = [], []
     channels = images.shape[1]
-    for image, target in zip(images.float(), targets.float()):
+    for number, (image, target) in enumerate(zip(images.float(), targets.float())):
+        if classes is not None and has_classes(classes[number]) and _optional_happens(generator, options, "synth"):
+            image = synthesize(classes[number], generator, options)
         flips = [axis + 1 for axis in range(3) if _happens(generator, float(options["flip"]))]
         if flips:
             image, target = image.flip(flips), target.flip(flips)
@@ -147,6 +203,10 @@ def augment_batch(
             image, target = moved[:channels], (moved[channels:] >= 0.5).float()
         if _happens(generator, float(options["resolution"])):
             image = _low_resolution(image, generator, options)
+        if _optional_happens(generator, options, "gibbs"):
+            image = _gibbs(image, generator, options)
+        if _optional_happens(generator, options, "ghosting"):
+            image = _ghosting(image, generator, options)
         if _happens(generator, float(options["gamma"])):
             image = _gamma(image, generator, options)
         if _happens(generator, float(options["bias"])):

@@ -43,7 +43,15 @@ DEFAULTS: dict[str, Any] = {
     # suffixes: label name -> BIDS derivative suffix(es) for read_bids (null: its defaults, lesion and cord).
     # mode: null (grouping when given, else size), "size", "grouping", or "merged" (one channel per (site, label)).
     # derivatives: the labels' tree in the dataset ("derivatives/truth": the simulator's truth, every subject).
-    "labels": {"grouping": None, "suffixes": None, "mode": None, "derivatives": "derivatives/labels"},
+    # label_map: the suffix of each image's label map under derivatives/truth (the simulator's "labelmap-truth"),
+    # the source of augment.synth; None: no label map is read.
+    "labels": {
+        "grouping": None,
+        "suffixes": None,
+        "mode": None,
+        "derivatives": "derivatives/labels",
+        "label_map": None,
+    },
     "train": {
         "patch_size": [48, 48, 48],
         "batch_size": 2,
@@ -86,6 +94,16 @@ DEFAULTS: dict[str, Any] = {
         "gamma_range": [0.7, 1.5],
         "noise": 0.15,
         "noise_std": 0.1,
+        # Probability that the noise is Rician (a magnitude image's) instead of Gaussian. 0 draws nothing.
+        "rician": 0.0,
+        # Probability of Gibbs ringing along one random axis: k-space cut to a central fraction in gibbs_keep.
+        "gibbs": 0.0,
+        "gibbs_keep": [0.3, 0.8],
+        # Probability of motion-like ghosts along one random axis: every n-th k-space line (n in ghosting_count)
+        # scaled down by a fraction in ghosting_intensity.
+        "ghosting": 0.0,
+        "ghosting_count": [2, 6],
+        "ghosting_intensity": [0.1, 0.5],
         "bias": 0.3,
         "bias_strength": 0.3,
         "resolution": 0.25,
@@ -101,6 +119,16 @@ DEFAULTS: dict[str, Any] = {
         "brightness": 0.0,
         "brightness_scale": [0.7, 1.4],
         "brightness_shift": 0.5,
+        # Probability of replacing a patch's image by one synthesised from its label map (labels.label_map;
+        # training/synth.py): a random intensity per tissue class (synth_classes: the simulator's label map), the
+        # lesion at +-lesion_contrast from the white matter, grey matter within +-grey_matter_contrast of it, a
+        # texture of up to synth_texture, a blur of synth_blur voxels. 0 draws nothing.
+        "synth": 0.0,
+        "synth_classes": {"count": 10, "white_matter": 7, "grey_matter": 8, "lesion": 9},
+        "lesion_contrast": [0.12, 0.9],
+        "grey_matter_contrast": 0.3,
+        "synth_texture": 0.08,
+        "synth_blur": [0.0, 1.2],
     },
 }
 

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 MAX_FOREGROUND = 20000
 #: Labels whose voxels centre the oversampled patches.
 LESION_LABELS = ("lesion",)
+#: The label-map value of a case that has no label map (never synthesised).
+NO_CLASSES = 255
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Case:
         labels: ``{label: (X, Y, Z) uint8 mask}`` (memory-mapped).
         foreground: (M, 3) int32 voxel coordinates of lesion voxels (M may be 0).
         minimum: the image's minimum, the padding value.
+        classes: (X, Y, Z) uint8 tissue classes of the simulator's label map (memory-mapped), the source of
+            synthesised images (:mod:`.synth`); None without one.
     """
 
     name: str
@@ -53,6 +57,7 @@ class Case:
     labels: dict[str, np.ndarray]
     foreground: np.ndarray
     minimum: float
+    classes: np.ndarray | None = None
 
 
 def _stat(path: Path) -> list[Any]:
@@ -60,13 +65,15 @@ def _stat(path: Path) -> list[Any]:
     return [str(Path(path).resolve()), info.st_size, info.st_mtime_ns]
 
 
-def cache_key(sample: Any, spec: Mapping[str, Any]) -> str:
-    """Hash of the sample's files (path, size, mtime) and the input spec: the name of its cache folder."""
+def cache_key(sample: Any, spec: Mapping[str, Any], label_map: Path | None = None) -> str:
+    """Hash of the sample's files (path, size, mtime), its label map and the input spec: its cache folder's name."""
     parts = {
         "image": _stat(sample.image),
         "labels": {name: _stat(path) for name, path in sorted(sample.labels.items())},
         "spec": {k: spec[k] for k in ("orientation", "spacing", "normalization")},
         "version": 2,
+        # Only when there is one, so the cache of a dataset without label maps keeps its keys.
+        **({"label_map": _stat(label_map)} if label_map is not None else {}),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -98,6 +105,20 @@ def preprocess(sample: Any, spec: Mapping[str, Any]) -> tuple[np.ndarray, dict[s
     return volume, labels
 
 
+def preprocess_classes(path: Path, image_path: Path, spec: Mapping[str, Any]) -> np.ndarray:
+    """A label map on the model grid of its image (nearest neighbour: the classes stay classes).
+
+    Raises:
+        TrainingError: it is not on its image's grid.
+    """
+    image, classes = load_image(image_path), load_image(path)
+    if tuple(classes.shape) != tuple(image.shape):
+        raise TrainingError(f"{path}: label map shape {classes.shape} differs from its image's {image.shape}")
+    data = np.asarray(classes.dataobj, dtype=np.float32)
+    resampled, _ = to_model_grid(data, image.affine, spec["orientation"], spec["spacing"], order=0)
+    return np.rint(resampled).astype(np.uint8)
+
+
 def _foreground(labels: Mapping[str, np.ndarray], seed: int) -> np.ndarray:
     names = [n for n in labels if n in LESION_LABELS]
     if not names:
@@ -111,11 +132,19 @@ def _foreground(labels: Mapping[str, np.ndarray], seed: int) -> np.ndarray:
     return coords
 
 
-def _write_case(folder: Path, volume: np.ndarray, labels: Mapping[str, np.ndarray], info: dict[str, Any]) -> None:
+def _write_case(
+    folder: Path,
+    volume: np.ndarray,
+    labels: Mapping[str, np.ndarray],
+    info: dict[str, Any],
+    classes: np.ndarray | None = None,
+) -> None:
     tmp = folder.with_name(f".{folder.name}.{secrets.token_hex(6)}.tmp")
     tmp.mkdir(parents=True)
     try:
         np.save(tmp / "image.npy", volume)
+        if classes is not None:
+            np.save(tmp / "classes.npy", classes)
         for name, mask in labels.items():
             np.save(tmp / f"label-{name}.npy", mask)
         np.save(tmp / "foreground.npy", _foreground(labels, seed=0))
@@ -140,16 +169,23 @@ def _read_case(folder: Path) -> Case:
         labels=labels,
         foreground=np.load(folder / "foreground.npy"),
         minimum=float(info["minimum"]),
+        classes=np.load(folder / "classes.npy", mmap_mode="r") if (folder / "classes.npy").is_file() else None,
     )
 
 
-def prepare_cases(samples: Sequence[Any], spec: Mapping[str, Any], cache_dir: Path) -> list[Case]:
+def prepare_cases(
+    samples: Sequence[Any],
+    spec: Mapping[str, Any],
+    cache_dir: Path,
+    label_maps: Mapping[Path, Path] | None = None,
+) -> list[Case]:
     """Preprocess (or reuse from the cache) every sample that has at least one label.
 
     Args:
         samples: :class:`bids.Sample` objects (``site``, ``image``, ``labels``).
         spec: the config's ``input`` section.
         cache_dir: folder of the cached arrays.
+        label_maps: image path -> its label map (:attr:`Case.classes`), for the samples that have one.
 
     Returns:
         The cases, in the samples' order.
@@ -162,9 +198,11 @@ def prepare_cases(samples: Sequence[Any], spec: Mapping[str, Any], cache_dir: Pa
         if not sample.labels:
             logger.info("%s has no label; not used for training", sample.image.name)
             continue
-        folder = Path(cache_dir) / cache_key(sample, spec)
+        label_map = (label_maps or {}).get(sample.image)
+        folder = Path(cache_dir) / cache_key(sample, spec, label_map)
         if not (folder / "case.json").is_file():
             volume, labels = preprocess(sample, spec)
+            classes = None if label_map is None else preprocess_classes(label_map, sample.image, spec)
             info = {
                 "name": sample.image.name,
                 "site": sample.site,
@@ -172,7 +210,7 @@ def prepare_cases(samples: Sequence[Any], spec: Mapping[str, Any], cache_dir: Pa
                 "shape": volume.shape,
                 "minimum": float(volume.min()),
             }
-            _write_case(folder, volume, labels, info)
+            _write_case(folder, volume, labels, info, classes)
             logger.debug("cached %s at %s", sample.image.name, folder)
         cases.append(_read_case(folder))
     if not cases:
@@ -217,6 +255,7 @@ def sample_batch(
     rng: np.random.Generator,
     lesion_fraction: float,
     weights: np.ndarray | None = None,
+    classes: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Draw ``batch_size`` patches; a ``lesion_fraction`` of them is centred on a lesion voxel when one exists.
 
@@ -228,6 +267,8 @@ def sample_batch(
         rng: the only source of randomness, so a seed fixes the batch.
         lesion_fraction: probability that a patch is centred on a lesion voxel.
         weights: (len(cases),) probabilities of drawing each case (:func:`case_weights`); None: uniform.
+        classes: when given, a list the patches' (1, x, y, z) uint8 label-map crops are appended to, in the batch's
+            order (:data:`NO_CLASSES` everywhere for a case without a label map).
 
     Returns:
         (B, 1, x, y, z) float32 images (padded with the case's minimum, as the deploy path pads across the
@@ -251,4 +292,7 @@ def sample_batch(
         images.append(crop(np.asarray(case.image), corner, size, case.minimum)[None])
         labels.append(crop(target, corner, size, 0))
         masks.append(mask)
+        if classes is not None:
+            source = case.classes if case.classes is not None else np.full(case.image.shape, NO_CLASSES, np.uint8)
+            classes.append(crop(np.asarray(source), corner, size, 0)[None])
     return np.stack(images), np.stack(labels), np.stack(masks)

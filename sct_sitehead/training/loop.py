@@ -121,12 +121,14 @@ def fit(
     log_path = out_dir / f"{job.name}.log.jsonl"
     seed, every, save_every = int(train["seed"]), int(train["log_every"]), int(train["checkpoint_every"])
     weights = case_weights(cases, site_weights or {})
+    synth = float(config["augment"].get("synth", 0.0)) > 0 and any(case.classes is not None for case in cases)
     window: list[float] = []
     last_loss = None
     started = time.perf_counter()
     runner.train()
     for step in range(start, job.steps):
         rng = np.random.default_rng([seed, step, ctx.rank])
+        crops: list[np.ndarray] | None = [] if synth else None
         images, labels, masks = sample_batch(
             cases,
             targets,
@@ -135,6 +137,7 @@ def fit(
             rng,
             float(train["lesion_fraction"]),
             weights,
+            crops,
         )
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
         image_t, label_t = augment_batch(
@@ -142,6 +145,7 @@ def fit(
             torch.from_numpy(labels).to(ctx.device),
             generator,
             config["augment"],
+            torch.from_numpy(np.stack(crops)).to(ctx.device) if crops else None,
         )
         mask_t = torch.from_numpy(masks).to(ctx.device)
         for group in optimizer.param_groups:

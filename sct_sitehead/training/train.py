@@ -92,15 +92,53 @@ def _in_split(root: Path, split: str) -> set[str] | None:
     return {row["participant_id"].strip() for row in rows if (row.get("split") or "").strip() == split}
 
 
-def _cases(samples: Sequence[Any], spec: Mapping[str, Any], out_dir: Path, ctx: Context) -> list[Case]:
+def _cases(
+    samples: Sequence[Any],
+    spec: Mapping[str, Any],
+    out_dir: Path,
+    ctx: Context,
+    label_maps: Mapping[Path, Path] | None = None,
+) -> list[Case]:
     """Rank 0 preprocesses into the cache first; the other ranks then read it."""
     cache = out_dir / "cache"
     if ctx.is_main:
-        cases = prepare_cases(samples, spec, cache)
+        cases = prepare_cases(samples, spec, cache, label_maps)
     barrier(ctx)
     if not ctx.is_main:
-        cases = prepare_cases(samples, spec, cache)
+        cases = prepare_cases(samples, spec, cache, label_maps)
     return cases
+
+
+def label_maps(data: Path | str | Sequence[Any], samples: Sequence[Any], suffix: str | None) -> dict[Path, Path]:
+    """Each sample's label map, ``derivatives/truth/<its folders>/<stem>_<suffix>.nii.gz`` of a BIDS folder.
+
+    Raises:
+        TrainingError: ``suffix`` is set and a sample has no such file (a dataset simulated before label maps).
+    """
+    if suffix is None or not isinstance(data, (str, Path)):
+        return {}
+    root, found, missing = Path(data), {}, []
+    for sample in samples:
+        image = Path(sample.image)
+        stem = image.name[: -len(".nii.gz")] if image.name.endswith(".nii.gz") else image.stem
+        path = root / "derivatives" / "truth" / image.parent.relative_to(root) / f"{stem}_{suffix}.nii.gz"
+        if path.is_file():
+            found[image] = path
+        else:
+            missing.append(path)
+    if missing:
+        raise TrainingError(
+            f"{len(missing)} image(s) have no label map, e.g. {missing[0]}; simulate the data again "
+            "(sct_sitehead simulate writes them) or set labels.label_map to null"
+        )
+    return found
+
+
+def contrasts_of(samples: Sequence[Any]) -> list[str]:
+    """The contrasts (BIDS suffixes, e.g. ``["T2star", "T2w"]``) of the samples that become training cases: those
+    with a label, as :func:`~sct_sitehead.training.data.prepare_cases` keeps. Recorded in each head's checkpoint
+    and carried into its registry entry, so the deploy path can warn about an image of another contrast."""
+    return sorted({str(sample.contrast) for sample in samples if sample.labels and getattr(sample, "contrast", None)})
 
 
 def _shard(cases: list[Case], space: LabelSpace, ctx: Context) -> tuple[list[Case], list[Any]]:
@@ -149,7 +187,7 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
         raise TrainingError(
             f"train.site_weights names {weighted}, which have no training case; the sites are {sorted(sites)}"
         )
-    cases = _cases(samples, spec, out_dir, ctx)
+    cases = _cases(samples, spec, out_dir, ctx, label_maps(data, samples, config["labels"]["label_map"]))
     sizes = measure_label_sizes([(case.site, case.labels) for case in cases])
     space = build_label_space(sizes, config["labels"]["grouping"], config["labels"]["mode"])
     arch = Arch.from_config(config, space.channels)
@@ -175,6 +213,7 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
             "input": spec,
             "config": config,
             "backbone_sha256": weights_digest(model.backbone),
+            "contrasts": contrasts_of(samples),
             **_provenance(result, len(cases)),
         }
         save_checkpoint(path, model.cpu().state_dict(), meta)
@@ -250,7 +289,7 @@ def train_head(
     if not chosen:
         sites = sorted({s.site for s in samples})
         raise TrainingError(f"no sample of site {site!r} in the data (sites: {sites}); check the site name")
-    cases = _cases(chosen, spec, out_dir, ctx)
+    cases = _cases(chosen, spec, out_dir, ctx, label_maps(data, chosen, config["labels"]["label_map"]))
     space = space.with_site(site, measure_label_sizes([(c.site, c.labels) for c in cases])[site])
     head = build_head(strategy, unet.head, config)
     model = FrozenBackboneHead(unet.backbone, head)
@@ -287,6 +326,7 @@ def train_head(
                 "labels": space.label_map(site),
                 "label_sizes": space.sizes.get(site, {}),
                 "backbone_sha256": meta["backbone_sha256"],
+                "contrasts": contrasts_of(chosen),
                 "input": spec,
                 "config": config,
                 **_provenance(result, len(cases)),
@@ -305,4 +345,5 @@ def universal_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         "strategy": UNIVERSAL_STRATEGY,
         "labels": space.label_map("universal"),
         "backbone_sha256": meta["backbone_sha256"],
+        "contrasts": meta.get("contrasts"),  # every contrast of the backbone's cases; None before they were recorded
     }

@@ -1,0 +1,89 @@
+"""Images synthesised from label maps during training (after SynthSeg, Billot et al., Medical Image Analysis 2023).
+
+A patch whose case has a label map (:attr:`~sct_sitehead.training.data.Case.classes`, written by the simulator) may
+have its image replaced: every tissue class gets a random mean intensity and texture, then the image is blurred and
+z-scored. The network then meets the same anatomy under a new contrast every time, so it has to find the cord, its
+grey matter and its lesions by shape and context: a lesion may be darker than the cord or brighter than the CSF, grey
+matter may stand out or not. The usual augmentations (resolution, bias, gamma, noise, flips, affine) follow.
+
+It costs a table look-up and one separable blur per patch, so it runs beside the training on the same cores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sct_sitehead.training.data import NO_CLASSES
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand(1, generator=generator, dtype=torch.float64))
+
+
+def class_means(generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """(count,) mean intensity per class in [0, 1], the lesion kept at least ``lesion_contrast[0]`` from the cord.
+
+    The lesion's mean is the white matter's plus or minus (either sign) a uniform draw in ``lesion_contrast``, so
+    lesions darker than the cord and brighter than anything else both occur; grey matter is the white matter's plus
+    a uniform draw in +-``grey_matter_contrast`` (invisible to clearly visible).
+    """
+    classes = options["synth_classes"]
+    means = torch.rand(int(classes["count"]), generator=generator)
+    white, grey, lesion = int(classes["white_matter"]), int(classes["grey_matter"]), int(classes["lesion"])
+    low, high = options["lesion_contrast"]
+    sign = 1.0 if float(torch.rand(1, generator=generator)) < 0.5 else -1.0
+    means[lesion] = means[white] + sign * _uniform(generator, float(low), float(high))
+    limit = float(options["grey_matter_contrast"])
+    means[grey] = means[white] + _uniform(generator, -limit, limit)
+    return means
+
+
+def synthesize(classes: Tensor, generator: torch.Generator, options: Mapping[str, Any]) -> Tensor:
+    """An image drawn from a label map.
+
+    Args:
+        classes: (1, X, Y, Z) integer tissue classes (values below ``synth_classes.count``).
+        generator: CPU generator, the only randomness used.
+        options: the config's ``augment`` section (``synth_classes``, ``lesion_contrast``, ``grey_matter_contrast``,
+            ``synth_texture``, ``synth_blur``).
+
+    Returns:
+        (1, X, Y, Z) float32 image, z-scored over the patch.
+    """
+    count = int(options["synth_classes"]["count"])
+    index = classes.long().clamp(0, count - 1)
+    means = class_means(generator, options).to(classes.device)
+    texture = float(options["synth_texture"]) * torch.rand(count, generator=generator).to(classes.device)
+    noise = torch.randn(classes.shape, generator=generator).to(classes.device)
+    image = means[index] + texture[index] * noise
+    sigma = _uniform(generator, *(float(v) for v in options["synth_blur"]))
+    if sigma > 0.05:
+        image = _blur(image, sigma)
+    return (image - image.mean()) / image.std().clamp_min(1e-6)
+
+
+def _blur(image: Tensor, sigma: float) -> Tensor:
+    """(1, X, Y, Z) -> the same, Gaussian-blurred (``sigma`` voxels) along each axis, edges replicated."""
+    radius = max(1, math.ceil(2.5 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = image[None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
+        out = F.conv3d(F.pad(out, pad, mode="replicate"), kernel.reshape(shape))
+    return out[0]
+
+
+def has_classes(classes: Tensor) -> bool:
+    """Whether a patch's label map is real (its case has one)."""
+    return bool((classes != NO_CLASSES).all())

@@ -1,0 +1,204 @@
+"""Synthesis from label maps: PAM50's grey matter and tracts inside any cord, the simulator's label maps, lesions
+placed by tract probability with a wide contrast range, and images drawn from label maps in training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sct_sitehead.simulate.cord_atlas import load_cross_sections, map_onto_cord
+from sct_sitehead.simulate.labelmap import CSF, GREY_MATTER, LABEL_MAP, LESION, WHITE_MATTER, label_map
+from sct_sitehead.simulate.lesions import LESION_CONTRAST, insert_lesions_array
+
+
+@pytest.fixture(scope="module")
+def sections(bids_dir: Path):
+    pam50 = bids_dir.parent / "pam50"
+    if not pam50.is_dir():
+        pytest.skip(f"no PAM50 folder at {pam50}")
+    return load_cross_sections(pam50)
+
+
+def _elliptic_cord(spacing: float = 0.8, shape=(60, 60, 40), semi=(5.0, 3.5)) -> tuple[np.ndarray, np.ndarray]:
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = [-(shape[0] // 2) * spacing, -(shape[1] // 2) * spacing, 0.0]
+    i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    x, y = i * spacing + affine[0, 3], j * spacing + affine[1, 3]
+    cord = np.zeros(shape, dtype=np.float32)
+    cord[(x / semi[0]) ** 2 + (y / semi[1]) ** 2 <= 1] = 1.0
+    return cord, affine
+
+
+def test_pam50_grey_matter_and_tracts_land_inside_the_cord_on_the_right_side(sections):
+    cord, affine = _elliptic_cord()
+    maps = map_onto_cord(cord, affine, sections, np.random.default_rng(0))
+    y = (np.arange(cord.shape[1]) * affine[1, 1] + affine[1, 3])[None, :, None]
+    x = (np.arange(cord.shape[0]) * affine[0, 0] + affine[0, 3])[:, None, None]
+    grey = maps["gm"] >= 0.5
+    assert not (grey & (cord == 0)).any()
+    assert 0.10 <= grey.sum() / cord.sum() <= 0.30  # grey matter is about a fifth of the cord's area
+    dorsal = maps["dorsal_columns"] >= 0.5
+    lateral = maps["lateral_funiculi"] >= 0.5
+    assert np.broadcast_to(y, cord.shape)[dorsal].mean() < -1.0  # posterior (RAS: y grows anteriorly)
+    assert (
+        np.abs(np.broadcast_to(x, cord.shape)[lateral]).mean() > np.abs(np.broadcast_to(x, cord.shape)[dorsal]).mean()
+    )
+
+
+def test_label_map_classes_on_a_cord():
+    cord, affine = _elliptic_cord()
+    image = np.random.default_rng(1).uniform(0.1, 1.0, cord.shape).astype(np.float32)
+    grey = np.zeros_like(cord)
+    grey[28:32, 28:32] = cord[28:32, 28:32]
+    lesion = np.zeros_like(cord)
+    lesion[24:27, 30:32, 10:20] = 1.0
+    classes = label_map(image, cord, grey, lesion, affine, np.random.default_rng(2))
+    assert set(np.unique(classes)) <= set(LABEL_MAP)
+    assert (classes[lesion >= 0.5] == LESION).all()
+    assert (classes[(cord >= 0.5) & (lesion < 0.5) & (grey < 0.5)] == WHITE_MATTER).all()
+    assert (classes[(grey >= 0.5) & (lesion < 0.5)] == GREY_MATTER).all()
+    assert (classes == CSF).sum() > 0 and not ((classes == CSF) & (cord >= 0.5)).any()
+    assert len(set(np.unique(classes[(classes < CSF) & (classes > 0)]))) == 5  # five background classes
+
+
+def test_lesion_centres_follow_the_weights_and_contrasts_span_the_range():
+    cord, affine = _elliptic_cord()
+    weights = np.zeros_like(cord)
+    weights[:, :30] = 1.0  # the posterior half only
+    data = np.ones_like(cord)
+    _, _, records = insert_lesions_array(
+        data, cord, affine, contrast="T2w", n_lesions=40, rng=np.random.default_rng(3), weights=weights
+    )
+    centres = np.array([r["center_mm"] for r in records])
+    assert (centres[:, 1] < 0.5).all()
+    contrasts = np.array([r["contrast"] for r in records])
+    low, high = LESION_CONTRAST["T2w"]
+    assert (contrasts >= low).all() and (contrasts <= high).all()
+    assert (contrasts < 0.6).sum() >= 8 and (contrasts > 1.5).sum() >= 8  # log-uniform: faint and bright alike
+    _, _, dark = insert_lesions_array(data, cord, affine, contrast="T1w", n_lesions=20, rng=np.random.default_rng(4))
+    assert all(LESION_CONTRAST["T1w"][0] <= r["contrast"] <= LESION_CONTRAST["T1w"][1] < 0 for r in dark)
+
+
+@pytest.mark.slow
+def test_simulate_writes_label_maps_with_grey_matter(bids_dir, tmp_path):
+    from sct_sitehead.simulate import simulate
+
+    out = simulate(bids_dir, tmp_path / "sim", n_per_site=2, seed=3, sites=["paris", "montreal"])
+    meta = json.loads((out / "simulation.json").read_text())
+    assert meta["label_map"]["classes"]["9"] == "lesion"
+    import nibabel as nib
+
+    maps = sorted((out / "derivatives" / "truth").rglob("*_labelmap-truth.nii.gz"))
+    assert len(maps) == 4
+    for path in maps:
+        classes = np.asarray(nib.load(path).dataobj)
+        image = nib.load(
+            out / path.parent.relative_to(out / "derivatives" / "truth") / path.name.replace("_labelmap-truth", "")
+        )
+        assert classes.shape == image.shape and classes.dtype == np.uint8
+        cord = nib.load(path.with_name(path.name.replace("labelmap", "cord"))).get_fdata() > 0
+        inside = classes[cord]
+        assert (inside == GREY_MATTER).any() and (inside == WHITE_MATTER).any()
+        truth = nib.load(path.with_name(path.name.replace("labelmap", "lesion"))).get_fdata() > 0
+        assert (classes[truth] == LESION).mean() > 0.5 if truth.any() else not (classes == LESION).any()
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+torch = pytest.importorskip("torch")
+
+
+def _options(**changes):
+    from sct_sitehead.training.config import DEFAULTS
+
+    return {**DEFAULTS["augment"], **changes}
+
+
+def test_synthesised_images_vary_in_contrast_keep_the_lesion_visible_and_repeat_by_seed():
+    from sct_sitehead.training.synth import synthesize
+
+    classes = np.full((1, 24, 24, 24), 3, dtype=np.uint8)
+    classes[0, 6:18, 6:18, :] = WHITE_MATTER
+    classes[0, 10:14, 10:14, :] = GREY_MATTER
+    classes[0, 8:10, 14:17, 8:16] = LESION
+    tensor = torch.from_numpy(classes)
+    options = _options()
+    low = options["lesion_contrast"][0]
+    signs = set()
+    for seed in range(20):
+        image = synthesize(tensor, torch.Generator().manual_seed(seed), {**options, "synth_blur": [0.0, 0.0]})
+        assert abs(float(image.mean())) < 1e-4 and abs(float(image.std()) - 1) < 1e-3  # z-scored
+        raw_gap = float(image[classes == LESION].mean() - image[classes == WHITE_MATTER].mean())
+        spread = float(image.std())  # z-scoring divides every gap by the same number
+        assert abs(raw_gap) > 0  # never iso-intense
+        signs.add(np.sign(raw_gap))
+        assert spread > 0 and low > 0
+    assert signs == {-1.0, 1.0}  # darker and brighter lesions both occur
+    a = synthesize(tensor, torch.Generator().manual_seed(7), options)
+    b = synthesize(tensor, torch.Generator().manual_seed(7), options)
+    assert torch.equal(a, b)
+
+
+def test_augment_synthesises_only_patches_with_a_label_map():
+    from sct_sitehead.training.augment import augment_batch
+    from sct_sitehead.training.data import NO_CLASSES
+
+    images = torch.randn(2, 1, 16, 16, 16)
+    targets = torch.zeros(2, 1, 16, 16, 16)
+    classes = torch.full((2, 1, 16, 16, 16), 2, dtype=torch.uint8)
+    classes[1] = NO_CLASSES
+    off = {k: 0.0 for k in ("flip", "affine", "gamma", "noise", "bias", "resolution")}
+    out, _ = augment_batch(images, targets, torch.Generator().manual_seed(0), _options(synth=1.0, **off), classes)
+    assert not torch.equal(out[0], images[0])  # synthesised from its label map
+    assert torch.equal(out[1], images[1])  # no label map: left as it was
+    same, _ = augment_batch(images, targets, torch.Generator().manual_seed(0), _options(synth=0.0, **off), classes)
+    assert torch.equal(same, images)
+
+
+def test_training_reads_label_maps_into_the_cases_and_names_a_missing_one(bids_dir, tmp_path):
+    from sct_sitehead.errors import TrainingError
+    from sct_sitehead.evaluation.bids import read_bids
+    from sct_sitehead.simulate import simulate
+    from sct_sitehead.training.config import load_config
+    from sct_sitehead.training.data import prepare_cases
+    from sct_sitehead.training.train import label_maps
+
+    out = simulate(bids_dir, tmp_path / "sim", n_per_site=1, seed=5, sites=["paris"])
+    config = load_config("tiny")
+    samples, _ = read_bids(out, label_suffixes=config["labels"]["suffixes"])
+    found = label_maps(out, samples, "labelmap-truth")
+    assert len(found) == len(samples) == 1
+    (case,) = prepare_cases(samples, config["input"], tmp_path / "cache", found)
+    assert case.classes is not None and case.classes.shape == case.image.shape
+    assert (np.asarray(case.classes)[np.asarray(case.labels["lesion"]) > 0] == LESION).mean() > 0.5 or not np.asarray(
+        case.labels["lesion"]
+    ).any()
+    next(iter(found.values())).unlink()
+    with pytest.raises(TrainingError, match="no label map"):
+        label_maps(out, samples, "labelmap-truth")
+
+
+def test_artefacts_ring_ghost_and_make_rician_noise_positive():
+    import torch
+
+    from sct_sitehead.training import augment
+    from sct_sitehead.training.config import load_config
+
+    options = dict(load_config("synth")["augment"])
+    options.update(gibbs_keep=[0.3, 0.3], ghosting_count=[3, 3], ghosting_intensity=[0.5, 0.5], noise_std=0.3)
+    cube = torch.zeros(1, 48, 48, 48)
+    cube[0, 20:28, 20:28, 20:28] = 1.0
+    ringing = augment._gibbs(cube, torch.Generator().manual_seed(0), options)
+    # Truncated k-space overshoots at the edges (Gibbs) and leaves a cube's mean intact.
+    assert float(ringing.max()) > 1.05 and float(ringing.min()) < -0.03
+    assert abs(float(ringing.mean()) - float(cube.mean())) < 1e-3
+    ghosts = augment._ghosting(cube, torch.Generator().manual_seed(0), options)
+    outside = torch.ones_like(cube, dtype=torch.bool)
+    outside[0, 18:30, 18:30, 18:30] = False
+    # Copies of the cube appear away from it, weaker than the cube itself.
+    assert 0.05 < float(ghosts[outside].max()) < float(ghosts[~outside].max())
+    gaussian = augment._noise(torch.zeros_like(cube), torch.Generator().manual_seed(1), {**options, "rician": 0.0})
+    rician = augment._noise(torch.zeros_like(cube), torch.Generator().manual_seed(1), {**options, "rician": 1.0})
+    assert float(gaussian.min()) < 0 and float(rician.min()) >= 0 and float(rician.mean()) > 0.01
