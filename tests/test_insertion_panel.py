@@ -8,6 +8,7 @@ import importlib.machinery
 import importlib.util
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +115,62 @@ def test_results_block_reads_the_release_reports():
     if not (reports / "panel" / "bands.tsv").is_file():
         pytest.skip("reports/release/panel/bands.tsv not written yet")
     assert block.main(["-check"]) == 0
+
+
+def _write_tsv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0])
+    path.write_text("\n".join(["\t".join(columns)] + ["\t".join(str(r[c]) for c in columns) for r in rows]) + "\n")
+
+
+def test_targets_table_scores_each_target_from_the_reports(tmp_path: Path):
+    """Hand-made reports: the verdicts follow the figures, controls count runs with any false lesion per person
+    bootstrap, and the panel keeps only the bright bands' runs of heads that scan the contrast."""
+    targets = load_script("targets_table")
+    stats = ("dice", "sensitivity_any", "precision_any")
+    summary = []
+    for contrast, sensitivity in (("T2w", 0.9), ("T2star", 0.5), ("MTS", 0.85), ("T1w", 0.1), ("all", 0.7)):
+        row = {"site": "pooled", "head": "own", "contrast": contrast, "persons_lesion": 2}
+        for key in stats:
+            value = {"dice": 0.65, "sensitivity_any": sensitivity, "precision_any": 0.7}[key]
+            row.update({key: value, f"{key}_low": value - 0.1, f"{key}_high": value + 0.1})
+        summary.append(row)
+    _write_tsv(tmp_path / "summary.tsv", summary)
+    controls = [
+        {
+            "image": f"img{k}",
+            "head": "h",
+            "lesions": int(k == 0),
+            "volume_mm3": 40.0 * (k == 0),
+            "person": f"p{k}",
+            "split": "test" if k < 2 else "train",
+        }
+        for k in range(4)
+    ]
+    _write_tsv(tmp_path / "controls.tsv", controls)
+    participants = [
+        {"participant_id": "sub-p1", "person": "a", "contrast": "T2w", "band": "+30-100%", "at_fov_edge": 1},
+        {"participant_id": "sub-p2", "person": "b", "contrast": "T2w", "band": "iso to +30%", "at_fov_edge": 0},
+    ]
+    _write_tsv(tmp_path / "panel" / "participants.tsv", participants)
+    counts = {"n_ref_any": 1, "n_pred_any": 1, "tp_any": 1, "fp_any": 0, "fn_any": 0, "dice": 0.5, "avd_mm3": 1.0}
+    counts.update(volume_ref_mm3=20.0, false_lesions="nan", false_volume_mm3="nan")
+    counts.update({k.replace("_any", "_10pct"): v for k, v in counts.items() if k.endswith("_any")})
+    cases = [
+        {"site": "s", "subject": "sub-p1", "person": "a", "contrast": "T2w", "head": "montreal", **counts},
+        {"site": "s", "subject": "sub-p1", "person": "a", "contrast": "T2w", "head": "zurich", **counts, "tp_any": 0},
+        {"site": "s", "subject": "sub-p2", "person": "b", "contrast": "T2w", "head": "montreal", **counts, "tp_any": 0},
+    ]
+    _write_tsv(tmp_path / "panel" / "cases.tsv", cases)
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in targets.table(tmp_path).splitlines()[2:]}
+    assert rows["lesion-wise sensitivity, T2w (test split)"].endswith("| met |")
+    assert rows["lesion-wise sensitivity, T2star (test split)"].endswith("| not met |")
+    assert "0.65 [0.55, 0.75]" in rows["Dice on lesion-bearing cases, pooled (test split)"]
+    assert rows["precision, pooled (test split)"].endswith("| not met |")
+    held_out = next(v for k, v in rows.items() if k.startswith("healthy scans, held-out persons (2 images"))
+    assert "| 0.50 " in held_out and held_out.endswith("| not met |")
+    every = next(v for k, v in rows.items() if k.startswith("healthy scans, every healthy scan (4 images"))
+    assert "| 0.25 " in every
+    # Only sub-p1's montreal run counts (zurich scans no T2w; sub-p2 is in a dim band): found, at the edge too.
+    panel = [v for k, v in rows.items() if k.startswith("insertion panel")]
+    assert all("(1 runs)" in v and "| 1.00" in v and v.endswith("| met |") for v in panel)
