@@ -28,10 +28,15 @@ from test_faults import FaultServer, send, served_file
 
 import sct_sitehead
 from sct_sitehead.cli import admin
+from sct_sitehead.cohort.plan import read_record
+from sct_sitehead.deploy.budget import Budget, Network
+from sct_sitehead.deploy.qc import ENTRIES_FILE, read_qc_entries
+from sct_sitehead.deploy.windows import WindowSettings
 from sct_sitehead.errors import (
     EXIT_TERMINATED,
     DownloadError,
     InferenceError,
+    InputImageError,
     IntegrityError,
     OfflineError,
     RegistryError,
@@ -40,7 +45,7 @@ from sct_sitehead.errors import (
 from sct_sitehead.registry.cache import Cache
 from sct_sitehead.registry.index import Registry
 from sct_sitehead.registry.signing import generate_keypair, load_private_key, sign_bytes
-from sct_sitehead.registry.specs import Asset
+from sct_sitehead.registry.specs import Asset, InputSpec, NormalizationSpec
 
 PROG = "sct_deepseg_lesion"
 PYTHONPATH = str(Path(sct_sitehead.__file__).resolve().parents[1])
@@ -346,6 +351,19 @@ def test_f03_max_memory_and_its_variable_set_the_limit(tiny_registry, tmp_path, 
     assert code == 2 and "-max-memory must be a size" in lines[0], lines
 
 
+def test_f03_the_line_says_when_the_memory_would_be_needed() -> None:
+    """Before this wording: "would need about 219 GB while after it" (the phase's name read as a sentence)."""
+    plan = Budget(2_000_000_000, "t2.nii.gz")
+    with pytest.raises(InputImageError, match=r"need about 3\.15 GB while holding the float32 image \(1024x1024x476"):
+        plan.check_native((1024, 1024, 476), 2, labels=1)
+    plan = Budget(2_000_000_000, "t2.nii.gz")
+    plan.check_native((64, 64, 32), 2, labels=1)
+    spec = InputSpec("RAS", (1.0, 1.0, 1.0), (64, 64, 64), 16, NormalizationSpec("zscore"))
+    localiser = Network(channels=1, extra_per_voxel=84, keeps_image=True)  # its distance map outweighs the rest
+    with pytest.raises(InputImageError, match=r"while holding the probabilities \(64x64x32 voxels in the file, "):
+        plan.check_grid((64, 64, 32), np.diag([40.0, 40.0, 40.0, 1.0]), spec, WindowSettings(), localiser)
+
+
 @pytest.mark.slow
 def test_f03_sub_ms01_with_8_mm_voxels_is_refused(bids_dir, tmp_path) -> None:
     """sub-ms01 with an 8 mm in-plane header, the embedded release: before, 300 s at 5.5 GB."""
@@ -529,6 +547,25 @@ def test_f08_registry_sign_on_a_deep_index_is_one_line(tmp_path, capsys) -> None
     code = admin.main(["registry", "sign", str(tmp_path / "registry.json"), "-key", str(private)])
     err = capsys.readouterr().err
     assert code == RegistryError.exit_code and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "content", [b'{"entries": ' + DEEP + b"}", b'{"entries": [], "entries": []}', b'{"entries": [{"v": NaN}]}']
+)
+def test_f08_qc_rows_and_cohort_records_are_read_with_the_one_parser(tiny_registry, tmp_path, capsys, content) -> None:
+    """JSON the tool wrote and reads back is untrusted too. Before: a deeply nested QC rows file made
+    `sct_deepseg_lesion -qc` exit 1 (RecursionError) after writing the masks; a cohort record, the same in
+    `sct_sitehead bids`."""
+    qc = tmp_path / "qc"
+    qc.mkdir()
+    (qc / ENTRIES_FILE).write_bytes(content)
+    assert read_qc_entries(qc) == []
+    (tmp_path / "record.json").write_bytes(content)
+    assert read_record(tmp_path / "record.json") is None
+    image = blob_image(tmp_path / "t2.nii.gz", affine=AFFINE)
+    code, _, err = run_deepseg(["-i", image, "-site", "universal", "-registry", tiny_registry, "-qc", qc], capsys)
+    assert code == 0 and "the report starts again from this run's rows" in err, err
+    assert [row["image"] for row in json.loads((qc / ENTRIES_FILE).read_text())["entries"]] == [str(image)]
 
 
 # --- 9: a head whose outputs do not match its labels -------------------------------------------------------------

@@ -9,7 +9,6 @@ row of the cohort table. One small pure function decides from it (:func:`scan_ac
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,8 @@ from sct_sitehead.atomic import write_json_atomic
 from sct_sitehead.cohort.scans import Scan
 from sct_sitehead.deploy.naming import plan_outputs
 from sct_sitehead.deploy.options import Options
+from sct_sitehead.errors import RegistryError
+from sct_sitehead.registry import untrusted_json
 from sct_sitehead.registry.specs import Release
 from sct_sitehead.version import __version__
 
@@ -93,9 +94,11 @@ def plan_units(scans: Sequence[Scan], out_dir: Path, sites: list[str]) -> list[U
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
+    """The record a run wrote, read with the parser for untrusted JSON; None when missing or unreadable (the scan
+    is then run again)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = untrusted_json.loads(path.read_bytes(), f"cohort record {path}")
+    except (OSError, RegistryError):
         return None
     return data if isinstance(data, dict) else None
 

@@ -161,7 +161,7 @@ class Budget:
         if qc:
             outputs["QC image"] = 5 * n
         self.refuse_over(
-            {"reading the file": load, "the float32 image": native, "writing the outputs": outputs}, grid=None
+            {"reading the file": load, "holding the float32 image": native, "writing the outputs": outputs}, grid=None
         )
 
     def check_grid(
@@ -210,7 +210,12 @@ class Budget:
             "probabilities": 4 * m * network.channels,
             "distance map": network.extra_per_voxel * m,
         }
-        phases = {"resampling": grid, "normalising": normalise, "running the network": run, "after it": after}
+        phases = {
+            "resampling": grid,
+            "normalising": normalise,
+            "running the network": run,
+            "holding the probabilities": after,
+        }
         self.refuse_over({name: {**held, **arrays} for name, arrays in phases.items()}, grid=(shape, spec))
 
     def for_network(self, network: Network) -> GridCheck:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -21,7 +20,8 @@ from urllib.parse import quote
 import numpy as np
 
 from sct_sitehead.atomic import write_atomic, write_json_atomic
-from sct_sitehead.errors import OutputError, UsageError
+from sct_sitehead.errors import OutputError, RegistryError, UsageError
+from sct_sitehead.registry import untrusted_json
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -331,11 +331,14 @@ def read_qc_entries(qc_dir: Path) -> list[dict[str, Any]]:
     """The rows of the report in ``qc_dir`` (none if it has none yet, or an unreadable file, which is rebuilt)."""
     path = Path(qc_dir) / ENTRIES_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = untrusted_json.loads(path.read_bytes(), f"QC rows {path}")
     except FileNotFoundError:
         return []
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         logger.warning("QC rows %s unreadable (%s); the report starts again from this run's rows", path, exc)
+        return []
+    except RegistryError as exc:  # not JSON, or too deep, a key twice, a non-finite number: the one parser's rules
+        logger.warning("%s; the report starts again from this run's rows", exc)
         return []
     entries = data.get("entries") if isinstance(data, dict) else None
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
