@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -119,11 +120,54 @@ def test_bids_app_participant_group_skip_force_and_a_corrupt_scan(bids_dir, tmp_
     assert bids(root, out, "participant", "-site", "montreal") == 0
     assert "0 scan(s) done, 0 failed, 3 skipped" in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime_ns for p in out.glob("sub-*/anat/*")}
+    labels = ["-participant-label", "ms01,sub-unf02", "-participant-label", "unf03"]  # commas, repeats, sub-
+    assert bids(root, out, "participant", "-site", "montreal", *labels) == 0
+    assert "0 scan(s) done, 0 failed, 3 skipped" in capsys.readouterr().out
 
     assert bids(root, out, "participant", "-site", "montreal", "-participant-label", "ms01", "-force") == 0
     assert "1 scan(s) done, 0 failed, 0 skipped" in capsys.readouterr().out
     redone = {p for p, t in stamps.items() if p.stat().st_mtime_ns != t}
     assert redone and all(p.parent.parent.name == "sub-ms01" for p in redone)
+
+
+def test_group_plot_gives_each_site_its_own_colour(tmp_path):
+    from PIL import Image
+
+    from sct_sitehead.cohort.table import PALETTE, plot_lesion_load
+
+    rows = [
+        {"status": "done", "site": f"site{n}", "subject": f"sub-{n}", "image": f"{n}.nii.gz", "head": "montreal"}
+        | {"lesion_volume_mm3": 10.0 + n}
+        for n in range(10)
+    ]
+    picture = np.asarray(Image.open(plot_lesion_load(rows, tmp_path / "load.png")).convert("RGB"))
+    colours = {tuple(int(v) for v in pixel) for pixel in picture.reshape(-1, 3)}
+    assert len(colours & set(PALETTE)) == 10  # ten sites, ten colours (bars and legend)
+
+
+def test_a_worker_opens_its_segmenter_once_whatever_its_threads(monkeypatch):
+    """A Dask worker with several threads starts several scans at once: the models are still loaded once."""
+    from sct_sitehead.cohort import work
+    from sct_sitehead.deploy.options import Options
+    from sct_sitehead.settings import ModelSource
+
+    opened: list[object] = []
+
+    def slow_open(*args: object, **kwargs: object) -> object:
+        time.sleep(0.2)
+        opened.append(object())
+        return opened[-1]
+
+    monkeypatch.setattr(work, "open_segmenter", slow_open)
+    monkeypatch.setattr(work, "_OPEN", {})
+    spec = work.SegmenterSpec(("montreal",), None, Options(), ModelSource.resolve(None))
+    got: list[object] = []
+    threads = [threading.Thread(target=lambda: got.append(work.segmenter_for(spec))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(opened) == 1 and got == opened * 4
 
 
 def _add_rows(qc_dir: str, worker: int) -> None:
@@ -175,7 +219,7 @@ def test_qc_page_in_a_headless_browser(tmp_path):
             "site": "montreal",
             "release": "lesion@1",
             "png": "a.png",
-            "lesions": n,
+            "lesions": {1: 2, 2: 3, 3: 1}[n],  # neither the rows' order nor its reverse
             "volume_mm3": 10.0 * n,
         }
         for n in (3, 1, 2)
@@ -206,6 +250,19 @@ def test_qc_page_in_a_headless_browser(tmp_path):
     picture = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     red = (picture[..., 0] > 200) & (picture[..., 1] < 60) & (picture[..., 2] < 60)
     assert red.sum() > 300 * 200  # the pictures loaded (a broken image shows no red)
+
+    # Sortable: a module script run after the page's own clicks the "lesions" header, once then twice.
+    for clicks, order in [(1, ["sub-3", "sub-1", "sub-2"]), (2, ["sub-2", "sub-1", "sub-3"])]:
+        click = 'const th = document.querySelectorAll("th")[4];' + " th.click();" * clicks
+        clicked = qc / f"clicked{clicks}.html"
+        clicked.write_text(index.read_text().replace("</body>", f'<script type="module">{click}</script></body>'))
+        dom = subprocess.run(
+            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", clicked.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+        assert re.findall(r"<tr><td>(sub-\d)</td>", dom) == order, clicks
 
 
 def test_deepseg_takes_folders_skips_its_masks_and_names_bad_files(tiny_registry, tmp_path, capsys):

@@ -45,9 +45,19 @@ def _labels(values: tuple[str, ...]) -> list[str]:
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("level", type=click.Choice(["participant", "group"]))
 @click.option(
-    "-participant-label", "participants", multiple=True, metavar="LABEL", help="participants (repeatable; default all)"
+    "-participant-label",
+    "participants",
+    multiple=True,
+    metavar="LABEL[,LABEL...]",
+    help="participants (comma-separated or repeated; default all)",
 )
-@click.option("-session-label", "sessions", multiple=True, metavar="LABEL", help="sessions (repeatable; default all)")
+@click.option(
+    "-session-label",
+    "sessions",
+    multiple=True,
+    metavar="LABEL[,LABEL...]",
+    help="sessions (comma-separated or repeated; default all)",
+)
 @click.option("-contrast", "contrasts", default=",".join(SUPPORTED_CONTRASTS), show_default=True, help="BIDS suffixes")
 @click.option("-site", "sites", metavar="NAME[,NAME...]", help="site head(s) (default: $SCT_SITEHEAD_SITE)")
 @click.option("-model", metavar="NAME[@VERSION]", help="model (default: the registry's default, latest)")

@@ -33,6 +33,21 @@ COLUMNS = [
 ]
 TABLE = "cohort.tsv"
 PLOT = "cohort_lesion_load.png"
+#: Site colours, all distinct (Tableau 10 and two more): a study of up to 12 sites has no two alike.
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (0, 0, 128),
+    (128, 64, 0),
+]
 
 
 def cohort_rows(out_dir: Path) -> list[dict[str, Any]]:
@@ -87,14 +102,14 @@ def plot_lesion_load(rows: list[dict[str, Any]], path: Path) -> Path:
         if row.get("head") == head:
             load[(str(row["site"]), str(row["subject"]))] += float(row.get("lesion_volume_mm3") or 0.0)
     bars = sorted(load.items())
-    palette = [(230, 85, 13), (49, 130, 189), (49, 163, 84), (117, 107, 177), (222, 45, 38), (99, 99, 99)]
     sites = sorted({site for site, _ in load})
-    colour = {site: palette[i % len(palette)] for i, site in enumerate(sites)}
+    colour = {site: PALETTE[i % len(PALETTE)] for i, site in enumerate(sites)}
     width, height, left, bottom, top = max(400, 60 + 18 * len(bars)), 360, 60, 120, 30
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     most = max([v for _, v in bars] + [1.0])
-    draw.text((left, 8), f"lesion load per subject (mm³, max {most:.0f}), by site", fill="black")
+    # PIL's default font has no superscript 3.
+    draw.text((left, 8), f"lesion load per subject (mm3, max {most:.0f}), by site", fill="black")
     draw.line([(left, height - bottom), (width - 10, height - bottom)], fill="black")
     for i, ((site, subject), value) in enumerate(bars):
         x = left + 4 + 18 * i

@@ -10,6 +10,7 @@ A Dask worker runs :func:`run_scan`, which keeps one :class:`~sct_sitehead.deplo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +43,17 @@ class SegmenterSpec:
 
 #: This process's open segmenters, by spec: a worker loads the models on its first scan and keeps them.
 _OPEN: dict[SegmenterSpec, Segmenter] = {}
+#: A Dask worker started with several threads (``dask worker --nthreads 4``) runs several first scans at once:
+#: without the lock each would load the models.
+_OPENING = threading.Lock()
 
 
 def segmenter_for(spec: SegmenterSpec) -> Segmenter:
-    """The process's segmenter for ``spec``, opened on first use."""
-    if spec not in _OPEN:
-        _OPEN[spec] = open_segmenter(list(spec.sites), model=spec.model, options=spec.options, source=spec.source)
-    return _OPEN[spec]
+    """The process's segmenter for ``spec``, opened on first use (once, whatever the threads asking)."""
+    with _OPENING:
+        if spec not in _OPEN:
+            _OPEN[spec] = open_segmenter(list(spec.sites), model=spec.model, options=spec.options, source=spec.source)
+        return _OPEN[spec]
 
 
 def run_scan(spec: SegmenterSpec, unit: Unit, out_dir: Path, print_: dict[str, Any]) -> dict[str, Any]:
