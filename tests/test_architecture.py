@@ -3,14 +3,20 @@
 The same rules as the import-linter contracts in ``pyproject.toml`` (``lint-imports``, run by CI), checked here
 with import-linter's own graph library so that a developer running pytest sees a broken rule, with the modules
 named. Imports under ``if TYPE_CHECKING:`` never run and are left out, as in the contracts.
+
+The ``bin/`` scripts import the package as installed (no ``sys.path`` edits, no script loaded from its file), and
+each is linted: ruff picks files by suffix, and these have none.
 """
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterable
+from pathlib import Path
 
 import grimp
 import pytest
+from conftest import REPO
 
 PACKAGE = "sct_sitehead"
 #: What ``sct_deepseg_lesion`` runs, installed without the ``train`` extra.
@@ -87,6 +93,37 @@ def describe_cycle(graph: grimp.ImportGraph, component: Iterable[str]) -> str:
     return "\n".join(lines)
 
 
+def bin_python_scripts() -> list[Path]:
+    """The Python scripts of ``bin/``; they have no ``.py`` suffix, so their ``#!`` line tells them."""
+    scripts = []
+    for path in sorted((REPO / "bin").iterdir()):
+        first = path.read_text(encoding="utf-8").partition("\n")[0] if path.is_file() else ""
+        if first.startswith("#!") and "python" in first:
+            scripts.append(path)
+    return scripts
+
+
+#: Ways to load a file as a module behind the import system's back.
+FILE_LOADERS = {"SourceFileLoader", "spec_from_file_location", "run_path", "runpy"}
+
+
+def path_hacks(source: str) -> list[int]:
+    """The lines of a script that reach around the installed package: a ``sys.path`` edit, or a file loaded as a
+    module (:data:`FILE_LOADERS`)."""
+    lines = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "path" and ast.unparse(node.value) == "sys":
+            lines.add(node.lineno)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            if {alias.name.split(".")[-1] for alias in node.names} & FILE_LOADERS:
+                lines.add(node.lineno)
+        elif (isinstance(node, ast.Name) and node.id in FILE_LOADERS) or (
+            isinstance(node, ast.Attribute) and node.attr in FILE_LOADERS
+        ):
+            lines.add(node.lineno)
+    return sorted(lines)
+
+
 def _inside(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
@@ -132,3 +169,33 @@ def test_import_cycles_are_found_and_named() -> None:
         graph.add_import(importer=importer, imported=imported, line_number=1, line_contents=f"import {imported}")
     assert import_cycles(graph, "p") == [["p.a", "p.b", "p.c"], ["p.d", "p.e"]]
     assert describe_cycle(graph, ["p.d", "p.e"]) == "  p.d (line 1) imports p.e\n  p.e (line 1) imports p.d"
+
+
+def test_bin_scripts_import_the_package_as_installed() -> None:
+    """``bin/`` scripts use the public API and the package's modules as a user would: no ``sys.path`` edits, no
+    other script loaded from its file."""
+    scripts = bin_python_scripts()
+    assert len(scripts) >= 9, [path.name for path in scripts]
+    hacks = {path.name: path_hacks(path.read_text(encoding="utf-8")) for path in scripts}
+    assert not {name: lines for name, lines in hacks.items() if lines}, "sys.path edits or file loaders, by line"
+
+
+def test_path_hacks_are_found() -> None:
+    source = """import sys
+sys.path.insert(0, "bin")
+from importlib.machinery import SourceFileLoader
+import os.path
+other = importlib.machinery.SourceFileLoader("b", "bin/b").load_module()
+import runpy
+print(os.path.join("a", "b"), sys.argv)
+"""
+    assert path_hacks(source) == [2, 3, 5, 6]
+
+
+def test_ruff_checks_every_python_script_of_bin() -> None:
+    """ruff picks files by suffix, so a script without ``.py`` is linted and formatted only when pyproject names
+    it; a new script left out would escape CI's ``ruff check .`` and ``ruff format --check .``."""
+    tomllib = pytest.importorskip("tomllib")
+    ruff = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["ruff"]
+    named = set(ruff["extend-include"])
+    assert {f"bin/{path.name}" for path in bin_python_scripts()} <= named
