@@ -28,6 +28,16 @@ SUBJECTS = ["sub-ms01", "sub-unf02", "sub-unf03"]
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+def dump_dom(page: Path) -> str:
+    """The DOM of ``page`` after headless Chromium ran its scripts."""
+    return subprocess.run(
+        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+
+
 def make_cohort(source: Path, root: Path, subjects: list[str] = SUBJECTS) -> Path:
     """A BIDS dataset of symlinks to the shared real scans (never copied into the repository)."""
     root.mkdir(parents=True)
@@ -226,12 +236,7 @@ def test_qc_page_in_a_headless_browser(tmp_path):
     ]
     index = add_qc_entries(qc, rows)
     shot = tmp_path / "shot.png"
-    dom = subprocess.run(
-        [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", index.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    dom = dump_dom(index)
     assert dom.count("<tr><td>sub-") == 3
     subprocess.run(
         [
@@ -256,12 +261,7 @@ def test_qc_page_in_a_headless_browser(tmp_path):
         click = 'const th = document.querySelectorAll("th")[4];' + " th.click();" * clicks
         clicked = qc / f"clicked{clicks}.html"
         clicked.write_text(index.read_text().replace("</body>", f'<script type="module">{click}</script></body>'))
-        dom = subprocess.run(
-            [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", clicked.as_uri()],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        ).stdout
+        dom = dump_dom(clicked)
         assert re.findall(r"<tr><td>(sub-\d)</td>", dom) == order, clicks
 
 

@@ -26,6 +26,19 @@ from sct_sitehead.errors import UsageError
 from sct_sitehead.registry.specs import InputSpec, LocaliserSpec, NormalizationSpec
 
 
+def bare_spec(patch: int, divisor: int, margin_mm: float) -> LocaliserSpec:
+    """A localiser spec on a 2 mm RAS grid with no ONNX files (the tests hand :func:`localise` a model)."""
+    return LocaliserSpec(
+        input=InputSpec("RAS", (2.0, 2.0, 2.0), (patch,) * 3, divisor, NormalizationSpec("zscore")),
+        backbone=None,
+        head=None,
+        channel=0,
+        threshold=0.5,
+        margin_mm=margin_mm,
+        cord_margin_mm=2.0,
+    )
+
+
 def two_blobs(path: Path) -> Path:
     """Noisy 64 x 64 x 48 mm image: a large bright blob (the "cord" with its lesion) and a small one far away."""
     rng = np.random.default_rng(1)
@@ -124,15 +137,7 @@ def test_lesion_region_reaches_the_image_edge():
 
 
 def test_localise_returns_none_when_no_cord():
-    spec = LocaliserSpec(
-        input=InputSpec("RAS", (2.0, 2.0, 2.0), (16, 16, 16), 2, NormalizationSpec("zscore")),
-        backbone=None,
-        head=None,
-        channel=0,
-        threshold=0.5,
-        margin_mm=5.0,
-        cord_margin_mm=2.0,
-    )
+    spec = bare_spec(patch=16, divisor=2, margin_mm=5.0)
 
     def nothing(batch):
         return {"cord": np.zeros((batch.shape[0], 1, *batch.shape[2:]), dtype=np.float32)}
@@ -335,15 +340,7 @@ def column_image() -> np.ndarray:
 def test_localise_keeps_the_whole_cord_axis_and_bridges_gaps():
     """A localiser that misses the cord over a stretch (where a lesion is) and at the top: the box still spans the
     whole field of view along the cord, and the lesion region covers the cord in the gap and up to the edge."""
-    spec = LocaliserSpec(
-        input=InputSpec("RAS", (2.0, 2.0, 2.0), (32, 32, 32), 8, NormalizationSpec("zscore")),
-        backbone=None,
-        head=None,
-        channel=0,
-        threshold=0.5,
-        margin_mm=6.0,
-        cord_margin_mm=2.0,
-    )
+    spec = bare_spec(patch=32, divisor=8, margin_mm=6.0)
     data = column_image()
     found = localise(data, np.eye(4), spec, cord_with_gap_model(slice(10, 18)))
     assert found is not None
