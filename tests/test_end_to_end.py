@@ -17,7 +17,11 @@ pytest.importorskip("torch")
 
 from sct_sitehead.cli import admin as admin_cli
 from sct_sitehead.cli import deepseg_lesion as cli
+from sct_sitehead.errors import RegistryError
 from sct_sitehead.evaluation.thresholds import MIN_LESIONS_MM3
+from sct_sitehead.registry.cache import Cache
+from sct_sitehead.registry.index import Registry
+from sct_sitehead.registry.specs import LOCALISER_WINDOWS, WindowSpec
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
 
@@ -121,6 +125,29 @@ def test_published_index_lists_every_head_with_its_strategy(published):
     localiser = release["localiser"]
     assert localiser["input"]["spacing"] == [4.0, 4.0, 4.0] and localiser["margin_mm"] == 15
     assert (published["registry"].parent / localiser["head"]["url"]).is_file()
+    assert release["windows"]["localiser"] == LOCALISER_WINDOWS.as_dict()
+
+
+def test_the_localiser_runs_the_windows_its_release_names(published, tmp_path):
+    """``windows.localiser`` of the index reaches the localiser's spec; absent, the settings of older releases;
+    out of range, the index is refused."""
+    index = json.loads(published["registry"].read_text())
+    release = index["models"]["lesion"]["releases"]["0.1.0"]
+
+    def parsed(windows):
+        if windows is None:
+            release.pop("windows", None)
+        else:
+            release["windows"] = {"localiser": windows}
+        path = tmp_path / "registry.json"
+        path.write_text(json.dumps(index))
+        return Registry.load(str(path), cache=Cache(tmp_path / "cache"), offline=True).release().localiser.windows
+
+    chosen = {**LOCALISER_WINDOWS.as_dict(), "overlap": 0.5, "batch_size": 1, "max_patches": 3}
+    assert parsed(chosen) == WindowSpec(0.5, 1, 3, True, False)
+    assert parsed(None) == LOCALISER_WINDOWS
+    with pytest.raises(RegistryError):
+        parsed({**chosen, "overlap": 1.5})
 
 
 def test_deploy_cli_runs_the_published_release(published, tmp_path, capsys):

@@ -22,7 +22,6 @@ from sct_sitehead.deploy.prediction import NativeImage, predict_on_grid
 from sct_sitehead.deploy.session import SiteHeadModel, select_providers
 from sct_sitehead.deploy.spatial import to_model_grid
 from sct_sitehead.deploy.windows import (
-    LOCALISER_WINDOWS,
     MIN_WEIGHT,
     WindowSettings,
     edge_beyond_for,
@@ -39,10 +38,12 @@ from sct_sitehead.errors import (
     RegistryError,
     UsageError,
 )
+from sct_sitehead.registry.specs import LOCALISER_WINDOWS as LOCALISER_WINDOW_SPEC
 from sct_sitehead.registry.specs import InputSpec, NormalizationSpec
 
 shapes = st.tuples(*[st.integers(1, 40)] * 3)
 patches = st.tuples(*[st.integers(1, 16)] * 3)
+LOCALISER_WINDOWS = WindowSettings.from_spec(LOCALISER_WINDOW_SPEC)
 
 
 @pytest.fixture(scope="module")

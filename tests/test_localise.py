@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from sct_sitehead.deploy.localise import (
 from sct_sitehead.deploy.spatial import to_model_grid
 from sct_sitehead.deploy.windows import crop_window, fill_window, one_window
 from sct_sitehead.errors import UsageError
-from sct_sitehead.registry.specs import InputSpec, LocaliserSpec, NormalizationSpec
+from sct_sitehead.registry.specs import InputSpec, LocaliserSpec, NormalizationSpec, WindowSpec
 
 
 def bare_spec(patch: int, divisor: int, margin_mm: float) -> LocaliserSpec:
@@ -144,6 +145,26 @@ def test_localise_returns_none_when_no_cord():
 
     data = np.random.default_rng(0).normal(size=(20, 20, 20)).astype(np.float32)
     assert localise(data, np.eye(4), spec, nothing) is None
+
+
+def test_localise_runs_the_windows_of_its_spec():
+    """The spec's windows decide how the coarse image is cut: one window of up to 2 patches by default, windows of
+    one patch, one per call, when the release says so."""
+    data = np.random.default_rng(0).normal(size=(20, 20, 120)).astype(np.float32)  # 10 x 10 x 60 on the 2 mm grid
+    seen: list[tuple[int, ...]] = []
+
+    def record(batch):
+        seen.append(batch.shape)
+        return {"cord": np.zeros((batch.shape[0], 1, *batch.shape[2:]), dtype=np.float32)}
+
+    spec = bare_spec(patch=16, divisor=2, margin_mm=5.0)
+    localise(data, np.eye(4), spec, record)
+    # The 60 slices in windows of 2 patches (32) overlapping by a quarter, two per call.
+    assert [shape[0] for shape in seen] == [2, 1] and {shape[2:] for shape in seen} == {(12, 12, 32)}
+    seen.clear()
+    one_patch = WindowSpec(overlap=0.25, batch_size=1, max_patches=1, fit_whole_image=True, repeat_edges=False)
+    localise(data, np.eye(4), dataclasses.replace(spec, windows=one_patch), record)
+    assert [shape[0] for shape in seen] == [1] * 5 and {shape[2:] for shape in seen} == {(12, 12, 16)}
 
 
 @pytest.mark.parametrize("crop", [True, False])

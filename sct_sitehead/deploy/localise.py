@@ -30,7 +30,7 @@ import numpy as np
 from sct_sitehead.deploy.budget import GridCheck
 from sct_sitehead.deploy.prediction import NativeImage, predict_on_grid
 from sct_sitehead.deploy.spatial import Bbox, ModelGrid, nonzero_bounds, three
-from sct_sitehead.deploy.windows import LOCALISER_WINDOWS, Predict, WindowSettings
+from sct_sitehead.deploy.windows import Predict, WindowSettings
 from sct_sitehead.errors import UsageError
 from sct_sitehead.registry.specs import LocaliserSpec
 
@@ -223,7 +223,7 @@ def localise(
     spec: LocaliserSpec,
     model: Predict,
     *,
-    settings: WindowSettings = LOCALISER_WINDOWS,
+    settings: WindowSettings | None = None,
     budget: GridCheck | None = None,
 ) -> Localised | None:
     """Run the cord localiser on a native image.
@@ -234,7 +234,7 @@ def localise(
         spec: the release's localiser.
         model: callable batch -> ``{name: (N, K, x, y, z)}`` (a :class:`~sct_sitehead.deploy.session.SiteHeadModel`
             with one head).
-        settings: how its windows run (default: :data:`~sct_sitehead.deploy.windows.LOCALISER_WINDOWS`).
+        settings: how its windows run (default: the release's, ``spec.windows``).
         budget: the memory check before its grid is made (see :func:`~sct_sitehead.deploy.prediction.
             predict_on_grid`).
 
@@ -243,6 +243,7 @@ def localise(
     """
     from scipy import ndimage
 
+    settings = settings if settings is not None else WindowSettings.from_spec(spec.windows)
     prediction = predict_on_grid(
         NativeImage(data, affine), spec.input, model, settings, keep_sample=True, budget=budget
     )

@@ -20,6 +20,7 @@ import numpy as np
 
 from sct_sitehead.deploy.spatial import Bbox, model_size, orientation_transform, three
 from sct_sitehead.errors import InferenceError, UsageError
+from sct_sitehead.registry.specs import CROP_WINDOW_PATCHES, WindowSpec
 
 logger = logging.getLogger(__name__)
 
@@ -280,12 +281,6 @@ def one_window(
     )
 
 
-#: Longest crop window along an axis, in patches. A crop runs in windows of up to this length overlapping by half,
-#: so a crop a little longer than one window is computed nearly twice: 256 voxels of cord ran as two 192-voxel
-#: windows (384 voxels of network) with 3 patches, one 256-voxel window with 4.
-CROP_WINDOW_PATCHES = 4
-
-
 def crop_window(size: int, whole: int, patch: int, divisor: int, *, max_patches: int = CROP_WINDOW_PATCHES) -> int:
     """The window along one model axis for a crop of ``size`` voxels of an image ``whole`` voxels long.
 
@@ -359,26 +354,14 @@ def fill_window(
 
 
 @dataclass(frozen=True)
-class WindowSettings:
-    """How a network runs over a model grid; the defaults are the lesion model's (``Options``' defaults).
+class WindowSettings(WindowSpec):
+    """A :class:`~sct_sitehead.registry.specs.WindowSpec` that plans windows; the defaults are the lesion model's
+    (``Options``' defaults), the cord localiser's come from its release (:meth:`from_spec`)."""
 
-    Attributes:
-        overlap: fraction of a window shared with its neighbour, in [0, 1).
-        batch_size: windows per network call. A crop's window, unless it is the release's patch, runs alone: it
-            may be up to ``max_patches`` patches a side, and memory stays bounded.
-        max_patches: window limit: the longest window along an axis, in the release's patches; a longer volume
-            (a whole spine) runs in several overlapping windows.
-        fit_whole_image: a whole image runs in one window fitted to it (:func:`one_window`), not in windows of
-            the release's patch.
-        repeat_edges: past the image, windows repeat its edge along the cord (:func:`edge_beyond_for`); False:
-            they are padded with the image's minimum on every axis.
-    """
-
-    overlap: float = 0.5
-    batch_size: int = 4
-    max_patches: int = CROP_WINDOW_PATCHES
-    fit_whole_image: bool = False
-    repeat_edges: bool = True
+    @classmethod
+    def from_spec(cls, spec: WindowSpec) -> WindowSettings:
+        """These settings for a release's window spec."""
+        return cls(**spec.as_dict())
 
     def plan(
         self, shape: Sequence[int], patch_size: Sequence[int], divisor: int, *, crop_window: Sequence[int] | None = None
@@ -402,9 +385,3 @@ class WindowSettings:
     def edge_beyond(self, orientation: str, patch_size: Sequence[int]) -> tuple[int, int, int] | None:
         """``sliding_window``'s ``edge_beyond`` for these settings on a model grid of ``orientation``."""
         return edge_beyond_for(orientation, patch_size) if self.repeat_edges else None
-
-
-#: The cord localiser's windows: a coarse image (3 mm) in one window of up to 2 patches a side, whole or in
-#: windows overlapping by a quarter, padded with its minimum. Its windows padded along the cord like the lesion
-#: model's were tried (release 1.1.3): validation identical, a lower lesion-wise F1 on the test split.
-LOCALISER_WINDOWS = WindowSettings(overlap=0.25, batch_size=2, max_patches=2, fit_whole_image=True, repeat_edges=False)

@@ -24,11 +24,13 @@ from sct_sitehead.registry.download import is_remote
 from sct_sitehead.registry.local import embedded_registry_path, local_index_path, read_local_index, read_local_signature
 from sct_sitehead.registry.remote import fetch_remote_index, signature_url
 from sct_sitehead.registry.specs import (
+    LOCALISER_WINDOWS,
     Asset,
     HeadSpec,
     LabelSpec,
     LocaliserSpec,
     Release,
+    WindowSpec,
     input_spec,
     suggest,
 )
@@ -196,6 +198,7 @@ class Registry:
         localiser = None
         if "localiser" in raw:
             loc = raw["localiser"]
+            windows = raw.get("windows", {})
             localiser = LocaliserSpec(
                 input=input_spec(loc["input"]),
                 backbone=self.build_asset("localiser backbone", loc["backbone"], release=spec),
@@ -204,6 +207,7 @@ class Registry:
                 threshold=float(loc["threshold"]),
                 margin_mm=float(loc["margin_mm"]),
                 cord_margin_mm=float(loc["cord_margin_mm"]),
+                windows=WindowSpec.from_mapping(windows["localiser"]) if "localiser" in windows else LOCALISER_WINDOWS,
             )
         return Release(
             model=model,

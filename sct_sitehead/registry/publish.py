@@ -24,6 +24,7 @@ from sct_sitehead.registry.document import INDEX_NAME
 from sct_sitehead.registry.index import version_key
 from sct_sitehead.registry.schema import validate_index
 from sct_sitehead.registry.signing import sign_index
+from sct_sitehead.registry.specs import LOCALISER_WINDOWS, WindowSpec
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ def publish(
     localiser: Path | None = None,
     localiser_margin_mm: float = 12.0,
     cord_margin_mm: float = 5.0,
+    localiser_windows: WindowSpec = LOCALISER_WINDOWS,
 ) -> Path:
     """Add ``model@version`` from ``export_dir`` to the registry in ``registry_dir``.
 
@@ -167,6 +169,7 @@ def publish(
         localiser: export folder of a cord localiser (``train-backbone -config localiser`` then ``export``): the
             lesion model then runs only within ``localiser_margin_mm`` of the cord it finds, and lesions further
             than ``cord_margin_mm`` from that cord are dropped.
+        localiser_windows: how the localiser runs over its grid, recorded as the release's ``windows.localiser``.
 
     Returns:
         The index path.
@@ -206,6 +209,7 @@ def publish(
             margin_mm=localiser_margin_mm,
             cord_margin_mm=cord_margin_mm,
         )
+        entry["windows"] = {"localiser": localiser_windows.as_dict()}
         copy_assets(loc_manifest, localiser, registry_dir / model / version / "localiser", heads=["universal"])
     record["releases"][version] = entry
     record["latest"] = max(record["releases"], key=version_key)

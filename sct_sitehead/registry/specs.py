@@ -58,6 +58,69 @@ class InputSpec:
     normalization: NormalizationSpec
 
 
+#: Longest crop window along an axis, in patches. A crop runs in windows of up to this length overlapping by half,
+#: so a crop a little longer than one window is computed nearly twice: 256 voxels of cord ran as two 192-voxel
+#: windows (384 voxels of network) with 3 patches, one 256-voxel window with 4.
+CROP_WINDOW_PATCHES = 4
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """How a network runs over its model grid; the defaults are the lesion model's.
+
+    Attributes:
+        overlap: fraction of a window shared with its neighbour, in [0, 1).
+        batch_size: windows per network call. A crop's window, unless it is the release's patch, runs alone: it
+            may be up to ``max_patches`` patches a side, and memory stays bounded.
+        max_patches: window limit: the longest window along an axis, in the release's patches; a longer volume
+            (a whole spine) runs in several overlapping windows.
+        fit_whole_image: a whole image runs in one window fitted to it, not in windows of the release's patch.
+        repeat_edges: past the image, windows repeat its edge along the cord; False: they are padded with the
+            image's minimum on every axis.
+    """
+
+    overlap: float = 0.5
+    batch_size: int = 4
+    max_patches: int = CROP_WINDOW_PATCHES
+    fit_whole_image: bool = False
+    repeat_edges: bool = True
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> WindowSpec:
+        """The spec of an index's window object (``windows.localiser``).
+
+        Raises:
+            RegistryError: a value out of range (the schema checks the types).
+        """
+        spec = cls(
+            overlap=float(raw["overlap"]),
+            batch_size=int(raw["batch_size"]),
+            max_patches=int(raw["max_patches"]),
+            fit_whole_image=bool(raw["fit_whole_image"]),
+            repeat_edges=bool(raw["repeat_edges"]),
+        )
+        if not 0.0 <= spec.overlap < 1.0 or spec.batch_size < 1 or spec.max_patches < 1:
+            raise RegistryError(f"window settings out of range: {dict(raw)}")
+        return spec
+
+    def as_dict(self) -> dict[str, Any]:
+        """The index's window object."""
+        return {
+            "overlap": self.overlap,
+            "batch_size": self.batch_size,
+            "max_patches": self.max_patches,
+            "fit_whole_image": self.fit_whole_image,
+            "repeat_edges": self.repeat_edges,
+        }
+
+
+#: The cord localiser's windows, written into each release that has a localiser (``windows.localiser``) and used
+#: for releases published before the field: a coarse image (3 mm) in one window of up to 2 patches a side, whole or
+#: in windows overlapping by a quarter, padded with its minimum. Its windows padded along the cord like the lesion
+#: model's were tried (release 1.1.3): validation identical, a lower lesion-wise F1 on the test split.
+LOCALISER_WINDOWS = WindowSpec(overlap=0.25, batch_size=2, max_patches=2, fit_whole_image=True, repeat_edges=False)
+
+
 @dataclass(frozen=True)
 class LabelSpec:
     """One output label of a head: its name, the site's label value, and its channel in the shared space."""
@@ -103,7 +166,8 @@ class LocaliserSpec:
 
     The lesion model then runs only on a box that spans the whole image along the cord and, across it, the cord
     grown by ``margin_mm``; lesion probabilities further than ``cord_margin_mm`` from the found cord are set to 0
-    (see :mod:`sct_sitehead.deploy.localise`).
+    (see :mod:`sct_sitehead.deploy.localise`). ``windows``: how it runs over its grid (the index's
+    ``windows.localiser``; :data:`LOCALISER_WINDOWS` where a release does not say).
     """
 
     input: InputSpec
@@ -113,6 +177,7 @@ class LocaliserSpec:
     threshold: float
     margin_mm: float
     cord_margin_mm: float
+    windows: WindowSpec = LOCALISER_WINDOWS
 
 
 @dataclass(frozen=True)
