@@ -34,6 +34,14 @@ _TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\..+)?$")
 QC_EVERY_S = 5.0
 #: How long a Dask run waits, once every scan has a result, for late copies of its tasks still running.
 STRAGGLER_WAIT_S = 300.0
+#: Dask settings of the embedded cluster's workers. Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in each
+#: worker, and setting it turns off glibc's adaptive mmap threshold: every image-sized array is then mapped and
+#: unmapped again, and a sub-ms01 scan took 0.55 s instead of 0.42 s (system time 8 s instead of 2.7 s over 40
+#: scans; docs/PERFORMANCE.md). None unsets it. The statistical profiler (every 10 ms) is off: nobody reads it.
+LOCAL_WORKER_CONFIG = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+}
 
 
 @dataclass
@@ -53,11 +61,11 @@ class Summary:
         return [r for r in self.records if r.get("Status") != "done"]
 
     def line(self) -> str:
-        """The final line: scans done, failed, skipped, and scans per minute (of those run)."""
+        """The final line: scans done, failed, skipped, and scans per minute (of those run, skipped ones aside)."""
         rate = 60.0 * len(self.records) / self.seconds if self.seconds > 0 else 0.0
         return (
             f"{self.done} scan(s) done, {len(self.failed)} failed, {self.skipped} skipped in {self.seconds:.1f} s "
-            f"({rate:.1f} scans/min)"
+            f"({rate:.1f} scans/min run)"
         )
 
 
@@ -142,9 +150,12 @@ def _on_dask(
     else:
         jobs = jobs or 1
         spec = replace(spec, options=replace(spec.options, threads=worker_threads(jobs, spec.options.threads)))
-        cluster = distributed.LocalCluster(
-            n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
-        )
+        import dask
+
+        with dask.config.set(LOCAL_WORKER_CONFIG):
+            cluster = distributed.LocalCluster(
+                n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
+            )
         client = distributed.Client(cluster)
     try:
         futures = {
@@ -198,14 +209,19 @@ def _import_distributed() -> Any:
 
 
 def _progress(records: Iterator[dict[str, Any]], total: int) -> Iterator[dict[str, Any]]:
-    """tqdm over the cohort's scans, on a terminal only."""
+    """tqdm over the cohort's scans, on a terminal only, with the failures so far; log lines go above the bar."""
     if not sys.stderr.isatty():
         yield from records
         return
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    with tqdm(total=total, unit="scan", desc="cohort") as bar:
+    failed = 0
+    with logging_redirect_tqdm(), tqdm(total=total, unit="scan", desc="cohort") as bar:
         for record in records:
+            if record.get("Status") != "done":
+                failed += 1
+                bar.set_postfix(failed=failed)
             bar.update(1)
             yield record
 
@@ -221,12 +237,13 @@ class _QcRows:
     def add(self, rows: list[dict[str, Any]]) -> None:
         self.pending += rows
         if time.monotonic() - self.last > QC_EVERY_S:
-            self.flush()
+            self.flush(final=False)
 
-    def flush(self) -> None:
+    def flush(self, *, final: bool = True) -> None:
+        """Add the pending rows; the report's path is logged once, by the final flush, not under the progress bar."""
         if self.qc_dir is not None and self.pending:
             index = self.add_entries(self.qc_dir, self.pending)
-            logger.info("QC: %s", index)
+            logger.log(logging.INFO if final else logging.DEBUG, "QC: %s", index)
         self.pending, self.last = [], time.monotonic()
 
 

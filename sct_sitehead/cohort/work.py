@@ -88,7 +88,7 @@ def run_unit(segmenter: Segmenter, unit: Unit, out_dir: Path, print_: dict[str, 
         message = str(exc) if str(scan.image) in str(exc) else f"{scan.image}: {exc}"
         code = exc.exit_code if isinstance(exc, SiteHeadError) else 3
         record.update(Status="failed", Error=message, ExitCode=code, Seconds=round(time.perf_counter() - started, 3))
-        logger.error("%s", message)
+        logger.debug("failed (exit %d): %s", code, message)  # listed once, at the end of the run
     else:
         seconds = round(time.perf_counter() - started, 3)
         record.update(
