@@ -143,15 +143,13 @@ def _on_dask(
     jobs: int | None,
     scheduler: str | None,
 ) -> Iterator[dict[str, Any]]:
-    distributed = _import_distributed()
+    dask, distributed = _import_dask()
     if scheduler is not None:
         client = distributed.Client(scheduler)
         cluster = None
     else:
         jobs = jobs or 1
         spec = replace(spec, options=replace(spec.options, threads=worker_threads(jobs, spec.options.threads)))
-        import dask
-
         with dask.config.set(LOCAL_WORKER_CONFIG):
             cluster = distributed.LocalCluster(
                 n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None, silence_logs=logging.ERROR
@@ -198,14 +196,16 @@ def _wait_for_stragglers(client: Any, keys: set[str], wait_s: float = STRAGGLER_
         time.sleep(0.2)
 
 
-def _import_distributed() -> Any:
+def _import_dask() -> tuple[Any, Any]:
+    """``dask`` and ``dask.distributed`` (the ``cohort`` extra), or a usage error that says how to install them."""
     try:
+        import dask
         import distributed
     except ImportError:
         raise UsageError(
             "-jobs and -scheduler need Dask: pip install 'sct_sitehead[cohort]' (dask[distributed])"
         ) from None
-    return distributed
+    return dask, distributed
 
 
 def _progress(records: Iterator[dict[str, Any]], total: int) -> Iterator[dict[str, Any]]:
