@@ -217,7 +217,8 @@ def _progress(records: Iterator[dict[str, Any]], total: int) -> Iterator[dict[st
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     failed = 0
-    with logging_redirect_tqdm(), tqdm(total=total, unit="scan", desc="cohort") as bar:
+    package = logging.getLogger("sct_sitehead")  # where the command line sends the log (cli/logs.py)
+    with logging_redirect_tqdm([logging.root, package]), tqdm(total=total, unit="scan", desc="cohort") as bar:
         for record in records:
             if record.get("Status") != "done":
                 failed += 1
