@@ -87,21 +87,15 @@ class WindowSpec:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> WindowSpec:
-        """The spec of an index's window object (``windows.localiser``).
-
-        Raises:
-            RegistryError: a value out of range (the schema checks the types).
-        """
-        spec = cls(
+        """The spec of an index's window object (``windows.localiser``; its types and ranges checked by the
+        index's schema)."""
+        return cls(
             overlap=float(raw["overlap"]),
             batch_size=int(raw["batch_size"]),
             max_patches=int(raw["max_patches"]),
             fit_whole_image=bool(raw["fit_whole_image"]),
             repeat_edges=bool(raw["repeat_edges"]),
         )
-        if not 0.0 <= spec.overlap < 1.0 or spec.batch_size < 1 or spec.max_patches < 1:
-            raise RegistryError(f"window settings out of range: {dict(raw)}")
-        return spec
 
     def as_dict(self) -> dict[str, Any]:
         """The index's window object."""
