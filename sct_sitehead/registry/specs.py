@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from sct_sitehead.errors import RegistryError, UnknownModelError
@@ -89,23 +89,11 @@ class WindowSpec:
     def from_mapping(cls, raw: Mapping[str, Any]) -> WindowSpec:
         """The spec of an index's window object (``windows.localiser``; its types and ranges checked by the
         index's schema)."""
-        return cls(
-            overlap=float(raw["overlap"]),
-            batch_size=int(raw["batch_size"]),
-            max_patches=int(raw["max_patches"]),
-            fit_whole_image=bool(raw["fit_whole_image"]),
-            repeat_edges=bool(raw["repeat_edges"]),
-        )
+        return cls(**{field.name: raw[field.name] for field in fields(cls)})
 
     def as_dict(self) -> dict[str, Any]:
         """The index's window object."""
-        return {
-            "overlap": self.overlap,
-            "batch_size": self.batch_size,
-            "max_patches": self.max_patches,
-            "fit_whole_image": self.fit_whole_image,
-            "repeat_edges": self.repeat_edges,
-        }
+        return asdict(self)
 
 
 #: The cord localiser's windows, written into each release that has a localiser (``windows.localiser``) and used
