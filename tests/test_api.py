@@ -43,7 +43,7 @@ def test_evaluate_scores_exactly_the_mask_the_command_writes(ms01: Path, tmp_pat
     source = nib.load(ms01)
     nib.save(nib.Nifti1Image(written.astype(np.uint8), source.affine, source.header), reference)
     segmenter = sct_sitehead.open_segmenter("montreal")
-    (row,) = evaluate_release(segmenter, [Case("sub-ms01", "montreal", ms01, reference)])
+    (row,), _ = evaluate_release(segmenter, [Case("sub-ms01", "montreal", ms01, reference)])
     assert row["dice"] == 1.0
     assert row["fp_any"] == 0 and row["fn_any"] == 0
     assert row["volume_pred_mm3"] == row["volume_ref_mm3"] > 0

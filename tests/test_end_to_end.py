@@ -180,6 +180,8 @@ def test_evaluate_writes_tables_and_plot(published, tmp_path):
     assert {"montreal", "toronto", "pooled"} <= sites
     assert (report / "dice.png").read_bytes()[:4] == b"\x89PNG"
     assert "| montreal | montreal |" in (report / "report.md").read_text()
+    lesions = (report / "lesions.tsv").read_text().splitlines()
+    assert len(lesions) > 1 and "shell_contrast" in lesions[0].split("\t")
 
 
 def test_tuned_thresholds_are_published(published, tmp_path):

@@ -19,6 +19,7 @@ from sct_sitehead.evaluation.metrics import (
     lesion_detection,
     mean_by_person,
     pooled_detection,
+    reference_lesions,
     summarize,
     summarize_by_person,
 )
@@ -416,3 +417,44 @@ def test_controls_are_counted_per_head_for_the_held_out_persons_and_for_all(tmp_
     assert summary[("all", "universal")]["runs_flagged"] == 0
     text = controls_markdown(list(summary.values()))
     assert "held-out (test) persons: 2 images of 2 persons" in text and "| montreal | 1 of 2 | 0.50 | 2.5 |" in text
+
+
+def test_reference_lesions_measure_size_contrast_and_coverage() -> None:
+    """Two cubes in a background of 100: A (3x3x3 at 150, +50%) half covered by the prediction, B (2x2x2 at 300,
+    +200%) missed; voxels of 1 x 1 x 2 mm."""
+    image = np.full((30, 30, 30), 100.0)
+    ref = empty((30, 30, 30))
+    image[5:8, 5:8, 5:8] = 150.0
+    ref[5:8, 5:8, 5:8] = 1
+    image[20:22, 20:22, 20:22] = 300.0
+    ref[20:22, 20:22, 20:22] = 1
+    pred = empty((30, 30, 30))
+    pred[5:8, 5:8, 5:7] = 1  # 18 of A's 27 voxels
+    pred[0:2, 0:2, 0:2] = 1  # a false lesion: no row of its own
+    a, b = reference_lesions(pred, ref, image, (1.0, 1.0, 2.0))
+    assert a["volume_mm3"] == 54.0 and b["volume_mm3"] == 16.0
+    assert a["shell_contrast"] == pytest.approx(0.5) and b["shell_contrast"] == pytest.approx(2.0)
+    assert a["overlap"] == pytest.approx(18 / 27) and a["detected_any"] == a["detected_10pct"] == 1.0
+    assert b["overlap"] == 0.0 and b["detected_any"] == b["detected_10pct"] == 0.0
+
+
+def test_reference_lesions_leave_neighbouring_lesions_out_of_the_shell() -> None:
+    """A dim lesion (+20%) one voxel from a very bright one: its shell is the background only, so +20%, not more;
+    a lesion touched by one predicted voxel is found by any voxel and not by 10%."""
+    image = np.full((20, 20, 20), 100.0)
+    ref = empty((20, 20, 20))
+    image[5:10, 5:10, 5:10] = 120.0
+    ref[5:10, 5:10, 5:10] = 1
+    image[11:14, 5:10, 5:10] = 1000.0
+    ref[11:14, 5:10, 5:10] = 1
+    pred = empty((20, 20, 20))
+    pred[5, 5, 5] = 1
+    dim, bright = reference_lesions(pred, ref, image, (1.0, 1.0, 1.0), connectivity=6)
+    assert dim["shell_contrast"] == pytest.approx(0.2) and bright["shell_contrast"] == pytest.approx(9.0)
+    assert dim["detected_any"] == 1.0 and dim["detected_10pct"] == 0.0
+    with pytest.raises(InputImageError, match="image shape"):
+        reference_lesions(pred, ref, image[:-1], (1.0, 1.0, 1.0))
+
+
+def test_reference_lesions_of_an_empty_reference_are_none() -> None:
+    assert reference_lesions(empty(), empty(), np.ones((20, 20, 20)), (1.0, 1.0, 1.0)) == []

@@ -401,14 +401,14 @@ def evaluate(
     release = segmenter.release
     out.mkdir(parents=True, exist_ok=True)
     cases = ev.find_cases(dataset, split, parse_sites(sites) or None)
-    rows = ev.evaluate_release(segmenter, cases)
+    rows, lesion_rows = ev.evaluate_release(segmenter, cases)
     how = "cord localiser on" if segmenter.localiser is not None else "whole images"
     how += ", left-right mirroring" if tta else ""
     title = f"# {release.model}@{release.version} on {dataset.name} ({split}, {len(cases)} cases, {how})\n"
     control_rows = None
     if controls is not None:
         control_rows = describe_controls(check_controls(segmenter, healthy_controls(controls)), controls)
-    click.echo("".join(write_report(out, title, rows, control_rows)))
+    click.echo("".join(write_report(out, title, rows, control_rows, lesion_rows)))
 
 
 @click.command("tune-thresholds")

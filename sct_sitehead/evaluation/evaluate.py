@@ -135,31 +135,41 @@ def lesion_index(segmenter, head: str) -> int:
     return [label.name for label in segmenter.heads[head].labels].index("lesion")
 
 
-def evaluate_release(segmenter, cases: list[Case]) -> list[dict[str, Any]]:
-    """One row per (case, head): the case's site, subject, head and every metric."""
+def evaluate_release(segmenter, cases: list[Case]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every head on every case.
+
+    Returns:
+        The case rows (one per case and head: the case's site, subject, person, contrast, head and every metric)
+        and the lesion rows (one per reference lesion, case and head: the same keys and
+        :func:`~sct_sitehead.evaluation.metrics.reference_lesions`' columns).
+    """
     from nibabel.affines import voxel_sizes
 
     rows: list[dict[str, Any]] = []
+    lesion_rows: list[dict[str, Any]] = []
     for number, case in enumerate(cases, 1):
         # The very masks sct_deepseg_lesion writes for this image (Segmenter.segment, then .write).
         segmentation = segmenter.segment(case.image)
         image = segmentation.image
         reference = np.asanyarray(load_spatial_image(case.reference).dataobj) > 0
+        intensities = np.asanyarray(image.dataobj)
         zooms = voxel_sizes(image.affine)
         for head in segmenter.sites:
             prediction = lesion_mask(segmentation, head)
-            rows.append(
-                {
-                    "site": case.site,
-                    "subject": case.subject,
-                    "person": case.person or case.subject,
-                    "contrast": case.contrast,
-                    "head": head,
-                    **score_case(prediction, reference, zooms),
-                }
-            )
+            keys = {
+                "site": case.site,
+                "subject": case.subject,
+                "person": case.person or case.subject,
+                "contrast": case.contrast,
+                "head": head,
+            }
+            rows.append({**keys, **score_case(prediction, reference, zooms)})
+            for lesion_number, lesion in enumerate(
+                metrics.reference_lesions(prediction, reference, intensities, zooms), 1
+            ):
+                lesion_rows.append({**keys, "lesion": lesion_number, **lesion})
         logger.info("%d/%d %s (%s)", number, len(cases), case.subject, case.site)
-    return rows
+    return rows, lesion_rows
 
 
 def pooled_detection(rows: list[dict[str, Any]], tag: str) -> float:

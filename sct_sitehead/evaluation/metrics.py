@@ -250,6 +250,72 @@ def evaluate_case(
     }
 
 
+#: Voxels around a reference lesion (26-connected dilations) whose median intensity its contrast is taken against.
+SHELL_VOXELS = 2
+
+
+def reference_lesions(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    image: np.ndarray,
+    zooms: Sequence[float],
+    *,
+    connectivity: int = 26,
+) -> list[dict[str, float]]:
+    """Each reference lesion: its size, how conspicuous it is in the image and how much of it the prediction
+    covers (where a model's misses lie: small, faint, against the cord's rim).
+
+    Args:
+        pred: (X, Y, Z) predicted mask.
+        ref: (X, Y, Z) reference mask on the same grid.
+        image: (X, Y, Z) intensities on the same grid.
+        zooms: voxel size in mm along X, Y, Z.
+        connectivity: 6, 18 or 26, used to split the reference into lesions.
+
+    Returns:
+        One dict per reference lesion, in label order: ``volume_mm3``; ``shell_contrast``, the lesion's mean intensity
+        over the median of a shell :data:`SHELL_VOXELS` voxels thick around it (other lesions left out), minus 1
+        (+0.5: half as bright again as its surroundings; NaN when the shell is empty or its median is not
+        positive); ``overlap``, the fraction of its voxels inside the prediction; ``detected_any`` and
+        ``detected_10pct`` (1 or 0, :func:`lesion_detection`'s rules).
+
+    Raises:
+        InputImageError: the arrays are not on one grid.
+    """
+    from scipy import ndimage
+
+    p, r = _as_masks(pred, ref)
+    data = np.asarray(image, dtype=np.float64)
+    if data.shape != r.shape:
+        raise InputImageError(f"image shape {data.shape} does not match the reference mask's {r.shape}")
+    voxel = float(np.prod([float(z) for z in tuple(zooms)[:3]]))
+    labels, _ = label_lesions(r, connectivity)
+    rows: list[dict[str, float]] = []
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for number, box in enumerate(ndimage.find_objects(labels), 1):
+        if box is None:
+            continue
+        grown = tuple(
+            slice(max(b.start - SHELL_VOXELS, 0), min(b.stop + SHELL_VOXELS, n)) for b, n in zip(box, r.shape)
+        )
+        lesion = labels[grown] == number
+        shell = ndimage.binary_dilation(lesion, structure, iterations=SHELL_VOXELS) & ~r[grown]
+        values = data[grown]
+        background = float(np.median(values[shell])) if shell.any() else math.nan
+        size = int(lesion.sum())
+        overlap = int(np.logical_and(lesion, p[grown]).sum()) / size
+        rows.append(
+            {
+                "volume_mm3": size * voxel,
+                "shell_contrast": float(values[lesion].mean()) / background - 1.0 if background > 0 else math.nan,
+                "overlap": overlap,
+                "detected_any": float(overlap > 0),
+                "detected_10pct": float(overlap >= MIN_OVERLAP_FRACTION),
+            }
+        )
+    return rows
+
+
 def bootstrap_by_person(
     per_case: np.ndarray,
     persons: Sequence[str],

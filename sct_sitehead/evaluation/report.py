@@ -139,17 +139,68 @@ def persons_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Bands of reference lesions in the lesion table: volume (mm³) and contrast to the lesion's shell (absolute).
+VOLUME_BANDS = ((0.0, 10.0), (10.0, 30.0), (30.0, 100.0), (100.0, math.inf))
+CONTRAST_BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.0), (1.0, math.inf))
+
+
+def _band_name(low: float, high: float) -> str:
+    return f"{low:g} or more" if math.isinf(high) else f"{low:g} to {high:g}"
+
+
+def lesions_markdown(lesion_rows: list[dict[str, Any]]) -> str:
+    """Reference lesions found (any voxel), by volume and by contrast to their shell, per MRI contrast, for the
+    universal head and each site's own head (from :func:`evaluate_release`'s lesion rows); bands without a lesion
+    are left out."""
+    rows = own_head_rows(lesion_rows)
+    if not rows:
+        return ""
+    contrasts = sorted({str(row.get("contrast") or "?") for row in rows})
+    lines = [
+        "\nReference lesions found (any voxel) by volume and by contrast to a 2-voxel shell around them "
+        "(|lesion mean / shell median - 1|; a lesion on the cord's rim is measured against CSF too), found of "
+        "all (`lesions.tsv` has each lesion):\n",
+        "| head | lesions by | band | " + " | ".join(contrasts) + " | all |",
+        "|---|---|---|" + "---|" * (len(contrasts) + 1),
+    ]
+    for kind in ("universal", "own"):
+        chosen = [row for row in rows if (row["head"] == "universal") == (kind == "universal")]
+        if not chosen:
+            continue
+        for column, bands, label in (
+            ("volume_mm3", VOLUME_BANDS, "volume mm³"),
+            ("shell_contrast", CONTRAST_BANDS, "shell contrast"),
+        ):
+            for low, high in bands:
+                members = [row for row in chosen if low <= abs(float(row[column])) < high]
+                if not members:
+                    continue
+                cells = []
+                for contrast in [*contrasts, None]:
+                    group = [row for row in members if contrast is None or str(row.get("contrast") or "?") == contrast]
+                    found = sum(int(row["detected_any"]) for row in group)
+                    cells.append(f"{found} of {len(group)}" if group else "")
+                lines.append(f"| {kind} | {label} | {_band_name(low, high)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(
-    out: Path, title: str, rows: list[dict[str, Any]], control_rows: list[dict[str, Any]] | None = None
+    out: Path,
+    title: str,
+    rows: list[dict[str, Any]],
+    control_rows: list[dict[str, Any]] | None = None,
+    lesion_rows: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Write an evaluation's tables (``cases.tsv``, ``summary.tsv`` own heads and ``universal``,
-    ``summary_all_heads.tsv``, ``controls.tsv``), ``dice.png`` and ``report.md``; return the report's parts.
+    ``summary_all_heads.tsv``, ``controls.tsv``, ``lesions.tsv``), ``dice.png`` and ``report.md``; return the
+    report's parts.
 
     Args:
         out: the report folder (created).
         title: the report's first line.
         rows: case rows of :func:`evaluate_release`.
         control_rows: rows of :func:`describe_controls`, or None without controls.
+        lesion_rows: lesion rows of :func:`evaluate_release`, or None.
     """
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize_rows(own_head_rows(rows))
@@ -158,6 +209,9 @@ def write_report(
     write_csv(summary, out / "summary.tsv")
     plot_dice(summary, out / "dice.png")
     report = [title, METRICS_NOTE, markdown_table(summary), "\nCases by person:\n\n" + persons_markdown(rows)]
+    if lesion_rows:
+        write_csv(lesion_rows, out / "lesions.tsv")
+        report.append(lesions_markdown(lesion_rows))
     if control_rows is not None:
         write_csv(control_rows, out / "controls.tsv")
         report.append(controls_markdown(summarize_controls(control_rows)))
