@@ -89,6 +89,60 @@ def test_picture_size_is_bounded_and_real_like_volumes_work(tmp_path):
     assert width < 1400 and height < 900
 
 
+def test_axial_tiles_centre_on_the_cord_of_their_slice_and_hold_its_lesions(tmp_path):
+    """A wide field of view (80 x 80 mm at 0.5 mm) whose cord moves across the slices: each axial tile shows
+    AXIAL_FOV_MM around the cord of its own slice, so the cord sits in the tile's middle; a lesion far from the
+    cord (30 mm) widens its tile instead of falling outside it."""
+    shape = (160, 160, 4)
+    image = np.full(shape, 10.0, np.float32)
+    cord = np.zeros(shape, bool)
+    xs, ys = np.indices(shape[:2])
+    for z, (cx, cy) in enumerate([(40, 50), (80, 80), (120, 110), (80, 80)]):
+        disc = (xs - cx) ** 2 + (ys - cy) ** 2 <= 8**2
+        cord[:, :, z] = disc
+        image[:, :, z][disc] = 200.0
+    mask = np.zeros(shape, bool)
+    mask[38:42, 48:52, 0] = True  # in the cord of slice 0
+    mask[38:42, 48:52, 2] = True  # slice 2's cord is at (120, 110): 50 mm away
+    png = write_qc(image, mask, np.diag([0.5, 0.5, 3.0, 1.0]), tmp_path / "qc.png", "", cord=cord)
+    tile = first_axial_tile(png).mean(axis=2)
+    bright = np.argwhere(tile > 150)
+    assert bright.size and np.abs(bright.mean(axis=0) - (qc.TILE_PX - 1) / 2).max() < 8
+    # Without a cord the tile is the whole slice, where the cord of slice 0 is far from the middle.
+    plain = first_axial_tile(write_qc(image, mask, np.diag([0.5, 0.5, 3.0, 1.0]), tmp_path / "p.png", ""))
+    assert np.abs(np.argwhere(plain.mean(axis=2) > 150).mean(axis=0) - (qc.TILE_PX - 1) / 2).max() > 30
+    picture = np.asarray(Image.open(png).convert("RGB"))
+    second = picture[
+        qc.TITLE_PX : qc.TITLE_PX + qc.TILE_PX, qc.MARGIN + qc.TILE_PX + 2 : qc.MARGIN + 2 * qc.TILE_PX + 2
+    ]
+    assert red(second).any()  # the far lesion of slice 2 is inside its tile
+
+
+def test_qc_box_holds_masks_and_boxes_with_a_margin():
+    """Union of the masks' voxels and the boxes, CORD_MARGIN_MM (8 mm = 16 voxels at 0.5 mm, 2 at 4 mm) more on
+    each side, clipped to the image; the fallback when nothing is found."""
+    lesion = np.zeros((100, 100, 10), bool)
+    lesion[40:45, 50:52, 5] = True
+    box = qc.qc_box([lesion], [((30, 42), (60, 70), (0, 3))], (0.5, 0.5, 4.0), None)
+    assert box == [(14, 61), (34, 86), (0, 8)]
+    assert qc.qc_box([np.zeros((4, 4, 4), bool)], [None], (1.0, 1.0, 1.0), ((0, 2), (0, 2), (0, 2))) == (
+        (0, 2),
+        (0, 2),
+        (0, 2),
+    )
+
+
+def test_tiles_are_named_by_native_voxel_index():
+    """A left-to-right image (LAS) cropped from native x = 10: the first RAS column is native x = 10 + 19."""
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])
+    arrays, _, name = qc._to_ras([np.zeros((20, 6, 5))], affine, [10, 3, 0])
+    assert arrays[0].shape == (20, 6, 5)
+    assert name(0, 0) == "x=29" and name(0, 19) == "x=10" and name(2, 4) == "z=4"
+    permuted = np.array([[0, 0, 1.0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])  # native (A, S, R)
+    arrays, _, name = qc._to_ras([np.zeros((6, 5, 20))], permuted, [0, 0, 0])
+    assert arrays[0].shape == (20, 6, 5) and name(0, 3) == "z=3" and name(2, 1) == "y=1"
+
+
 def test_write_qc_errors_leave_no_file(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="same shape"):
         write_qc(np.zeros((4, 4, 4)), np.zeros((4, 4, 3), bool), np.eye(4), tmp_path / "x.png", "")

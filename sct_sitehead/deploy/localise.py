@@ -62,6 +62,7 @@ class Localised:
             cord's axis filled (:func:`fill_cord_gaps`).
         sample: (X, Y, Z) the whole image on ``grid``, not normalised: where a crop's normalisation takes its
             statistics (measured: mean and standard deviation within 1% of the lesion model's 1 mm grid).
+        cord_bbox: native voxel ranges that hold the cord found (no margin): what QC pictures zoom on.
     """
 
     cord: np.ndarray
@@ -69,6 +70,7 @@ class Localised:
     bbox: Bbox
     near: np.ndarray
     sample: np.ndarray
+    cord_bbox: Bbox | None = None
 
     def near_on(self, grid: ModelGrid) -> np.ndarray:
         """``near`` resampled (nearest neighbour) onto another model grid, e.g. the lesion model's crop."""
@@ -269,4 +271,11 @@ def localise(
         bbox,
         grid.native_shape,
     )
-    return Localised(cord=cord, grid=grid, bbox=bbox, near=near, sample=cast(np.ndarray, prediction.sample))
+    return Localised(
+        cord=cord,
+        grid=grid,
+        bbox=bbox,
+        near=near,
+        sample=cast(np.ndarray, prediction.sample),
+        cord_bbox=native_bbox(cord, grid, grid.native_affine, grid.native_shape, 0.0),
+    )

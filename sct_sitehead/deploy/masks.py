@@ -18,6 +18,8 @@ from sct_sitehead.deploy.spatial import ModelGrid, mask_from_model_grid
 
 #: The label whose small connected pieces are dropped and which the cord rule restricts.
 LESION = "lesion"
+#: The cord label (a head's own or the cord localiser's): QC pictures zoom on it.
+CORD = "cord"
 
 
 @dataclass(frozen=True)

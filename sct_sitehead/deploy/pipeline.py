@@ -25,14 +25,14 @@ from sct_sitehead.deploy import localise, nifti, session, windows
 from sct_sitehead.deploy.budget import LOCALISER_BYTES_PER_VOXEL, Budget, Network, resolve_limit
 from sct_sitehead.deploy.contrasts import ImageContrast, contrast_facts, image_contrast, mismatch_warning
 from sct_sitehead.deploy.lesions import lesion_stats
-from sct_sitehead.deploy.masks import LESION, MaskRule, drop_far_lesions, native_mask
+from sct_sitehead.deploy.masks import CORD, LESION, MaskRule, drop_far_lesions, native_mask
 from sct_sitehead.deploy.naming import label_path, make_folder, sidecar_path, soft_path
 from sct_sitehead.deploy.nifti import image_data
 from sct_sitehead.deploy.options import Options
 from sct_sitehead.deploy.output_check import planned_files, refuse_input
 from sct_sitehead.deploy.outputs import save_like
 from sct_sitehead.deploy.prediction import GridPrediction, NativeImage, predict_on_grid
-from sct_sitehead.deploy.qc import qc_picture_path, subject_of, write_qc
+from sct_sitehead.deploy.qc import qc_box, qc_picture_path, subject_of, write_qc
 from sct_sitehead.deploy.results import (
     InputResult,
     LabelMask,
@@ -259,7 +259,8 @@ class Segmenter:
             if far is not None:
                 drop_far_lesions(channels, [label.name for label in labels], far)
             probabilities[site] = channels
-        return image, replace(prediction, seconds={**seconds, **prediction.seconds})
+        cord = None if found is None else found.cord_bbox
+        return image, replace(prediction, seconds={**seconds, **prediction.seconds}, cord=cord)
 
     def lesion_network(self) -> Network:
         """What the lesion model holds per model-grid voxel (its heads' channels), for the memory budget."""
@@ -291,7 +292,7 @@ class Segmenter:
         image, prediction = self.predict_model_grid(image)
         # After the image passed its checks: a file that cannot be segmented gets its error alone.
         contrast = self.check_contrast(given, source)
-        grid, crop = prediction.grid, prediction.crop
+        grid, crop, cord = prediction.grid, prediction.crop, prediction.cord
         # Volumes follow the affine actually used for the geometry, even where pixdim disagrees with it.
         zooms = tuple(float(z) for z in voxel_sizes(image.affine))
         jobs = [
@@ -321,7 +322,7 @@ class Segmenter:
             )
             facts = self.sidecar(site, source, stats, crop, seconds, contrast)
             sites[site] = SiteSegmentation(site, labels, stats, facts, image)
-        return Segmentation(image, sites, crop, seconds)
+        return Segmentation(image, sites, crop, seconds, cord)
 
     def check_contrast(self, image: str | Path | nibabel.Nifti1Image, source: str) -> ImageContrast | None:
         """The image's contrast (from its file's name or sidecar; None when unknown or in memory), with a warning
@@ -391,7 +392,7 @@ class Segmenter:
                 sidecar = sidecar_path(mask_path)
                 if self.options.qc_dir is not None:
                     subject = qc_subject or subject_of(image_path)
-                    written.append(self._qc(found, image_path, subject, segmentation.crop, self.options.qc_dir))
+                    written.append(self._qc(found, image_path, subject, segmentation, self.options.qc_dir))
                 facts = {**found.facts, "Seconds": round(time.perf_counter() - started, 3)}
                 write_json_atomic(with_files(facts, written), sidecar)
                 result.sites.append(
@@ -409,19 +410,30 @@ class Segmenter:
         result.seconds = time.perf_counter() - started
         return result
 
-    def _qc(self, found: SiteSegmentation, image_path: Path, subject: str, crop: Bbox | None, qc_dir: Path) -> Path:
-        """The QC picture of one site's lesion mask, in ``qc_dir``, zoomed on the box the lesion model ran on."""
+    def _qc(
+        self, found: SiteSegmentation, image_path: Path, subject: str, segmentation: Segmentation, qc_dir: Path
+    ) -> Path:
+        """The QC picture of one site's lesion mask, in ``qc_dir``: zoomed on the cord (the localiser's and a cord
+        label's) and the lesions, each axial tile centred on the cord label (the head's own, else another
+        head's of this run); on the box the lesion model ran on when no cord was found."""
         release = f"{self.release.model}@{self.release.version}"
         make_folder(qc_dir)
+        shape = found.image.shape[:3]
         lesion = found.labels.get(LESION)
-        full = lesion.full(found.image.shape).astype(bool) if lesion else np.zeros(found.image.shape[:3], dtype=bool)
+        full = lesion.full(shape).astype(bool) if lesion else np.zeros(shape, dtype=bool)
+        with_cord = [found] + [other for other in segmentation.sites.values() if other is not found]
+        cord_label = next((other.labels[CORD] for other in with_cord if CORD in other.labels), None)
+        cord = None if cord_label is None else cord_label.full(shape).astype(bool)
+        masks = [full] + ([] if cord is None else [cord])
+        box = qc_box(masks, [segmentation.cord], voxel_sizes(found.image.affine), segmentation.crop)
         return write_qc(
             image_data(found.image),
             full,
             found.image.affine,
             qc_picture_path(qc_dir, subject, image_path, found.site, release),
             f"{subject} | {image_path.name} | {release} | site {found.site}",
-            box=crop,
+            box=box,
+            cord=cord,
         )
 
     def sidecar(

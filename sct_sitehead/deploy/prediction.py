@@ -55,6 +55,7 @@ class GridPrediction:
             sliding window); the lesion model's also ``localise`` when the cord localiser chose the crop.
         sample: (X, Y, Z) the image on ``grid`` before normalisation, when asked for (the localiser's: a crop's
             normalisation takes its statistics there); else None.
+        cord: native voxel ranges of the cord the localiser found, when it ran; else None.
     """
 
     grid: ModelGrid
@@ -62,6 +63,7 @@ class GridPrediction:
     crop: Bbox | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     sample: np.ndarray | None = None
+    cord: Bbox | None = None
 
 
 def predict_on_grid(

@@ -12,7 +12,7 @@ import html
 import io
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -45,6 +45,10 @@ OVERLAY_ALPHA = 0.5
 OUTLINE_PX = 2
 #: Extra native voxels kept around the zoom box on each side.
 ZOOM_MARGIN_VOXELS = 4
+#: Millimetres kept around the found cord (and any lesion) in a picture zoomed on the cord: the CSF and a rim.
+CORD_MARGIN_MM = 8.0
+#: Side of the square each axial tile shows around the cord, in mm (the cord is about 8 x 12 mm).
+AXIAL_FOV_MM = 32.0
 #: The report's rows, one per (subject, image, site, release); index.html is rendered from it under a lock.
 ENTRIES_FILE = "entries.json"
 LOCK_FILE = ".index.lock"
@@ -59,12 +63,15 @@ def write_qc(
     out_png: Path,
     title: str,
     box: Sequence[tuple[int, int]] | None = None,
+    cord: np.ndarray | None = None,
 ) -> Path:
     """Write the QC picture of one segmentation.
 
     Axial slices are those holding lesions (evenly sampled when there are more than :data:`AXIAL_TILES`), or
     slices spread over the middle of the cord's extent when there is none; sagittal slices go through the lesions
-    or, without lesions, around the centre of the field of view.
+    or, without lesions, around the centre of the field of view. With a cord mask, each axial tile is a square of
+    :data:`AXIAL_FOV_MM` centred on the cord in its slice (the nearest slice's where it has none), grown to hold
+    the slice's lesions.
 
     Args:
         image: (X, Y, Z) image on its native grid.
@@ -74,6 +81,8 @@ def write_qc(
         title: text written above the mosaics.
         box: native voxel box ``((x0, x1), (y0, y1), (z0, z1))`` to zoom on (the cord the localiser found);
             None: the whole field of view.
+        cord: (X, Y, Z) bool cord mask on the same grid, to centre the axial tiles on; None: whole axial slices
+            (of ``box``).
 
     Returns:
         ``out_png``.
@@ -89,25 +98,38 @@ def write_qc(
     if image.ndim != 3 or image.shape != mask.shape:
         raise UsageError(f"QC needs a 3D image and a mask of the same shape, got {image.shape} and {mask.shape}")
     affine = np.asarray(affine, dtype=np.float64)
+    cord = np.zeros(mask.shape, dtype=bool) if cord is None else np.asarray(cord).astype(bool, copy=False)
+    if cord.shape != mask.shape:
+        raise UsageError(f"QC needs a cord mask of the image's shape {mask.shape}, got {cord.shape}")
+    starts = [0, 0, 0]
     if box is not None:
-        image, mask, affine = zoom_to_box(image, mask, affine, box)
-    volume, lesions, zooms = _to_ras(image, mask, affine)
+        (image, mask, cord), affine, starts = zoom_to_box([image, mask, cord], affine, box)
+    (volume, lesions, cord), zooms, native_index = _to_ras([image, mask, cord], affine, starts)
     low, high = (float(v) for v in np.percentile(volume, WINDOW_PERCENTILES))
     window = (low, high if high > low else low + 1.0)
 
-    axial = [
-        _tile(
-            volume[:, :, z].T[::-1, ::-1],
-            lesions[:, :, z].T[::-1, ::-1],
-            (zooms[1], zooms[0]),
-            window,
-            f"z={z}",
-            AXIAL_BOX,
+    axial: list[PILImage.Image] = []
+    for z in _pick_slices(lesions, 2, AXIAL_TILES, spread=0.8, zoom=zooms[2]):
+        across, down = _axial_square(cord, lesions[:, :, z], z, tuple(float(v) for v in zooms))
+        axial.append(
+            _tile(
+                volume[across, down, z].T[::-1, ::-1],
+                lesions[across, down, z].T[::-1, ::-1],
+                (zooms[1], zooms[0]),
+                window,
+                native_index(2, z),
+                AXIAL_BOX,
+            )
         )
-        for z in _pick_slices(lesions, 2, AXIAL_TILES, spread=0.8, zoom=zooms[2])
-    ]
     sagittal = [
-        _tile(volume[x].T[::-1, ::-1], lesions[x].T[::-1, ::-1], (zooms[2], zooms[1]), window, f"x={x}", SAGITTAL_BOX)
+        _tile(
+            volume[x].T[::-1, ::-1],
+            lesions[x].T[::-1, ::-1],
+            (zooms[2], zooms[1]),
+            window,
+            native_index(0, x),
+            SAGITTAL_BOX,
+        )
         for x in _pick_slices(lesions, 0, SAGITTAL_TILES, spread=None, zoom=zooms[0])
     ]
     _letters(axial[0], left="R", top="A")
@@ -129,34 +151,116 @@ def write_qc(
     return out_png
 
 
-def zoom_to_box(
-    image: np.ndarray, mask: np.ndarray, affine: np.ndarray, box: Sequence[tuple[int, int]]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Crop an image and its mask to a native voxel box (plus :data:`ZOOM_MARGIN_VOXELS`), with the affine moved.
+def qc_box(
+    masks: Sequence[np.ndarray],
+    boxes: Sequence[Sequence[tuple[int, int]] | None],
+    zooms: Sequence[float],
+    fallback: Sequence[tuple[int, int]] | None,
+) -> Sequence[tuple[int, int]] | None:
+    """The native voxel box to zoom a QC picture on: every voxel of ``masks`` (the lesions, a cord) and every box
+    given (the cord the localiser found), plus :data:`CORD_MARGIN_MM` on each side, clipped to the image.
 
     Args:
-        image: (X, Y, Z) array; mask: (X, Y, Z) bool; affine: (4, 4); box: three (start, stop) voxel pairs.
+        masks: (X, Y, Z) bool masks on the image's grid (at least one, for the shape).
+        boxes: native voxel boxes, three (start, stop) pairs each; None entries are skipped.
+        zooms: voxel size in mm along X, Y, Z.
+        fallback: the box when the masks are empty and no box is given (None: the whole field of view).
 
     Returns:
-        The (x, y, z) cropped image and mask and the crop's (4, 4) affine.
+        Three (start, stop) pairs, or ``fallback``.
     """
+    shape = np.asarray(masks[0]).shape
+    starts: list[list[int]] = [[] for _ in range(3)]
+    stops: list[list[int]] = [[] for _ in range(3)]
+    for mask in masks:
+        mask = np.asarray(mask, dtype=bool)
+        if not mask.any():
+            continue
+        for axis in range(3):
+            along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+            starts[axis].append(int(along[0]))
+            stops[axis].append(int(along[-1]) + 1)
+    for box in boxes:
+        if box is not None:
+            for axis, (start, stop) in enumerate(box):
+                starts[axis].append(int(start))
+                stops[axis].append(int(stop))
+    if not starts[0]:
+        return fallback
+    margins = [int(np.ceil(CORD_MARGIN_MM / float(zoom))) for zoom in zooms]
+    return [
+        (max(min(starts[axis]) - margins[axis], 0), min(max(stops[axis]) + margins[axis], int(shape[axis])))
+        for axis in range(3)
+    ]
+
+
+def zoom_to_box(
+    arrays: Sequence[np.ndarray], affine: np.ndarray, box: Sequence[tuple[int, int]]
+) -> tuple[list[np.ndarray], np.ndarray, list[int]]:
+    """Crop arrays of one grid to a native voxel box (plus :data:`ZOOM_MARGIN_VOXELS`), with the affine moved.
+
+    Args:
+        arrays: (X, Y, Z) arrays (the image, its masks); affine: (4, 4); box: three (start, stop) voxel pairs.
+
+    Returns:
+        The cropped arrays, the crop's (4, 4) affine and its first native voxel (the arrays as given, and
+        ``[0, 0, 0]``, when the box is empty).
+    """
+    shape = arrays[0].shape
     starts = [max(0, int(a) - ZOOM_MARGIN_VOXELS) for a, _ in box]
-    stops = [min(n, int(b) + ZOOM_MARGIN_VOXELS) for (_, b), n in zip(box, image.shape)]
+    stops = [min(n, int(b) + ZOOM_MARGIN_VOXELS) for (_, b), n in zip(box, shape)]
     if any(stop - start < 1 for start, stop in zip(starts, stops)):
-        return image, mask, affine
+        return list(arrays), affine, [0, 0, 0]
     window = tuple(slice(a, b) for a, b in zip(starts, stops))
     shifted = affine.copy()
     shifted[:3, 3] = affine[:3, :3] @ np.asarray(starts, dtype=np.float64) + affine[:3, 3]
-    return image[window], mask[window], shifted
+    return [array[window] for array in arrays], shifted, starts
 
 
-def _to_ras(image: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _to_ras(
+    arrays: Sequence[np.ndarray], affine: np.ndarray, starts: Sequence[int]
+) -> tuple[list[np.ndarray], np.ndarray, Callable[[int, int], str]]:
+    """The arrays reoriented to RAS, their voxel sizes, and a function that names an RAS slice (axis, index) by
+    the native voxel index it comes from (``starts``: where the arrays begin in the native image), as a viewer
+    shows it: ``"z=5"``."""
     import nibabel.orientations as nio
 
+    shape = arrays[0].shape
     transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(("R", "A", "S")))
-    ras_affine = affine @ nio.inv_ornt_aff(transform, image.shape)
+    ras_affine = affine @ nio.inv_ornt_aff(transform, shape)
     zooms = np.sqrt(np.sum(ras_affine[:3, :3] ** 2, axis=0))
-    return nio.apply_orientation(image, transform), nio.apply_orientation(mask, transform), zooms
+    # transform[native axis] = (RAS axis, flip); invert it per RAS axis.
+    source = {int(ras): (native, float(flip) < 0) for native, (ras, flip) in enumerate(transform)}
+
+    def native_index(axis: int, index: int) -> str:
+        native, flipped = source[axis]
+        within = shape[native] - 1 - index if flipped else index
+        return f"{'xyz'[native]}={int(starts[native]) + within}"
+
+    return [nio.apply_orientation(array, transform) for array in arrays], zooms, native_index
+
+
+def _axial_square(cord: np.ndarray, lesion: np.ndarray, z: int, zooms: Sequence[float]) -> tuple[slice, slice]:
+    """The (x, y) window of axial slice ``z`` of an RAS volume: :data:`AXIAL_FOV_MM` square around the cord's
+    centre in that slice (or in the nearest slice that has cord), grown to hold ``lesion`` (the slice's lesions),
+    shifted inside the image; the whole slice without a cord."""
+    shape = cord.shape[:2]
+    present = np.flatnonzero(cord.any(axis=(0, 1)))
+    if present.size == 0:
+        return slice(0, shape[0]), slice(0, shape[1])
+    nearest = int(present[np.argmin(np.abs(present - z))])
+    centre = np.argwhere(cord[:, :, nearest]).mean(axis=0)
+    window = []
+    for axis in range(2):
+        half = AXIAL_FOV_MM / 2.0 / float(zooms[axis])
+        start, stop = int(np.floor(centre[axis] - half)), int(np.ceil(centre[axis] + half)) + 1
+        along = np.flatnonzero(lesion.any(axis=1 - axis))
+        if along.size:
+            start, stop = min(start, int(along[0]) - 2), max(stop, int(along[-1]) + 3)
+        shift = max(0, -start) - max(0, stop - shape[axis])
+        start, stop = max(0, start + shift), min(shape[axis], stop + shift)
+        window.append(slice(start, stop))
+    return window[0], window[1]
 
 
 def _pick_slices(mask: np.ndarray, axis: int, count: int, *, spread: float | None, zoom: float) -> list[int]:

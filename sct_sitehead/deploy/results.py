@@ -107,12 +107,14 @@ class Segmentation:
         sites: ``{site: SiteSegmentation}`` in the order asked for.
         crop: the native voxel box the lesion model ran on; None: the whole image.
         seconds: wall time from reading the image to the masks in memory.
+        cord: the native voxel box of the cord the localiser found; None: no localiser ran or it found none.
     """
 
     image: nibabel.Nifti1Image
     sites: dict[str, SiteSegmentation]
     crop: Bbox | None
     seconds: float
+    cord: Bbox | None = None
 
     def __getitem__(self, site: str) -> SiteSegmentation:
         return self.sites[site]
