@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 from nibabel.affines import voxel_sizes
+from scipy import ndimage
 
 import sct_sitehead
 from sct_sitehead.cli.deepseg_lesion import main
@@ -79,6 +80,15 @@ def test_api_gives_the_command_s_masks_as_images(ms01: Path, tmp_path: Path, cap
     for key in ("Model", "Site", "Threshold", "MinLesionMm3", "CordCrop", "LesionCount", "Lesions", "HeadSha256"):
         assert site.facts[key] == sidecar[key], key
     assert site.facts["CordCrop"] == (None if result.crop is None else {"Bbox": [list(p) for p in result.crop]})
+    # Each lesion's place, in native voxels of the written mask and in scanner mm (largest lesion first).
+    ids, count = ndimage.label(written, structure=np.ones((3, 3, 3)))
+    expected = sorted((np.argwhere(ids == i) for i in range(1, count + 1)), key=len, reverse=True)
+    assert len(sidecar["Lesions"]) == count
+    for entry, voxels in zip(sidecar["Lesions"], expected):
+        assert entry["voxel_range"] == [[int(a), int(b)] for a, b in zip(voxels.min(axis=0), voxels.max(axis=0))]
+        assert entry["centroid_voxel"] == pytest.approx(voxels.mean(axis=0), abs=0.051)
+        world = source.affine @ np.append(voxels.mean(axis=0), 1.0)
+        assert entry["centroid_mm"] == pytest.approx(world[:3], abs=0.051)
 
 
 def test_api_takes_a_nibabel_image_and_gives_what_the_path_gives(ms01: Path) -> None:

@@ -61,6 +61,13 @@ def test_volumes_centroids_and_order_with_anisotropic_voxels():
     assert stats["lesions"][0]["centroid_voxel"] == pytest.approx([6.0, 6.0, 6.0])
     assert stats["lesions"][1]["centroid_voxel"] == pytest.approx([1.5, 1.5, 1.0])
     assert stats["lesions"][0]["centroid_mm"] == pytest.approx([13.0, 23.0, 48.0])
+    assert stats["lesions"][0]["voxel_range"] == [[5, 7], [5, 7], [5, 7]]
+    assert stats["lesions"][2]["voxel_range"] == [[0, 0], [9, 9], [9, 9]]
+    # The same mask as a window that starts at native voxel (2, 3, 4): native indices and world places move.
+    shifted = lesion_stats(mask, (0.5, 0.5, 3.0), affine=affine, offset=(2, 3, 4))
+    assert shifted["lesions"][0]["centroid_voxel"] == pytest.approx([8.0, 9.0, 10.0])
+    assert shifted["lesions"][0]["voxel_range"] == [[7, 9], [8, 10], [9, 11]]
+    assert shifted["lesions"][0]["centroid_mm"] == pytest.approx([14.0, 24.5, 60.0])
 
 
 def test_empty_mask_and_bad_zooms():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -75,19 +75,28 @@ def drop_small_lesions(mask: np.ndarray, zooms: Sequence[float], min_volume_mm3:
     return mask
 
 
-def lesion_stats(mask: np.ndarray, zooms: Sequence[float], affine: np.ndarray | None = None) -> dict[str, Any]:
-    """Count lesions (26-connected components) and measure their volumes.
+def lesion_stats(
+    mask: np.ndarray,
+    zooms: Sequence[float],
+    affine: np.ndarray | None = None,
+    offset: Sequence[int] = (0, 0, 0),
+) -> dict[str, Any]:
+    """Count lesions (26-connected components), measure their volumes and say where they are.
 
     Args:
-        mask: (X, Y, Z) bool lesion mask on the native grid.
+        mask: (X, Y, Z) bool lesion mask on the native grid, or on a window of it.
         zooms: (3,) voxel size in mm.
-        affine: optional (4, 4) voxel-to-world affine; adds each lesion's ``centroid_mm``.
+        affine: optional (4, 4) voxel-to-world affine of the native grid; adds each lesion's ``centroid_mm``.
+        offset: the native voxel index of ``mask[0, 0, 0]`` (a window's start).
 
     Returns:
         ``{"count": int, "total_volume_mm3": float, "voxel_volume_mm3": float, "lesions": [...]}`` where each
-        lesion is ``{"id", "volume_mm3", "voxels", "centroid_voxel"(, "centroid_mm")}``, largest first, ids
-        1..count in that order (ties keep scan order).
+        lesion is ``{"id", "volume_mm3", "voxels", "centroid_voxel", "voxel_range"(, "centroid_mm")}``, largest
+        first, ids 1..count in that order (ties keep scan order); voxel indices are native, ``voxel_range`` the
+        first and last voxel along each axis.
     """
+    from scipy import ndimage
+
     voxel = _voxel_volume(zooms)
     labels, count = label_lesions(mask)
     lesions: list[dict[str, Any]] = []
@@ -98,14 +107,18 @@ def lesion_stats(mask: np.ndarray, zooms: Sequence[float], affine: np.ndarray | 
         sizes = np.bincount(owner, minlength=count + 1)[1:]
         coords = np.unravel_index(where, labels.shape)
         sums = np.stack([np.bincount(owner, weights=axis, minlength=count + 1)[1:] for axis in coords])
-        centroids = (sums / sizes).T
+        shift = np.asarray([int(o) for o in offset], dtype=np.float64)
+        centroids = (sums / sizes).T + shift
+        boxes = ndimage.find_objects(labels)
         order = sorted(range(count), key=lambda i: (-int(sizes[i]), i))
         for rank, i in enumerate(order, start=1):
+            box = cast(tuple[slice, ...], boxes[i])
             lesion: dict[str, Any] = {
                 "id": rank,
                 "volume_mm3": float(sizes[i]) * voxel,
                 "voxels": int(sizes[i]),
                 "centroid_voxel": [float(c) for c in centroids[i]],
+                "voxel_range": [[int(b.start + o), int(b.stop - 1 + o)] for b, o in zip(box, offset)],
             }
             if affine is not None:
                 world = np.asarray(affine, dtype=np.float64) @ np.append(centroids[i], 1.0)

@@ -318,7 +318,10 @@ class Segmenter:
             lesion = labels.get(LESION)
             # Outside the window the mask is 0: counting there would only cost time (a whole spine: 72 M voxels).
             stats = lesion_stats(
-                lesion.mask if lesion else np.zeros([s.stop - s.start for s in window], dtype=bool), zooms
+                lesion.mask if lesion else np.zeros([s.stop - s.start for s in window], dtype=bool),
+                zooms,
+                affine=image.affine,
+                offset=[s.start for s in (lesion.window if lesion else window)],
             )
             facts = self.sidecar(site, source, stats, crop, seconds, contrast)
             sites[site] = SiteSegmentation(site, labels, stats, facts, image)
@@ -469,8 +472,15 @@ class Segmenter:
             **contrast_facts(contrast, head.contrasts),
             "LesionCount": int(stats["count"]),
             "LesionVolumeTotalMm3": round(float(stats["total_volume_mm3"]), 3),
+            # Where each lesion is: native voxel indices (as a viewer shows them) and scanner coordinates (mm).
             "Lesions": [
-                {"id": int(lesion["id"]), "volume_mm3": round(float(lesion["volume_mm3"]), 3)}
+                {
+                    "id": int(lesion["id"]),
+                    "volume_mm3": round(float(lesion["volume_mm3"]), 3),
+                    "centroid_voxel": [round(float(c), 1) for c in lesion["centroid_voxel"]],
+                    "centroid_mm": [round(float(c), 1) for c in lesion["centroid_mm"]],
+                    "voxel_range": lesion["voxel_range"],
+                }
                 for lesion in stats["lesions"]
             ],
         }
