@@ -235,6 +235,32 @@ def test_tuned_thresholds_are_published(published, tmp_path):
     )
 
 
+def test_tuning_with_controls_scores_only_the_split_persons_healthy_scans(published, bids_dir, tmp_path):
+    """-controls: the healthy scans of the tuned split's persons are scored (errsm11 is a train person, errsm23 a
+    test person: only errsm11's scan counts), the file says which, and a split without such scans is refused."""
+    controls = tmp_path / "controls"
+    rows = ["participant_id\tpathology"]
+    for subject in ("sub-errsm11", "sub-errsm23"):
+        (controls / subject / "anat").mkdir(parents=True)
+        source = bids_dir / subject / "anat" / f"{subject}_T2w.nii.gz"
+        (controls / subject / "anat" / source.name).symlink_to(source)
+        rows.append(f"{subject}\tHC")
+    (controls / "participants.tsv").write_text("\n".join(rows) + "\n")
+    tuned = tmp_path / "thresholds.json"
+    common = ["-registry", published["registry"], "-threads", 1, "-controls", controls]
+    sitehead("tune-thresholds", published["sim"], "-o", tuned, "-split", "train", *common, "-max-flagged", 0.0)
+    document = json.loads(tuned.read_text())
+    assert document["controls"] == {"images": ["sub-errsm11_T2w.nii.gz"], "max_flagged": 0.0}
+    for row in document["heads"].values():
+        assert row["controls"] == 1 and row["controls_met"] in (True, False)
+        assert row["controls_flagged"] == (0 if row["controls_met"] else 1)
+    refused = admin_cli.main(
+        ["tune-thresholds", str(published["sim"]), "-o", str(tmp_path / "val.json"), "-split", "val"]
+        + [str(a) for a in common]
+    )
+    assert refused == 2 and not (tmp_path / "val.json").exists()
+
+
 def test_adding_a_site_changes_no_other_head(published, tmp_path):
     """Publishing a release with one more site keeps the backbone and every other head byte for byte."""
     root = published["root"]

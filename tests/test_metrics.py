@@ -323,8 +323,55 @@ def test_tuning_scores_dice_on_lesion_cases_only(tmp_path):
     assert row["dice"] == pytest.approx(1.0) and row["threshold"] == 0.3 and row["f1_all_lesions"] == 1.0
 
 
-def _tune_on_references(tmp_path, pairs, leave_one_out=False):
-    """tune_thresholds on `montreal` cases, each given as (reference mask, lesion probability map)."""
+def _core_and_rim_cases():
+    """Three cases whose 27-voxel lesion has a core of 8 voxels at p 0.9 and the rest at p 0.3: Dice 1 at
+    threshold 0.3, 16/35 above it."""
+    reference = np.zeros((12, 12, 12), np.uint8)
+    reference[4:7, 4:7, 4:7] = 1
+    probabilities = np.where(reference > 0, 0.3, 0.0).astype(np.float32)
+    probabilities[4:6, 4:6, 4:6] = 0.9
+    return [(reference, probabilities)] * 3
+
+
+def _healthy(value: float, voxels: int) -> np.ndarray:
+    """A healthy scan's lesion probabilities: a false blob of ``voxels`` voxels (1 mm³ each) at ``value``."""
+    probabilities = np.zeros((12, 12, 12), np.float32)
+    probabilities.reshape(-1)[:voxels] = value  # along the first rows: one connected piece
+    return probabilities
+
+
+def test_controls_close_the_settings_that_mark_healthy_scans(tmp_path):
+    """Healthy scans with a 27 mm³ false blob at p 0.3: without them the tuning picks 0.3 (Dice 1); with them
+    every setting at 0.3 marks all three, above the 10% allowed, so the pick moves up (16/35, closest to 0.5)."""
+    free = _tune_on_references(tmp_path, _core_and_rim_cases())["montreal"]
+    assert free["threshold"] == 0.3 and free["dice"] == pytest.approx(1.0) and free["controls_met"] is None
+    tuned = _tune_on_references(tmp_path, _core_and_rim_cases(), controls=[_healthy(0.3, 27)] * 3)["montreal"]
+    assert tuned["threshold"] == 0.5 and tuned["dice"] == pytest.approx(16 / 35)
+    assert tuned["controls"] == 3 and tuned["controls_flagged"] == 0 and tuned["controls_met"] is True
+
+
+def test_controls_can_be_met_by_dropping_small_lesions(tmp_path):
+    """A 2 mm³ false blob at p 0.3: dropping lesions under 3 mm³ clears the healthy scans at threshold 0.3, which
+    keeps its Dice of 1."""
+    tuned = _tune_on_references(tmp_path, _core_and_rim_cases(), controls=[_healthy(0.3, 2)] * 3)["montreal"]
+    assert tuned["threshold"] == 0.3 and tuned["min_lesion_mm3"] == 3.0
+    assert tuned["controls_flagged"] == 0 and tuned["controls_met"] is True
+
+
+def test_when_no_setting_meets_the_controls_the_fewest_marked_win_and_it_is_said(tmp_path):
+    """A 27 mm³ false blob at p 0.95, above every threshold tried and every smallest lesion: all settings mark
+    all three scans, so the choice is the Dice one and controls_met is False."""
+    tuned = _tune_on_references(tmp_path, _core_and_rim_cases(), controls=[_healthy(0.95, 27)] * 3)["montreal"]
+    assert tuned["threshold"] == 0.3 and tuned["controls_flagged"] == 3 and tuned["controls_met"] is False
+    loose = _tune_on_references(tmp_path, _core_and_rim_cases(), controls=[_healthy(0.95, 27)] * 3, max_flagged=1.0)[
+        "montreal"
+    ]
+    assert loose["controls_met"] is True and loose["threshold"] == 0.3
+
+
+def _tune_on_references(tmp_path, pairs, leave_one_out=False, controls=(), max_flagged=0.1):
+    """tune_thresholds on `montreal` cases, each given as (reference mask, lesion probability map), and on healthy
+    controls given as probability maps."""
     import nibabel as nib
 
     from sct_sitehead.evaluation.evaluate import Case
@@ -338,6 +385,12 @@ def _tune_on_references(tmp_path, pairs, leave_one_out=False):
         nib.save(image, path)
         cases.append(Case(f"sub-{number}", "montreal", path, path))
         maps[path] = probabilities[None].astype(np.float32)
+    healthy = []
+    for number, probabilities in enumerate(controls):
+        path = tmp_path / f"control{number}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(probabilities.shape, np.uint8), np.eye(4)), path)
+        healthy.append(path)
+        maps[path] = probabilities[None].astype(np.float32)
 
     class Head:
         labels = (LabelSpec("lesion", 1, 0),)
@@ -349,7 +402,7 @@ def _tune_on_references(tmp_path, pairs, leave_one_out=False):
         def predict(self, path):
             return nib.load(path), {site: maps[path] for site in self.sites}
 
-    return tune_thresholds(Segmenter(), cases, leave_one_out=leave_one_out)
+    return tune_thresholds(Segmenter(), cases, leave_one_out=leave_one_out, controls=healthy, max_flagged=max_flagged)
 
 
 def _participants(root, rows: str):

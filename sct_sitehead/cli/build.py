@@ -423,6 +423,21 @@ def evaluate(
     is_flag=True,
     help="leave a head at 0.5 unless its tuned threshold beats 0.5 leave-one-out on its cases",
 )
+@click.option(
+    "-controls",
+    "controls",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="real BIDS data: only settings that mark few of its healthy SPLIT persons' scans may be chosen",
+)
+@click.option(
+    "-max-flagged",
+    "max_flagged",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.1,
+    show_default=True,
+    help="with -controls: the largest share of those scans a head may mark with a lesion",
+)
 @registry_option
 @offline_option
 @verbosity_option
@@ -433,13 +448,18 @@ def tune_thresholds(
     split: str,
     threads: int | None,
     leave_one_out: bool,
+    controls: Path | None,
+    max_flagged: float,
     registry: str | None,
     offline: bool,
 ) -> None:
     """Each head's threshold with the best mean Dice on its site's SPLIT cases, then its smallest lesion with the
-    best lesion-wise F1 there; for `publish -thresholds`."""
+    best lesion-wise F1 there; for `publish -thresholds`. With -controls, among the settings that mark at most
+    -max-flagged of the SPLIT persons' healthy scans."""
     from sct_sitehead.evaluation import evaluate as ev  # numpy: see `phantom`
     from sct_sitehead.evaluation import thresholds
+    from sct_sitehead.evaluation.controls import healthy_controls
+    from sct_sitehead.evaluation.splits import load_splits
 
     if split == "test":
         raise click.BadParameter(
@@ -449,8 +469,23 @@ def tune_thresholds(
         ALL_SITES, model=model, options=Options(threads=threads), source=ModelSource.resolve(registry, offline=offline)
     )
     release = segmenter.release
-    tuned = thresholds.tune_thresholds(segmenter, ev.find_cases(dataset, split), leave_one_out=leave_one_out)
-    write_json_atomic({"model": release.spec, "split": split, "leave_one_out": leave_one_out, "heads": tuned}, out)
+    healthy: list[Path] = []
+    if controls is not None:
+        splits = load_splits()
+        healthy = [p for p in healthy_controls(controls) if splits.split_of(p.name.split("_")[0]) == split]
+        if not healthy:
+            raise click.BadParameter(f"no healthy scan of a {split!r} person in {controls}", param_hint="-controls")
+    tuned = thresholds.tune_thresholds(
+        segmenter,
+        ev.find_cases(dataset, split),
+        leave_one_out=leave_one_out,
+        controls=healthy,
+        max_flagged=max_flagged,
+    )
+    document = {"model": release.spec, "split": split, "leave_one_out": leave_one_out, "heads": tuned}
+    if controls is not None:
+        document["controls"] = {"images": [p.name for p in healthy], "max_flagged": max_flagged}
+    write_json_atomic(document, out)
     for head, row in sorted(tuned.items()):
         loo = "one case" if row["loo_dice"] is None else f"leave-one-out {row['loo_dice']:.3f}"
         if row["holds"] is None:
@@ -465,6 +500,12 @@ def tune_thresholds(
             f"{head}: threshold {row['threshold']:.2f} (Dice {row['dice']:.3f}; {row['dice_at_0.5']:.3f} at "
             f"0.5; {loo}; {row['cases']} cases{kept}), smallest lesion {row['min_lesion_mm3']:g} mm³ "
             f"(F1 {row['f1']:.3f}; {row['f1_all_lesions']:.3f} keeping all)"
+            + (
+                ""
+                if row["controls_met"] is None
+                else f"; marks {row['controls_flagged']} of {row['controls']} healthy scans"
+                + ("" if row["controls_met"] else f" (no setting marks {max_flagged:.0%} or fewer)")
+            )
         )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,10 @@ MIN_LESIONS_MM3 = (0.0, 3.0, 6.0, 10.0, 15.0, 20.0)
 #: How much mean Dice a smallest-lesion setting may cost for its lesion-wise F1 gain.
 DICE_TOLERANCE = 0.005
 
+#: With healthy controls, the largest share of them a tuned head may mark with a lesion (the model's target: at
+#: most 1 run in 10).
+MAX_FLAGGED = 0.1
+
 
 def tune_thresholds(
     segmenter,
@@ -39,6 +45,8 @@ def tune_thresholds(
     min_lesions_mm3=MIN_LESIONS_MM3,
     *,
     leave_one_out: bool = False,
+    controls: Sequence[Path] = (),
+    max_flagged: float = MAX_FLAGGED,
 ) -> dict[str, dict[str, Any]]:
     """Each head's probability threshold with the best mean lesion Dice on its own site's lesion-bearing cases
     (a lesion-free case has no Dice), then the smallest lesion volume kept with the best pooled lesion-wise F1
@@ -54,13 +62,18 @@ def tune_thresholds(
     ``leave_one_out``, a head whose pick does not hold (or that has a single case) gets the threshold closest to
     0.5; without it (the default, what the shipped release was tuned with) the check is only reported.
 
+    With ``controls`` (images of healthy persons of the same split; the right answer on each is no lesion), only
+    the settings (threshold, smallest lesion) that mark at most ``max_flagged`` of them are open to the choice;
+    when none is, the setting that marks the fewest (then the best Dice) is taken and ``controls_met`` says so.
+
     Returns:
         ``{head: {"threshold", "dice" (mean at that threshold, every lesion kept; NaN without a lesion-bearing
         case), "dice_at_0.5", "cases" (lesion-bearing: those Dice is over), "lesion_free_cases", "loo_dice"
         (leave-one-out mean at the tuned thresholds; None with one case), "holds" (whether the pick beats 0.5
         leave-one-out; None with one case), "min_lesion_mm3", "f1" (pooled, with it), "f1_all_lesions" (pooled,
-        every lesion kept)}}`` for every head with at least one case. A head without a lesion-bearing case keeps
-        the threshold closest to 0.5.
+        every lesion kept), "controls" (healthy images scored), "controls_flagged" (those marked at the tuned
+        setting), "controls_met" (None without controls)}}`` for every head with at least one case. A head without
+        a lesion-bearing case keeps the threshold closest to 0.5.
     """
     from nibabel.affines import voxel_sizes
 
@@ -92,6 +105,17 @@ def tune_thresholds(
             else:
                 free[head] += 1
         logger.info("%d/%d %s (%s)", number, len(cases), case.subject, case.site)
+    # per head, healthy images marked with a lesion per (threshold, smallest lesion)
+    flagged: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(shape))
+    for number, path in enumerate(controls, 1):
+        image, probabilities = segmenter.predict(path)
+        zooms = tuple(voxel_sizes(image.affine))
+        for head in segmenter.sites:
+            values = probabilities[head][lesion_index(segmenter, head)]
+            for i, t in enumerate(thresholds):
+                for j, volume in enumerate(volumes):
+                    flagged[head][i, j] += bool(threshold_mask(values, MaskRule(t, volume), zooms).any())
+        logger.info("control %d/%d %s", number, len(controls), Path(path).name)
     half = min(range(len(thresholds)), key=lambda k: abs(thresholds[k] - 0.5))
 
     def best_threshold(mean_dice: np.ndarray) -> int:
@@ -112,8 +136,28 @@ def tune_thresholds(
         )
         loo_dice = float(np.mean(held_out)) if held_out else None
         holds = None if loo_dice is None else round(loo_dice, 6) > round(float(per_case_dice[:, half].mean()), 6)
-        best = half if (leave_one_out and not holds) or not per_case else best_threshold(mean[:, 0])
-        allowed = [j for j in range(len(volumes)) if not per_case or mean[best, j] >= mean[best, 0] - DICE_TOLERANCE]
+        marked = flagged[head] if controls else np.zeros(shape)
+        open_ = marked <= max_flagged * len(controls) + 1e-9 if controls else np.ones(shape, dtype=bool)
+        met = bool(open_.any()) if controls else None
+        if not open_.any():  # nothing meets the controls: the settings that mark the fewest stay open
+            open_ = marked == marked.min()
+        # per threshold, the open setting that keeps the most lesions: its Dice is the threshold's
+        first_open = [int(np.argmax(open_[i])) if open_[i].any() else None for i in range(len(thresholds))]
+        candidates = [i for i in range(len(thresholds)) if first_open[i] is not None]
+        score = np.array(
+            [float(mean[i, first_open[i]]) if first_open[i] is not None else -np.inf for i in range(len(thresholds))]
+        )
+        if (leave_one_out and not holds) or not per_case:
+            best = min(candidates, key=lambda k: abs(thresholds[k] - 0.5))
+        else:
+            best = max(candidates, key=lambda k: (round(float(score[k]), 6), -abs(thresholds[k] - 0.5)))
+        floor = first_open[best]
+        assert floor is not None  # best is a candidate
+        allowed = [
+            j
+            for j in range(len(volumes))
+            if open_[best, j] and (not per_case or mean[best, j] >= mean[best, floor] - DICE_TOLERANCE)
+        ]
         # An undefined F1 (nothing to find, nothing found) ranks below any defined one.
         smallest = max(allowed, key=lambda j: (round(float(np.nan_to_num(f1[best, j], nan=-1.0)), 6), -volumes[j]))
         tuned[head] = {
@@ -127,5 +171,8 @@ def tune_thresholds(
             "min_lesion_mm3": volumes[smallest],
             "f1": float(f1[best, smallest]),
             "f1_all_lesions": float(f1[best, 0]),
+            "controls": len(controls),
+            "controls_flagged": int(marked[best, smallest]),
+            "controls_met": met,
         }
     return tuned
