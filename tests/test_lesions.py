@@ -102,3 +102,6 @@ def test_stats_agree_with_a_direct_count(shape, density, seed, zooms):
     )
     got = sorted((tuple(np.round(lesion["centroid_voxel"], 6)), lesion["voxels"]) for lesion in stats["lesions"])
     assert got == expected
+    boxes = ndimage.find_objects(labels)
+    ranges = sorted([[b.start, b.stop - 1] for b in boxes[i - 1]] for i in range(1, count + 1))
+    assert sorted(lesion["voxel_range"] for lesion in stats["lesions"]) == ranges

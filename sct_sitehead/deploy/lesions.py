@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -95,8 +95,6 @@ def lesion_stats(
         first, ids 1..count in that order (ties keep scan order); voxel indices are native, ``voxel_range`` the
         first and last voxel along each axis.
     """
-    from scipy import ndimage
-
     voxel = _voxel_volume(zooms)
     labels, count = label_lesions(mask)
     lesions: list[dict[str, Any]] = []
@@ -109,16 +107,20 @@ def lesion_stats(
         sums = np.stack([np.bincount(owner, weights=axis, minlength=count + 1)[1:] for axis in coords])
         shift = np.asarray([int(o) for o in offset], dtype=np.float64)
         centroids = (sums / sizes).T + shift
-        boxes = ndimage.find_objects(labels)
+        # First and last voxel per lesion and axis, over the lesion voxels only (not a pass over the window).
+        first = np.stack([np.full(count, np.iinfo(np.int64).max) for _ in coords])
+        last = np.stack([np.full(count, -1) for _ in coords])
+        for axis, along in enumerate(coords):
+            np.minimum.at(first[axis], owner - 1, along)
+            np.maximum.at(last[axis], owner - 1, along)
         order = sorted(range(count), key=lambda i: (-int(sizes[i]), i))
         for rank, i in enumerate(order, start=1):
-            box = cast(tuple[slice, ...], boxes[i])
             lesion: dict[str, Any] = {
                 "id": rank,
                 "volume_mm3": float(sizes[i]) * voxel,
                 "voxels": int(sizes[i]),
                 "centroid_voxel": [float(c) for c in centroids[i]],
-                "voxel_range": [[int(b.start + o), int(b.stop - 1 + o)] for b, o in zip(box, offset)],
+                "voxel_range": [[int(first[a, i] + o), int(last[a, i] + o)] for a, o in enumerate(offset)],
             }
             if affine is not None:
                 world = np.asarray(affine, dtype=np.float64) @ np.append(centroids[i], 1.0)
