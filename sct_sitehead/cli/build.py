@@ -458,8 +458,7 @@ def tune_thresholds(
     -max-flagged of the SPLIT persons' healthy scans."""
     from sct_sitehead.evaluation import evaluate as ev  # numpy: see `phantom`
     from sct_sitehead.evaluation import thresholds
-    from sct_sitehead.evaluation.controls import healthy_controls
-    from sct_sitehead.evaluation.splits import load_splits
+    from sct_sitehead.evaluation.controls import split_controls
 
     if split == "test":
         raise click.BadParameter(
@@ -471,8 +470,7 @@ def tune_thresholds(
     release = segmenter.release
     healthy: list[Path] = []
     if controls is not None:
-        splits = load_splits()
-        healthy = [p for p in healthy_controls(controls) if splits.split_of(p.name.split("_")[0]) == split]
+        healthy = split_controls(controls, split)
         if not healthy:
             raise click.BadParameter(f"no healthy scan of a {split!r} person in {controls}", param_hint="-controls")
     tuned = thresholds.tune_thresholds(

@@ -20,6 +20,7 @@ from urllib.parse import quote
 import numpy as np
 
 from sct_sitehead.atomic import write_atomic, write_json_atomic
+from sct_sitehead.deploy.spatial import nonzero_bounds
 from sct_sitehead.errors import OutputError, RegistryError, UsageError
 from sct_sitehead.registry import untrusted_json
 
@@ -170,23 +171,15 @@ def qc_box(
         Three (start, stop) pairs, or ``fallback``.
     """
     shape = np.asarray(masks[0]).shape
-    starts: list[list[int]] = [[] for _ in range(3)]
-    stops: list[list[int]] = [[] for _ in range(3)]
+    extents = [[(int(a), int(b)) for a, b in box] for box in boxes if box is not None]
     for mask in masks:
-        mask = np.asarray(mask, dtype=bool)
-        if not mask.any():
-            continue
-        for axis in range(3):
-            along = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-            starts[axis].append(int(along[0]))
-            stops[axis].append(int(along[-1]) + 1)
-    for box in boxes:
-        if box is not None:
-            for axis, (start, stop) in enumerate(box):
-                starts[axis].append(int(start))
-                stops[axis].append(int(stop))
-    if not starts[0]:
+        bounds = nonzero_bounds(mask)
+        if bounds is not None:
+            extents.append([(int(a), int(b) + 1) for a, b in zip(*bounds)])
+    if not extents:
         return fallback
+    starts = [[extent[axis][0] for extent in extents] for axis in range(3)]
+    stops = [[extent[axis][1] for extent in extents] for axis in range(3)]
     margins = [int(np.ceil(CORD_MARGIN_MM / float(zoom))) for zoom in zooms]
     return [
         (max(min(starts[axis]) - margins[axis], 0), min(max(stops[axis]) + margins[axis], int(shape[axis])))

@@ -40,6 +40,17 @@ def healthy_controls(bids: Path) -> list[Path]:
     return sorted(p for p in bids.glob("sub-*/**/anat/*.nii*") if p.parts[len(bids.parts)] in controls)
 
 
+def split_controls(bids: Path, split: str) -> list[Path]:
+    """:func:`healthy_controls` of the persons of one split of the frozen split (e.g. ``val``)."""
+    splits = load_splits()
+    return [path for path in healthy_controls(bids) if splits.split_of(_subject(path.name)) == split]
+
+
+def _subject(image: str) -> str:
+    """The participant of a BIDS image name (``sub-X_..._T2w.nii.gz`` -> ``sub-X``)."""
+    return image.split("_")[0]
+
+
 def describe_controls(rows: list[dict[str, Any]], bids: Path) -> list[dict[str, Any]]:
     """The rows of :func:`check_controls` with each image's participant, person, pathology and split (of the
     frozen split, :mod:`sct_sitehead.evaluation.splits`; ``unassigned`` for a participant it lacks)."""
@@ -47,7 +58,7 @@ def describe_controls(rows: list[dict[str, Any]], bids: Path) -> list[dict[str, 
     splits = load_splits()
     out = []
     for row in rows:
-        subject = str(row["image"]).split("_")[0]
+        subject = _subject(str(row["image"]))
         found = participants.get(subject, {})
         person = found.get("person") or splits.person_of(subject) or subject
         split = splits.split_of(subject) or "unassigned"
