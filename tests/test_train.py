@@ -26,7 +26,7 @@ from sct_sitehead.training.checkpoint import load_checkpoint, weights_digest  # 
 from sct_sitehead.training.config import load_config  # noqa: E402
 from sct_sitehead.training.data import Case, case_weights, prepare_cases, sample_batch  # noqa: E402
 from sct_sitehead.training.loop import learning_rate  # noqa: E402
-from sct_sitehead.training.losses import masked_dice_bce  # noqa: E402
+from sct_sitehead.training.losses import blob_dice, masked_dice_bce  # noqa: E402
 from sct_sitehead.training.train import (  # noqa: E402
     _samples,
     contrasts_of,
@@ -78,6 +78,66 @@ def test_loss_with_everything_annotated_is_dice_plus_bce() -> None:
     assert float(nothing.detach()) == 0.0 and nothing.requires_grad
     with pytest.raises(TrainingError, match="do not match"):
         masked_dice_bce(logits, targets[:, :, :2], torch.ones(1, 1, dtype=torch.bool))
+
+
+def _two_lesions() -> torch.Tensor:
+    """(1, 2, 8, 8, 8) targets: channel 0 a 4x4x4 lesion and a 1-voxel one; channel 1 (the cord, say) all set."""
+    targets = torch.zeros(1, 2, 8, 8, 8)
+    targets[0, 0, :4, :4, :4] = 1
+    targets[0, 0, 6, 6, 6] = 1
+    targets[0, 1] = 1
+    return targets
+
+
+def test_blob_term_weighs_a_missed_small_lesion_like_a_missed_large_one() -> None:
+    targets = _two_lesions()
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    large_only = torch.full_like(targets, -30.0)
+    large_only[0, 0, :4, :4, :4] = 30.0
+    large_only[0, 1] = 30.0
+    both = large_only.clone()
+    both[0, 0, 6, 6, 6] = 30.0
+    # The batch Dice barely sees the missed voxel; the blob term scores it as one lesion in two.
+    assert float(masked_dice_bce(large_only, targets, mask)) < 0.05
+    # Large lesion: Dice (2*64 + 1) / (64 + 64 + 1) = 1; small: (0 + 1) / (0 + 1 + 1) = 0.5.
+    assert torch.isclose(blob_dice(large_only, targets, mask, [0]), torch.tensor(0.25), atol=1e-4)
+    assert float(blob_dice(both, targets, mask, [0])) < 1e-4
+    # Marking both is perfect for each: the 64 voxels marked on the large lesion are not false positives of the
+    # small one (they would be for a Dice over the patch). Marking only the small one: large (0 + 1) / (64 + 1),
+    # small 1.
+    small_only = torch.full_like(targets, -30.0)
+    small_only[0, 0, 6, 6, 6] = 30.0
+    assert torch.isclose(blob_dice(small_only, targets, mask, [0]), torch.tensor((1 - 1 / 65) / 2), atol=1e-4)
+    # A false positive in the background counts against every lesion of the patch.
+    extra = both.clone()
+    extra[0, 0, 7, 0, 0] = 30.0
+    assert float(blob_dice(extra, targets, mask, [0])) > float(blob_dice(both, targets, mask, [0])) + 0.1
+
+
+def test_blob_term_skips_masked_pairs_and_other_channels() -> None:
+    targets = _two_lesions()
+    logits = torch.zeros_like(targets, requires_grad=True)
+    loss = blob_dice(logits, targets, torch.tensor([[True, True]]), [0])
+    loss.backward()
+    assert logits.grad[0, 1].abs().max() == 0 and logits.grad[0, 0].abs().max() > 0
+    for mask, channels in ((torch.tensor([[False, True]]), [0]), (torch.ones(1, 2, dtype=torch.bool), [])):
+        nothing = blob_dice(logits, targets, mask, channels)
+        assert float(nothing.detach()) == 0.0 and nothing.requires_grad
+    empty = blob_dice(logits, torch.zeros_like(targets), torch.ones(1, 2, dtype=torch.bool), [0])
+    assert float(empty.detach()) == 0.0
+
+
+def test_a_blob_weighted_run_trains_and_does_not_resume_a_plain_state(dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="train.blob_weight must be >= 0"):
+        load_config({"train": {"blob_weight": -1}})
+    plain = train_backbone(dataset, tmp_path / "work", tiny_config(steps=2))
+    blob = tiny_config(steps=4, blob_weight=1.0)
+    with pytest.raises(TrainingError, match="different run"):
+        train_backbone(dataset, tmp_path / "work", blob)
+    path = train_backbone(dataset, tmp_path / "blob", blob)
+    meta = load_backbone(path)[1]
+    assert meta["config"]["train"]["blob_weight"] == 1.0 and np.isfinite(meta["final_loss"])
+    assert load_backbone(plain)[1]["rank_digests"] != meta["rank_digests"]
 
 
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:

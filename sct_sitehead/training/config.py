@@ -61,6 +61,9 @@ DEFAULTS: dict[str, Any] = {
         "schedule": "poly",
         "warmup_steps": 50,
         "lesion_fraction": 0.33,
+        # Weight of the blob term (losses.blob_dice: each lesion's own Dice, averaged over lesions) added to Dice +
+        # BCE on the lesion channels; 0 leaves the loss as it was.
+        "blob_weight": 0.0,
         "seed": 0,
         "amp": True,
         "device": "auto",
@@ -228,6 +231,8 @@ def check_config(config: Mapping[str, Any]) -> None:
             raise TrainingError(f"train.{key} must be >= 1, got {train[key]!r}")
     if not 0.0 <= float(train["lesion_fraction"]) <= 1.0:
         raise TrainingError(f"train.lesion_fraction must be in [0, 1], got {train['lesion_fraction']!r}")
+    if not float(train["blob_weight"]) >= 0.0:
+        raise TrainingError(f"train.blob_weight must be >= 0, got {train['blob_weight']!r}")
     labels = config["labels"]
     if labels["mode"] not in LABEL_MODES:
         raise TrainingError(f"labels.mode {labels['mode']!r} is not one of {list(LABEL_MODES)}")

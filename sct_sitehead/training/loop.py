@@ -26,7 +26,7 @@ from sct_sitehead.training.augment import augment_batch
 from sct_sitehead.training.checkpoint import load_checkpoint, save_checkpoint, weights_digest
 from sct_sitehead.training.data import Case, case_weights, sample_batch
 from sct_sitehead.training.distributed import Context, barrier, gather, mean_over_ranks
-from sct_sitehead.training.losses import masked_dice_bce
+from sct_sitehead.training.losses import blob_dice, masked_dice_bce
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Job:
         trainable: the sub-module whose parameters are optimised and saved (the whole ``module`` or the head).
         steps, lr, warmup_steps: the optimisation length, peak learning rate and linear warm-up.
         signature: what a state file must match to be resumed (architecture, labels, strategy...).
+        lesion_channels: the output channels that carry a site's ``lesion`` label (the blob term's).
     """
 
     name: str
@@ -50,6 +51,7 @@ class Job:
     lr: float
     warmup_steps: int
     signature: dict[str, Any] = field(default_factory=dict)
+    lesion_channels: tuple[int, ...] = ()
 
 
 @dataclass
@@ -121,6 +123,7 @@ def fit(
     log_path = out_dir / f"{job.name}.log.jsonl"
     seed, every, save_every = int(train["seed"]), int(train["log_every"]), int(train["checkpoint_every"])
     weights = case_weights(cases, site_weights or {})
+    blob_weight = float(train["blob_weight"])
     synth = float(config["augment"].get("synth", 0.0)) > 0 and any(case.classes is not None for case in cases)
     window: list[float] = []
     last_loss = None
@@ -153,6 +156,8 @@ def fit(
         with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
             logits = runner(image_t)
         loss = masked_dice_bce(logits, label_t, mask_t)
+        if blob_weight > 0:
+            loss = loss + blob_weight * blob_dice(logits, label_t, mask_t, job.lesion_channels)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"{job.name}: loss is {loss.item()} at step {step}; lower the learning rate ({job.lr}) or check the "

@@ -201,7 +201,8 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
         int(train["steps"]),
         float(train["lr"]),
         int(train["warmup_steps"]),
-        signature={"arch": arch.to_dict(), "labels": space.site_maps, "input": spec},
+        signature={"arch": arch.to_dict(), "labels": space.site_maps, "input": spec, **_loss_signature(train)},
+        lesion_channels=tuple(sorted({m["lesion"] for m in space.site_maps.values() if "lesion" in m})),
     )
     result = fit(job, mine, targets, config, ctx, out_dir, train["site_weights"])
     path = out_dir / BACKBONE_FILE
@@ -220,6 +221,12 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
         logger.info("backbone checkpoint %s (%d cases, %d sites)", path, len(cases), len(space.site_maps))
     barrier(ctx)
     return path
+
+
+def _loss_signature(train: Mapping[str, Any]) -> dict[str, Any]:
+    """The loss settings a state file must match to be resumed; empty for the plain loss, so state files saved
+    before the blob term existed still resume."""
+    return {"blob_weight": float(train["blob_weight"])} if float(train["blob_weight"]) > 0 else {}
 
 
 def _provenance(result: Result, n_cases: int) -> dict[str, Any]:
@@ -308,7 +315,9 @@ def train_head(
             "strategy": strategy,
             "head": head.describe(),
             "labels": space.label_map(site),
+            **_loss_signature(config["train"]),
         },
+        lesion_channels=tuple(channel for label, channel in space.label_map(site).items() if label == "lesion"),
     )
     result = fit(job, mine, targets, config, ctx, out_dir)
     if weights_digest(unet.backbone) != meta["backbone_sha256"]:
