@@ -9,8 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sct_sitehead.simulate import spine_atlas
 from sct_sitehead.simulate.cord_atlas import load_cross_sections, map_onto_cord
-from sct_sitehead.simulate.labelmap import CSF, GREY_MATTER, LABEL_MAP, LESION, WHITE_MATTER, label_map
+from sct_sitehead.simulate.labelmap import (
+    CSF,
+    DISC,
+    GREY_MATTER,
+    LABEL_MAP,
+    LESION,
+    VERTEBRA,
+    WHITE_MATTER,
+    label_map,
+)
 from sct_sitehead.simulate.lesions import LESION_CONTRAST, insert_lesions_array
 
 
@@ -46,6 +56,45 @@ def test_pam50_grey_matter_and_tracts_land_inside_the_cord_on_the_right_side(sec
     assert (
         np.abs(np.broadcast_to(x, cord.shape)[lateral]).mean() > np.abs(np.broadcast_to(x, cord.shape)[dorsal]).mean()
     )
+
+
+def test_pam50_vertebrae_and_discs_surround_the_cord_with_discs_in_front(sections):
+    cord, affine = _elliptic_cord(spacing=1.0, shape=(70, 70, 110))
+    spine = spine_atlas.map_spine(cord, affine, sections.spine, np.random.default_rng(0))
+    y = np.broadcast_to((np.arange(cord.shape[1]) * affine[1, 1] + affine[1, 3])[None, :, None], cord.shape)
+    vertebra, disc = spine == spine_atlas.VERTEBRA, spine == spine_atlas.DISC
+    assert 0.05 < vertebra.mean() < 0.4 and disc.any()
+    assert not (cord.astype(bool) & (vertebra | disc)).any()  # the canal is free
+    assert y[disc].mean() > 8.0  # discs lie between the vertebral bodies, in front of the cord (RAS: +y)
+    # discs come and go along the cord, one every 15 to 25 mm or so (cervical and upper thoracic)
+    runs = np.flatnonzero(np.diff(disc.any(axis=(0, 1)).astype(int)) == 1)
+    assert 3 <= len(runs) <= 9
+    # the same generator, the same spine; a subject of another size and level, another one
+    assert np.array_equal(spine, spine_atlas.map_spine(cord, affine, sections.spine, np.random.default_rng(0)))
+    assert not np.array_equal(spine, spine_atlas.map_spine(cord, affine, sections.spine, np.random.default_rng(1)))
+    # the spine follows the cord: a cord moved 6 mm to the right moves its spine with it
+    moved = np.roll(cord, 6, axis=0)
+    x = np.arange(cord.shape[0]) * affine[0, 0] + affine[0, 3]
+    shifted = spine_atlas.map_spine(moved, affine, sections.spine, np.random.default_rng(0))
+    assert abs(x[np.nonzero(shifted)[0]].mean() - x[np.nonzero(spine)[0]].mean() - 6.0) < 1.0
+    assert not spine_atlas.map_spine(np.zeros_like(cord), affine, sections.spine, np.random.default_rng(0)).any()
+
+
+def test_vertebrae_and_discs_replace_background_tissue_only():
+    cord, affine = _elliptic_cord()
+    image = np.random.default_rng(1).uniform(0.1, 1.0, cord.shape).astype(np.float32)
+    image[:, :, :3] = 0.0  # air
+    spine = np.zeros(cord.shape, dtype=np.uint8)
+    spine[:, 40:, :] = spine_atlas.VERTEBRA  # anterior, some of it air
+    spine[:, 40:, 20:24] = spine_atlas.DISC
+    spine[28:32, 28:32, :] = spine_atlas.VERTEBRA  # inside the cord: ignored
+    plain = label_map(image, cord, np.zeros_like(cord), np.zeros_like(cord), affine, np.random.default_rng(2))
+    classes = label_map(image, cord, np.zeros_like(cord), np.zeros_like(cord), affine, np.random.default_rng(2), spine)
+    background = (plain >= 1) & (plain < CSF)
+    assert (classes[background & (spine == spine_atlas.VERTEBRA)] == VERTEBRA).all()
+    assert (classes[background & (spine == spine_atlas.DISC)] == DISC).all()
+    assert np.array_equal(classes[~background], plain[~background])  # air, CSF and cord untouched
+    assert LABEL_MAP[VERTEBRA] == "vertebra" and LABEL_MAP[DISC] == "disc"
 
 
 def test_label_map_classes_on_a_cord():
@@ -88,7 +137,7 @@ def test_simulate_writes_label_maps_with_grey_matter(bids_dir, tmp_path):
 
     out = simulate(bids_dir, tmp_path / "sim", n_per_site=2, seed=3, sites=["paris", "montreal"])
     meta = json.loads((out / "simulation.json").read_text())
-    assert meta["label_map"]["classes"]["9"] == "lesion"
+    assert meta["label_map"]["classes"]["9"] == "lesion" and meta["label_map"]["classes"]["11"] == "disc"
     import nibabel as nib
 
     maps = sorted((out / "derivatives" / "truth").rglob("*_labelmap-truth.nii.gz"))
@@ -102,6 +151,7 @@ def test_simulate_writes_label_maps_with_grey_matter(bids_dir, tmp_path):
         cord = nib.load(path.with_name(path.name.replace("labelmap", "cord"))).get_fdata() > 0
         inside = classes[cord]
         assert (inside == GREY_MATTER).any() and (inside == WHITE_MATTER).any()
+        assert (classes == VERTEBRA).any() and not np.isin(inside, [VERTEBRA, DISC]).any()
         truth = nib.load(path.with_name(path.name.replace("labelmap", "lesion"))).get_fdata() > 0
         assert (classes[truth] == LESION).mean() > 0.5 if truth.any() else not (classes == LESION).any()
 
@@ -113,7 +163,8 @@ torch = pytest.importorskip("torch")
 def _options(**changes):
     from sct_sitehead.training.config import DEFAULTS
 
-    return {**DEFAULTS["augment"], **changes}
+    classes = {**DEFAULTS["augment"]["synth_classes"], "count": len(LABEL_MAP)}
+    return {**DEFAULTS["augment"], "synth_classes": classes, **changes}
 
 
 def test_synthesised_images_vary_in_contrast_keep_the_lesion_visible_and_repeat_by_seed():
@@ -202,3 +253,55 @@ def test_artefacts_ring_ghost_and_make_rician_noise_positive():
     gaussian = augment._noise(torch.zeros_like(cube), torch.Generator().manual_seed(1), {**options, "rician": 0.0})
     rician = augment._noise(torch.zeros_like(cube), torch.Generator().manual_seed(1), {**options, "rician": 1.0})
     assert float(gaussian.min()) < 0 and float(rician.min()) >= 0 and float(rician.mean()) > 0.01
+
+
+@pytest.mark.slow
+def test_the_spine_changes_the_label_maps_and_nothing_else(bids_dir, tmp_path, monkeypatch):
+    """The spine's draws come from a child generator: images, lesions and annotations stay those of before."""
+    from dataclasses import replace
+
+    import nibabel as nib
+
+    from sct_sitehead.simulate import simulate, simulator
+
+    real = simulator.load_cross_sections
+    with_spine = simulate(bids_dir, tmp_path / "spine", n_per_site=2, seed=4, sites=["toronto"])
+    monkeypatch.setattr(simulator, "load_cross_sections", lambda pam50: replace(real(pam50), spine=None))
+    without = simulate(bids_dir, tmp_path / "plain", n_per_site=2, seed=4, sites=["toronto"])
+    files = sorted(path.relative_to(without) for path in without.rglob("*.nii.gz"))
+    assert files == sorted(path.relative_to(with_spine) for path in with_spine.rglob("*.nii.gz"))
+    maps = 0
+    for name in files:
+        a = np.asarray(nib.load(with_spine / name).dataobj)
+        b = np.asarray(nib.load(without / name).dataobj)
+        if name.name.endswith("_labelmap-truth.nii.gz"):
+            maps += 1
+            changed = a != b
+            assert changed.any() and np.isin(a[changed], [VERTEBRA, DISC]).all()
+            assert ((b[changed] >= 1) & (b[changed] < CSF)).all()  # only background tissue became spine
+        else:
+            assert np.array_equal(a, b), name
+    assert maps == 2
+
+
+def test_synthesis_counts_the_dataset_classes_and_refuses_a_class_without_intensity(tmp_path):
+    from sct_sitehead.errors import TrainingError
+    from sct_sitehead.training.config import load_config
+    from sct_sitehead.training.synth import synthesize
+    from sct_sitehead.training.train import with_class_count
+
+    config = load_config("synth")
+    (tmp_path / "simulation.json").write_text(json.dumps({"label_map": {"classes": {"0": "air", "9": "lesion"}}}))
+    assert with_class_count(config, tmp_path)["augment"]["synth_classes"]["count"] == 10
+    (tmp_path / "simulation.json").write_text(
+        json.dumps({"label_map": {"classes": {str(k): v for k, v in LABEL_MAP.items()}}})
+    )
+    assert with_class_count(load_config("synth"), tmp_path)["augment"]["synth_classes"]["count"] == 12
+    fixed = load_config({"extends": "synth", "augment": {"synth_classes": {"count": 10}}})
+    assert with_class_count(fixed, tmp_path)["augment"]["synth_classes"]["count"] == 10  # a set count is kept
+    with pytest.raises(TrainingError, match="no label map table"):
+        with_class_count(load_config("synth"), tmp_path / "elsewhere")
+    spine = torch.full((1, 8, 8, 8), DISC, dtype=torch.uint8)
+    with pytest.raises(TrainingError, match="class 11 but augment.synth_classes.count is 10"):
+        synthesize(spine, torch.Generator().manual_seed(0), fixed["augment"])
+    assert torch.isfinite(synthesize(spine, torch.Generator().manual_seed(0), _options())).all()

@@ -23,6 +23,7 @@ import numpy as np
 
 from sct_sitehead.errors import UsageError
 from sct_sitehead.evaluation.bids import load_spatial_image
+from sct_sitehead.simulate.spine_atlas import SpineAtlas, load_spine
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +49,17 @@ class CrossSections:
     Attributes:
         maps: (S, 3, P, P) float32 probabilities (:data:`MAPS`), S cross-sections from rostral to caudal, the
             plane's axes world left-right then anterior-posterior (RAS: increasing towards right and anterior).
+        spine: the template's vertebrae and discs (:mod:`.spine_atlas`), or None.
     """
 
     maps: np.ndarray
+    spine: SpineAtlas | None = None
 
 
 @cache
 def load_cross_sections(pam50: Path) -> CrossSections:
-    """Read the PAM50 template folder (``template/`` and ``atlas/``) into :class:`CrossSections`.
+    """Read the PAM50 template folder (``template/`` and ``atlas/``) into :class:`CrossSections`, its spine
+    included.
 
     Raises:
         UsageError: a file is missing or the template has no cord at the kept levels.
@@ -96,7 +100,7 @@ def load_cross_sections(pam50: Path) -> CrossSections:
         )
     if not sections:
         raise UsageError(f"{pam50}: no cord between levels {LEVELS} of PAM50_levels; is it the PAM50 template?")
-    return CrossSections(np.clip(np.asarray(sections, dtype=np.float32), 0.0, 1.0))
+    return CrossSections(np.clip(np.asarray(sections, dtype=np.float32), 0.0, 1.0), load_spine(pam50))
 
 
 def map_onto_cord(

@@ -14,6 +14,8 @@ value class
 7     cord white matter
 8     cord grey matter (PAM50's, :mod:`.cord_atlas`)
 9     lesion
+10    vertebra (PAM50's spine laid around the cord, :mod:`.spine_atlas`), over background classes only
+11    intervertebral disc (likewise)
 ===== =====================================================================================================
 
 The table is written into ``simulation.json`` (``label_map``) so that a training config can name the classes.
@@ -24,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from sct_sitehead.simulate import spine_atlas
 
 #: The classes of the label map, value -> name.
 LABEL_MAP: dict[int, str] = {
@@ -37,8 +41,10 @@ LABEL_MAP: dict[int, str] = {
     7: "white-matter",
     8: "grey-matter",
     9: "lesion",
+    10: "vertebra",
+    11: "disc",
 }
-CSF, WHITE_MATTER, GREY_MATTER, LESION = 6, 7, 8, 9
+CSF, WHITE_MATTER, GREY_MATTER, LESION, VERTEBRA, DISC = 6, 7, 8, 9, 10, 11
 #: Background tissue classes (intensity quintiles).
 BACKGROUND_CLASSES = 5
 #: Intensity (of the source's 99.5th percentile) below which a voxel is air.
@@ -54,6 +60,7 @@ def label_map(
     lesion: np.ndarray,
     affine: np.ndarray,
     rng: np.random.Generator,
+    spine: np.ndarray | None = None,
 ) -> np.ndarray:
     """A subject's label map on the simulator's working grid.
 
@@ -64,6 +71,8 @@ def label_map(
         lesion: (X, Y, Z) lesion fraction 0..1.
         affine: (4, 4) the grid's affine (aligned with the world axes).
         rng: draws the CSF shell.
+        spine: (X, Y, Z) vertebrae and discs (:func:`.spine_atlas.map_spine`), or None for none; they replace the
+            background classes where they fall on body tissue, never air, CSF or cord.
 
     Returns:
         (X, Y, Z) uint8 classes (:data:`LABEL_MAP`).
@@ -85,6 +94,9 @@ def label_map(
     if tissue.any():
         edges = np.quantile(smooth[tissue], np.linspace(0, 1, BACKGROUND_CLASSES + 1)[1:-1])
         out[tissue] = 1 + np.searchsorted(edges, smooth[tissue]).astype(np.uint8)
+    if spine is not None:
+        out[tissue & (spine == spine_atlas.VERTEBRA)] = VERTEBRA
+        out[tissue & (spine == spine_atlas.DISC)] = DISC
     out[csf] = CSF
     out[inside] = WHITE_MATTER
     out[inside & (grey_matter >= 0.5 * np.maximum(cord, 1e-6))] = GREY_MATTER

@@ -65,6 +65,7 @@ from sct_sitehead.simulate.selection import (
     split_rng,
 )
 from sct_sitehead.simulate.sites import Borrow, Site, load_sites
+from sct_sitehead.simulate.spine_atlas import map_spine
 from sct_sitehead.simulate.staging import staging_folder
 from sct_sitehead.version import __version__
 
@@ -146,7 +147,8 @@ def simulate_subject(
         site: the site profile.
         rng: the subject's random generator.
         sections: the PAM50 cross-sections (:mod:`.cord_atlas`): grey matter in the label map, and lesions placed
-            by tract probability (:data:`TRACT_WEIGHTS`); None: no grey matter, lesions uniform in the cord.
+            by tract probability (:data:`TRACT_WEIGHTS`), and the spine's vertebrae and discs in the label map; None: no
+            grey matter, spine or tract weights, lesions uniform in the cord.
 
     Returns:
         The subject's image (site dtype), affine, labels (the site's label set), truth (lesion, cord and the
@@ -188,8 +190,12 @@ def simulate_subject(
         weights=weights,
     )
     grey = maps["gm"] if maps is not None else np.zeros_like(cord)
-    classes = label_map(clean, cord, grey, lesion, work_affine, rng)
-    del clean, grey, maps, weights
+    # the spine's draws come from a child generator: the subject's other draws stay those of a map without it
+    spine = None
+    if sections is not None and sections.spine is not None:
+        spine = map_spine(cord, work_affine, sections.spine, rng.spawn(1)[0])
+    classes = label_map(clean, cord, grey, lesion, work_affine, rng, spine)
+    del clean, grey, maps, weights, spine
     classes_t = to_target(classes, voxel_coordinates(grid.shape, grid.affine, work_affine))
     image_t, cord_t, lesion_t = sample_to_target([image, cord, lesion], work_affine, grid)
     written, intensity_params = transfer_intensities(image_t, grid, acquisition, rng)

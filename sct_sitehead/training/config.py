@@ -125,9 +125,11 @@ DEFAULTS: dict[str, Any] = {
         # Probability of replacing a patch's image by one synthesised from its label map (labels.label_map;
         # training/synth.py): a random intensity per tissue class (synth_classes: the simulator's label map), the
         # lesion at +-lesion_contrast from the white matter, grey matter within +-grey_matter_contrast of it, a
-        # texture of up to synth_texture, a blur of synth_blur voxels. 0 draws nothing.
+        # texture of up to synth_texture, a blur of synth_blur voxels. 0 draws nothing. synth_classes.count null:
+        # the number of classes in the dataset's label map table (simulation.json), so data simulated before the
+        # vertebra and disc classes draw as they always did.
         "synth": 0.0,
-        "synth_classes": {"count": 10, "white_matter": 7, "grey_matter": 8, "lesion": 9},
+        "synth_classes": {"count": None, "white_matter": 7, "grey_matter": 8, "lesion": 9},
         "lesion_contrast": [0.12, 0.9],
         "grey_matter_contrast": 0.3,
         "synth_texture": 0.08,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sct_sitehead.errors import TrainingError
 from sct_sitehead.training.data import NO_CLASSES
 
 
@@ -55,9 +56,18 @@ def synthesize(classes: Tensor, generator: torch.Generator, options: Mapping[str
 
     Returns:
         (1, X, Y, Z) float32 image, z-scored over the patch.
+
+    Raises:
+        TrainingError: a class of the label map has no intensity (``synth_classes.count`` too small or unset).
     """
-    count = int(options["synth_classes"]["count"])
-    index = classes.long().clamp(0, count - 1)
+    count = options["synth_classes"]["count"]
+    top = int(classes.max())
+    if count is None or top >= int(count):
+        raise TrainingError(
+            f"a label map has class {top} but augment.synth_classes.count is {count}; set it to the number of classes "
+            "of the simulator's label map table (simulation.json)"
+        )
+    index = classes.long()
     means = class_means(generator, options).to(classes.device)
     texture = float(options["synth_texture"]) * torch.rand(count, generator=generator).to(classes.device)
     noise = torch.randn(classes.shape, generator=generator).to(classes.device)

@@ -9,6 +9,7 @@ Both run as one process or under ``torchrun`` (see :mod:`.distributed`); rank 0 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -134,6 +135,24 @@ def label_maps(data: Path | str | Sequence[Any], samples: Sequence[Any], suffix:
     return found
 
 
+def with_class_count(config: dict[str, Any], data: Path | str | Sequence[Any]) -> dict[str, Any]:
+    """``config`` with ``augment.synth_classes.count`` set, when null, from the dataset's label map table
+    (``simulation.json``'s ``label_map.classes``: the largest class + 1); unchanged without synthesis or table."""
+    classes = config["augment"]["synth_classes"]
+    if classes["count"] is not None or not config["labels"]["label_map"] or not isinstance(data, (str, Path)):
+        return config
+    table = Path(data) / "simulation.json"
+    try:
+        names = json.loads(table.read_text(encoding="utf-8"))["label_map"]["classes"]
+        count = max(int(value) for value in names) + 1
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise TrainingError(
+            f"{table}: no label map table to count the synthesis classes by ({exc}); set augment.synth_classes.count"
+        ) from exc
+    config["augment"]["synth_classes"] = {**classes, "count": count}
+    return config
+
+
 def contrasts_of(samples: Sequence[Any]) -> list[str]:
     """The contrasts (BIDS suffixes, e.g. ``["T2star", "T2w"]``) of the samples that become training cases: those
     with a label, as :func:`~sct_sitehead.training.data.prepare_cases` keeps. Recorded in each head's checkpoint
@@ -176,6 +195,7 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
         TrainingError: no labelled case, bad config, incompatible state file, diverging training.
     """
     config, ctx = _prepare(config)
+    config = with_class_count(config, data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = config["input"]
@@ -286,6 +306,7 @@ def train_head(
     if strategy not in STRATEGIES:
         raise TrainingError(f"unknown head strategy {strategy!r}; choose one of {list(STRATEGIES)}")
     config, ctx = _prepare(config)
+    config = with_class_count(config, data)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     unet, meta = load_backbone(Path(backbone_ckpt))
