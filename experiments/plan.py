@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -318,14 +319,25 @@ def predicted_splits(settings: Settings, n: int, samples: Sequence[Any] | None =
     return out
 
 
-def short_of(splits: Mapping[str, Mapping[str, str]], settings: Settings) -> list[str]:
-    """What the splits lack: fewer than ``min_test`` test subjects at a site, or too few training subjects of
-    the new site for the learning curve."""
+def scored_split(sim: Path) -> str:
+    """The split the arms are scored on: ``val`` for a dataset simulated by the frozen split (``simulate -splits``,
+    whose test split is held out for the release and scored once per shipped release), else ``test``."""
+    meta = sim / "simulation.json"
+    try:
+        frozen = "persons" in (json.loads(meta.read_text(encoding="utf-8")).get("splits") or {})
+    except (OSError, ValueError, AttributeError):
+        frozen = False
+    return "val" if frozen else "test"
+
+
+def short_of(splits: Mapping[str, Mapping[str, str]], settings: Settings, split: str = "test") -> list[str]:
+    """What the splits lack: fewer than ``min_test`` subjects of the scored ``split`` at a site, or too few
+    training subjects of the new site for the learning curve."""
     problems = []
     for site, table in splits.items():
-        tests = sum(v == "test" for v in table.values())
+        tests = sum(v == split for v in table.values())
         if tests < settings.min_test:
-            problems.append(f"{site}: {tests} test subjects < {settings.min_test}")
+            problems.append(f"{site}: {tests} {split} subjects < {settings.min_test}")
     trains = sum(v == "train" for v in splits.get(settings.new_site, {}).values())
     if trains < max(settings.curve):
         problems.append(f"{settings.new_site}: {trains} training subjects < {max(settings.curve)} (learning curve)")

@@ -22,6 +22,7 @@ from experiments.plan import (
     make_plan,
     predicted_splits,
     read_splits,
+    scored_split,
     short_of,
     subjects_per_site,
 )
@@ -47,7 +48,7 @@ def prepare_data(settings: Settings) -> dict[str, dict[str, str]]:
     missing = [s for s in settings.sites if s not in splits]
     if missing:
         raise UsageError(f"the dataset {settings.sim} has no site {missing}; simulate them or choose other sites")
-    problems = short_of({s: splits[s] for s in settings.sites}, settings)
+    problems = short_of({s: splits[s] for s in settings.sites}, settings, scored_split(settings.sim))
     curve_short = [p for p in problems if p.startswith(f"{settings.new_site}:") and "learning" in p]
     if curve_short:
         raise UsageError(f"{curve_short[0]}; simulate more subjects per site or shorten the curve")
@@ -148,7 +149,7 @@ def run_experiment(settings: Settings, *, plan_only: bool = False, verbosity: in
     train_all(settings, plan, base, verbosity)
     for model in plan.models:
         runner.export_and_publish(settings, model)
-    cases = ev.find_cases(settings.sim, "test", list(settings.sites))
+    cases = ev.find_cases(settings.sim, scored_split(settings.sim), list(settings.sites))
     rows = []
     for key, heads_by_site in plan.needed().items():
         rows += scoring.evaluate_model(settings, key, heads_by_site, cases)
@@ -226,6 +227,20 @@ def _data_table(settings: Settings, splits: Mapping[str, Mapping[str, str]]) -> 
     return "\n".join(lines) + "\n"
 
 
+def _scored_text(settings: Settings) -> str:
+    """What the figures are scored on, and over what the intervals resample."""
+    if scored_split(settings.sim) == "val":
+        return (
+            f"Scored on the val split of `{settings.sim}`: simulated subjects of persons no training job sees. Its "
+            "test split is the release's frozen test split (`simulate -splits`), never scored here. Mean [bootstrap "
+            "95% CI, persons resampled]; "
+        )
+    return (
+        f"Test split: simulated subjects whose anatomy comes from {', '.join(settings.holdout)} only (never seen in "
+        "training). Mean [bootstrap 95% CI, persons resampled]; "
+    )
+
+
 def document(
     settings: Settings,
     plan: Plan,
@@ -248,9 +263,9 @@ def document(
         f"{' (the tiny test config: numbers mean nothing)' if settings.quick else ''}; see configs_used.json. "
         "Every number comes through the deploy path: ONNX export, publication into the work registry, "
         "`pipeline.Segmenter` (ONNX Runtime) on the native grid, scored against the site's own annotation.\n",
-        f"Test split: simulated subjects whose anatomy comes from {', '.join(settings.holdout)} only (never "
-        f"seen in training). Mean [bootstrap 95% CI over test cases]; ΔDice is paired over the same cases. "
-        "F1 = lesion-wise F1, per case (any-voxel and 10%-overlap rules); AVD = absolute volume difference.\n",
+        _scored_text(settings)
+        + "ΔDice is paired over the same cases. F1 = lesion-wise F1, per case (any-voxel and 10%-overlap rules); "
+        "AVD = absolute volume difference.\n",
         _versus_release(base),
         "## Data\n",
         _data_table(settings, splits),

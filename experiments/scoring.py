@@ -66,7 +66,7 @@ def evaluate_model(
     path = eval_path(settings, key)
     stored = read_rows(path)
     if wanted <= {(row["subject"], row["head"]) for row in stored}:
-        return stored
+        return [row for row in stored if (row["subject"], row["head"]) in wanted]
     release, cache = published_release(settings, key)
 
     def score_all() -> list[dict[str, Any]]:

@@ -210,6 +210,20 @@ def test_quick_run_writes_the_whole_report_and_resumes(tmp_path: Path, bids_dir:
     assert main([*argv[:-4], "-config", "smoke", "-v", "0"]) == 2  # another config in the same work folder
 
 
+def test_a_dataset_with_the_frozen_split_is_scored_on_val(tmp_path: Path) -> None:
+    """The release's frozen test split (``simulate -splits``) is scored once per shipped release, never by the
+    experiment: its arms are scored on val; a dataset of the experiment's own holdout keeps its test split."""
+    assert xp.scored_split(tmp_path) == "test"  # no simulation.json
+    (tmp_path / "simulation.json").write_text(json.dumps({"splits": None, "seed": 0}))
+    assert xp.scored_split(tmp_path) == "test"
+    (tmp_path / "simulation.json").write_text(json.dumps({"splits": {"persons": {"test": ["ms01"], "val": ["x"]}}}))
+    assert xp.scored_split(tmp_path) == "val"
+    settings = xp.make_settings(quick=True, work=tmp_path, out=tmp_path / "out", seeds=None, source=tmp_path)
+    table = {"montreal": {"sub-a": "val", "sub-b": "test", "sub-c": "train"}}
+    assert xp.short_of(table, settings, "val") == xp.short_of(table, settings, "test")  # one of each
+    assert "montreal: 0 val subjects" in xp.short_of({"montreal": {"sub-b": "test"}}, settings, "val")[0]
+
+
 def test_git_version_ignores_the_report_folder_being_written(tmp_path: Path) -> None:
     import shutil
     import subprocess
