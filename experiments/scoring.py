@@ -118,7 +118,8 @@ def seed_mean(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Each of :data:`CASE_KEYS` averaged over the rows (NaN or missing values left out; NaN when all are)."""
     out = {}
     for key in CASE_KEYS:
-        values = [float(row.get(key, math.nan)) for row in rows]
+        # rows scored before score_case kept the false lesions unsuffixed hold them under the "any" rule's name
+        values = [float(row.get(key, row.get(f"{key}_any", math.nan))) for row in rows]
         values = [value for value in values if not math.isnan(value)]
         out[key] = float(np.mean(values)) if values else math.nan
     return out

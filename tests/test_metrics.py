@@ -133,6 +133,21 @@ def test_absolute_volume_difference_and_evaluate_case():
         evaluate_case(pred, ref, (1.0, 0.0, 1.0))
 
 
+def test_a_case_row_names_the_false_lesions_of_a_lesion_free_case_once():
+    """The experiment averages ``false_lesions`` over seeds by that name; it does not depend on the rule."""
+    from sct_sitehead.evaluation.evaluate import score_case
+
+    reference = np.zeros((8, 8, 8), dtype=bool)
+    prediction = reference.copy()
+    prediction[1:3, 1:3, 1:3] = True
+    prediction[6, 6, 6] = True
+    row = score_case(prediction, reference, (1.0, 1.0, 2.0))
+    assert row["false_lesions"] == 2.0 and row["false_volume_mm3"] == 18.0
+    assert row["n_pred_any"] == row["n_pred_10pct"] == 2.0 and math.isnan(row["dice"])
+    reference[1, 1, 1] = True
+    assert math.isnan(score_case(prediction, reference, (1.0, 1.0, 2.0))["false_lesions"])
+
+
 def test_bootstrap_ci():
     assert bootstrap_ci([0.7] * 10) == (pytest.approx(0.7), pytest.approx(0.7))
     values = np.random.default_rng(1).normal(0.6, 0.1, 200)

@@ -112,13 +112,14 @@ def find_cases(dataset: Path, split: str = "test", sites: list[str] | None = Non
 
 
 def score_case(prediction, reference, zooms) -> dict[str, float]:
-    """Both detection rules of one case, flattened into one row."""
+    """Both detection rules of one case, flattened into one row (the keys that do not depend on the rule once,
+    the detection counts once per rule)."""
     row: dict[str, float] = {}
     rules: tuple[tuple[Rule, str], ...] = (("any", "any"), ("10pct", "10pct"))
     for rule, tag in rules:
         result = evaluate_case(prediction, reference, zooms, rule=rule)
         for key, value in result.items():
-            if key in ("dice", "volume_pred_mm3", "volume_ref_mm3", "avd_mm3"):
+            if key in ("dice", "volume_pred_mm3", "volume_ref_mm3", "avd_mm3", "false_lesions", "false_volume_mm3"):
                 row[key] = float(value)
             else:
                 row[f"{key}_{tag}"] = float(value)
