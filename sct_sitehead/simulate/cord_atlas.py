@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from sct_sitehead.errors import UsageError
-from sct_sitehead.evaluation.bids import load_spatial_image
-from sct_sitehead.simulate.spine_atlas import SpineAtlas, load_spine
+from sct_sitehead.simulate.spine_atlas import SpineAtlas, load_spine, read_pam50
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +66,8 @@ def load_cross_sections(pam50: Path) -> CrossSections:
     from scipy import ndimage
 
     def read(relative: str) -> tuple[np.ndarray, np.ndarray]:
-        path = Path(pam50) / relative
-        if not path.is_file():
-            raise UsageError(f"{path} is missing; give the PAM50 folder (template/ and atlas/) with -pam50")
-        image = load_spatial_image(path)
-        return np.asarray(image.dataobj, dtype=np.float32), np.asarray(image.affine, dtype=np.float64)
+        data, affine = read_pam50(pam50, relative)
+        return data.astype(np.float32, copy=False), affine
 
     cord, affine = read("template/PAM50_cord.nii.gz")
     levels, _ = read("template/PAM50_levels.nii.gz")

@@ -66,16 +66,9 @@ def load_spine(pam50: Path) -> SpineAtlas:
     """
     from scipy import ndimage
 
-    def read(name: str) -> tuple[np.ndarray, np.ndarray]:
-        path = Path(pam50) / "template" / name
-        if not path.is_file():
-            raise UsageError(f"{path} is missing; give the PAM50 folder (template/ and atlas/) with -pam50")
-        image = load_spatial_image(path)
-        return np.asarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
-
-    spine, affine = read("PAM50_spine.nii.gz")
-    cord = read("PAM50_cord.nii.gz")[0] > 0
-    discs = read("PAM50_label_disc.nii.gz")[0]
+    spine, affine = read_pam50(pam50, "template/PAM50_spine.nii.gz")
+    cord = read_pam50(pam50, "template/PAM50_cord.nii.gz")[0] > 0
+    discs = read_pam50(pam50, "template/PAM50_label_disc.nii.gz")[0]
     if not np.allclose(affine[:3, :3], np.diag(np.diag(affine[:3, :3]))):
         raise UsageError(f"{pam50}: PAM50_spine's axes are not the world's; is it the PAM50 template?")
     spine = spine > 0
@@ -83,9 +76,10 @@ def load_spine(pam50: Path) -> SpineAtlas:
         raise UsageError(f"{pam50}: PAM50_spine or PAM50_cord is empty; is it the PAM50 template?")
     anterior = 1.0 if affine[1, 1] > 0 else -1.0  # the template's second axis along world y (anterior)
     j = np.arange(spine.shape[1])[None, :]
-    centre_j = np.full(spine.shape[2], np.nan)
+    centre = np.full((spine.shape[2], 2), np.nan)  # the cord's centroid (voxel i, j) per slice
     for slice_index in np.flatnonzero(cord.any(axis=(0, 1))):
-        centre_j[slice_index] = np.nonzero(cord[:, :, slice_index])[1].mean()
+        centre[slice_index] = np.mean(np.nonzero(cord[:, :, slice_index]), axis=1)
+    centre_j = centre[:, 1]
     labels = spine.astype(np.uint8)
     for point in np.argwhere(discs > 0):
         zd = int(point[2])
@@ -102,16 +96,28 @@ def load_spine(pam50: Path) -> SpineAtlas:
     # crop to the slices with cord and the spine's in-plane extent there
     kept = np.flatnonzero(np.isfinite(centre_j))
     z0, z1 = int(kept[0]), int(kept[-1]) + 1
-    (x0, y0, _), (x1, y1, _) = np.argwhere(labels[:, :, z0:z1]).min(0), np.argwhere(labels[:, :, z0:z1]).max(0) + 1
+    found = np.argwhere(labels[:, :, z0:z1])
+    (x0, y0, _), (x1, y1, _) = found.min(0), found.max(0) + 1
     cropped = np.ascontiguousarray(labels[x0:x1, y0:y1, z0:z1])
     shift = np.eye(4)
     shift[:3, 3] = [x0, y0, z0]
     crop_affine = affine @ shift
-    centres = np.full((z1 - z0, 2), np.nan)
-    for slice_index in kept:
-        i, jj = np.nonzero(cord[:, :, slice_index])
-        centres[slice_index - z0] = affine[:2, :3] @ np.array([i.mean(), jj.mean(), slice_index]) + affine[:2, 3]
+    voxels = np.column_stack([centre[z0:z1], np.arange(z0, z1)])
+    centres = voxels @ affine[:2, :3].T + affine[:2, 3]  # NaN stays NaN where a slice has no cord
     return SpineAtlas(cropped, crop_affine, centres)
+
+
+def read_pam50(pam50: Path, relative: str) -> tuple[np.ndarray, np.ndarray]:
+    """A file of the PAM50 folder: its voxels (as stored) and its affine.
+
+    Raises:
+        UsageError: the file is missing.
+    """
+    path = Path(pam50) / relative
+    if not path.is_file():
+        raise UsageError(f"{path} is missing; give the PAM50 folder (template/ and atlas/) with -pam50")
+    image = load_spatial_image(path)
+    return np.asarray(image.dataobj), np.asarray(image.affine, dtype=np.float64)
 
 
 def map_spine(cord: np.ndarray, affine: np.ndarray, atlas: SpineAtlas, rng: np.random.Generator) -> np.ndarray:
