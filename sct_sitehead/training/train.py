@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,41 @@ def _prepare(config: Mapping[str, Any] | str | Path) -> tuple[dict[str, Any], Co
     return config, ctx
 
 
+@dataclass
+class BackboneSetup:
+    """What backbone training runs on: the config with its class count, the samples, the preprocessed cases,
+    their shared label space and the U-Net's architecture (:func:`backbone_setup`)."""
+
+    config: dict[str, Any]
+    samples: list[Any]
+    cases: list[Case]
+    space: LabelSpace
+    arch: Arch
+
+
+def backbone_setup(data: Path | Sequence[Any], config: dict[str, Any], out_dir: Path, ctx: Context) -> BackboneSetup:
+    """Read and preprocess (into ``out_dir/cache``) the labelled cases of ``data`` for ``config``, and derive the
+    label space and architecture; shared by :func:`train_backbone` and ``bin/benchmark_training``.
+
+    Raises:
+        TrainingError: ``train.site_weights`` names a site without a training case, or no labelled case.
+    """
+    config = with_class_count(config, data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples = _samples(data, config)
+    # Checked before preprocessing, which can take minutes: the labelled samples are the cases to be.
+    sites = {sample.site for sample in samples if sample.labels}
+    weighted = sorted(set(config["train"]["site_weights"]) - sites)
+    if weighted:
+        raise TrainingError(
+            f"train.site_weights names {weighted}, which have no training case; the sites are {sorted(sites)}"
+        )
+    cases = _cases(samples, config["input"], out_dir, ctx, label_maps(data, samples, config["labels"]["label_map"]))
+    sizes = measure_label_sizes([(case.site, case.labels) for case in cases])
+    space = build_label_space(sizes, config["labels"]["grouping"], config["labels"]["mode"])
+    return BackboneSetup(config, list(samples), cases, space, Arch.from_config(config, space.channels))
+
+
 def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[str, Any] | str | Path) -> Path:
     """Train the backbone and the ``universal`` head on every site's labelled cases.
 
@@ -195,22 +231,10 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
         TrainingError: no labelled case, bad config, incompatible state file, diverging training.
     """
     config, ctx = _prepare(config)
-    config = with_class_count(config, data)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_ = backbone_setup(data, config, out_dir, ctx)
+    config, samples, cases, space, arch = setup_.config, setup_.samples, setup_.cases, setup_.space, setup_.arch
     spec = config["input"]
-    samples = _samples(data, config)
-    # Checked before preprocessing, which can take minutes: the labelled samples are the cases to be.
-    sites = {sample.site for sample in samples if sample.labels}
-    weighted = sorted(set(config["train"]["site_weights"]) - sites)
-    if weighted:
-        raise TrainingError(
-            f"train.site_weights names {weighted}, which have no training case; the sites are {sorted(sites)}"
-        )
-    cases = _cases(samples, spec, out_dir, ctx, label_maps(data, samples, config["labels"]["label_map"]))
-    sizes = measure_label_sizes([(case.site, case.labels) for case in cases])
-    space = build_label_space(sizes, config["labels"]["grouping"], config["labels"]["mode"])
-    arch = Arch.from_config(config, space.channels)
     model = UNet(arch)
     mine, targets = _shard(cases, space, ctx)
     train = config["train"]
