@@ -182,6 +182,11 @@ def test_evaluate_writes_tables_and_plot(published, tmp_path):
     assert "| montreal | montreal |" in (report / "report.md").read_text()
     lesions = (report / "lesions.tsv").read_text().splitlines()
     assert len(lesions) > 1 and "shell_contrast" in lesions[0].split("\t")
+    # The simulated data carry every subject's cord (derivatives/truth): each lesion gets its contrast to it.
+    column = lesions[0].split("\t").index("cord_contrast")
+    measured = [line.split("\t")[column] for line in lesions[1:]]
+    assert sum(value not in ("", "nan") for value in measured) > len(measured) / 2
+    assert "contrast to the cord" in (report / "report.md").read_text()
 
 
 def test_tuned_thresholds_are_published(published, tmp_path):

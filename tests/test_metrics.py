@@ -526,3 +526,29 @@ def test_reference_lesions_leave_neighbouring_lesions_out_of_the_shell() -> None
 
 def test_reference_lesions_of_an_empty_reference_are_none() -> None:
     assert reference_lesions(empty(), empty(), np.ones((20, 20, 20)), (1.0, 1.0, 1.0)) == []
+
+
+def test_a_lesion_on_the_cord_rim_is_measured_against_the_cord_not_the_csf() -> None:
+    """A lesion at +30% of the cord (130 in a cord of 100) in a corner of the cord, CSF (300) on two sides: against
+    its shell, mostly CSF, it looks darker than its surroundings; against the cord it is +30%. Without a cord
+    mask: NaN."""
+    image = np.full((30, 30, 30), 10.0)
+    cord = empty((30, 30, 30))
+    cord[8:18, 8:18, :] = 1
+    image[cord > 0] = 100.0
+    image[18:24, 8:24, :] = 300.0  # CSF on two sides of the cord
+    image[8:24, 18:24, :] = 300.0
+    ref = empty((30, 30, 30))
+    ref[16:18, 16:18, 12:15] = 1  # in the cord's corner, touching the CSF
+    image[ref > 0] = 130.0
+    (row,) = reference_lesions(empty((30, 30, 30)), ref, image, (1.0, 1.0, 1.0), cord=cord)
+    assert row["cord_contrast"] == pytest.approx(0.3)
+    assert row["shell_contrast"] == pytest.approx(130 / 300 - 1)
+    (plain,) = reference_lesions(empty((30, 30, 30)), ref, image, (1.0, 1.0, 1.0))
+    assert math.isnan(plain["cord_contrast"])
+    outside = empty((30, 30, 30))
+    outside[1:3, 1:3, 1:3] = 1  # no cord within reach
+    (far,) = reference_lesions(empty((30, 30, 30)), outside, image, (1.0, 1.0, 1.0), cord=cord)
+    assert math.isnan(far["cord_contrast"])
+    with pytest.raises(InputImageError, match="cord mask shape"):
+        reference_lesions(empty((30, 30, 30)), ref, image, (1.0, 1.0, 1.0), cord=cord[:-1])

@@ -32,7 +32,10 @@ def test_lesion_table_counts_found_of_all_per_band_contrast_and_head_kind() -> N
         lesion("zurich", "montreal", "T1w", 50.0, -0.3, True),  # another site's head: not in the table
         lesion("zurich", "zurich", "T1w", 50.0, math.nan, True),  # no shell: in no contrast band
     ]
+    rows[0]["cord_contrast"] = 0.6  # where the dataset has the cord: banded by contrast to the cord too
     table = lesions_markdown(rows)
+    assert "| universal | contrast to the cord | 0.5 to 1 |  | 1 of 1 | 1 of 1 |" in table
+    assert "| universal | contrast to the cord | 1 or more |" not in table  # the others have none
     assert "| head | lesions by | band | T1w | T2w | all |" in table
     assert "| universal | volume mm³ | 0 to 10 |  | 1 of 2 | 1 of 2 |" in table
     assert "| universal | volume mm³ | 30 to 100 | 1 of 1 |  | 1 of 1 |" in table

@@ -53,7 +53,8 @@ def read_participants(bids: Path) -> dict[str, dict[str, str]]:
 
 @dataclass(frozen=True)
 class Case:
-    """One labelled test image; ``person`` is the human its anatomy comes from (what intervals resample)."""
+    """One labelled test image; ``person`` is the human its anatomy comes from (what intervals resample);
+    ``cord`` its cord mask, when the dataset has one (what each lesion's contrast to the cord is measured on)."""
 
     subject: str
     site: str
@@ -61,6 +62,21 @@ class Case:
     reference: Path
     person: str = ""
     contrast: str = ""
+    cord: Path | None = None
+
+
+#: Where a simulated dataset keeps its ground truth, with the whole cord of every subject (``*_cord-truth``).
+TRUTH_DIR = Path("derivatives") / "truth"
+
+
+def cord_mask_of(dataset: Path, sample: Any) -> Path | None:
+    """The sample's cord mask: the simulator's whole-cord truth when there is one (a site's raters may trace
+    less), else its ``cord`` label, else None."""
+    truth = dataset / TRUTH_DIR / sample.image.parent.relative_to(dataset) / f"{sample.stem}_cord-truth.nii.gz"
+    if truth.is_file():
+        return truth
+    cord = sample.labels.get("cord")
+    return Path(cord) if cord else None
 
 
 def read_split(dataset: Path) -> dict[str, str]:
@@ -102,6 +118,7 @@ def find_cases(dataset: Path, split: str = "test", sites: list[str] | None = Non
             sample.labels["lesion"],
             persons.get(sample.subject, sample.subject),
             sample.contrast,
+            cord_mask_of(dataset, sample),
         )
         for sample in samples
         if "lesion" in sample.labels and splits.get(sample.subject) == split and (sites is None or sample.site in sites)
@@ -155,6 +172,7 @@ def evaluate_release(segmenter, cases: list[Case]) -> tuple[list[dict[str, Any]]
         reference = np.asanyarray(load_spatial_image(case.reference).dataobj) > 0
         intensities = np.asanyarray(image.dataobj)
         zooms = voxel_sizes(image.affine)
+        cord = np.asanyarray(load_spatial_image(case.cord).dataobj) > 0 if case.cord else None
         for head in segmenter.sites:
             prediction = lesion_mask(segmentation, head)
             keys = {
@@ -166,7 +184,7 @@ def evaluate_release(segmenter, cases: list[Case]) -> tuple[list[dict[str, Any]]
             }
             rows.append({**keys, **score_case(prediction, reference, zooms)})
             for lesion_number, lesion in enumerate(
-                metrics.reference_lesions(prediction, reference, intensities, zooms), 1
+                metrics.reference_lesions(prediction, reference, intensities, zooms, cord=cord), 1
             ):
                 lesion_rows.append({**keys, "lesion": lesion_number, **lesion})
         logger.info("%d/%d %s (%s)", number, len(cases), case.subject, case.site)

@@ -252,6 +252,10 @@ def evaluate_case(
 
 #: Voxels around a reference lesion (26-connected dilations) whose median intensity its contrast is taken against.
 SHELL_VOXELS = 2
+#: How far (voxels) around a lesion the cord voxels lie that its contrast to the cord is measured against.
+CORD_RING_VOXELS = 4
+#: Fewest such cord voxels for a contrast to the cord (fewer: NaN).
+MIN_CORD_VOXELS = 5
 
 
 def reference_lesions(
@@ -261,6 +265,7 @@ def reference_lesions(
     zooms: Sequence[float],
     *,
     connectivity: int = 26,
+    cord: np.ndarray | None = None,
 ) -> list[dict[str, float]]:
     """Each reference lesion: its size, how conspicuous it is in the image and how much of it the prediction
     covers (where a model's misses lie: small, faint, against the cord's rim).
@@ -271,13 +276,16 @@ def reference_lesions(
         image: (X, Y, Z) intensities on the same grid.
         zooms: voxel size in mm along X, Y, Z.
         connectivity: 6, 18 or 26, used to split the reference into lesions.
+        cord: (X, Y, Z) cord mask on the same grid, or None.
 
     Returns:
         One dict per reference lesion, in label order: ``volume_mm3``; ``shell_contrast``, the lesion's mean intensity
         over the median of a shell :data:`SHELL_VOXELS` voxels thick around it (other lesions left out), minus 1
         (+0.5: half as bright again as its surroundings; NaN when the shell is empty or its median is not
-        positive); ``overlap``, the fraction of its voxels inside the prediction; ``detected_any`` and
-        ``detected_10pct`` (1 or 0, :func:`lesion_detection`'s rules).
+        positive); ``cord_contrast``, the same against the median of the lesion-free cord within
+        :data:`CORD_RING_VOXELS` voxels of it (what a reader compares a lesion with, CSF left out; NaN without a
+        ``cord`` or with fewer than :data:`MIN_CORD_VOXELS` such voxels); ``overlap``, the fraction of its voxels
+        inside the prediction; ``detected_any`` and ``detected_10pct`` (1 or 0, :func:`lesion_detection`'s rules).
 
     Raises:
         InputImageError: the arrays are not on one grid.
@@ -288,26 +296,34 @@ def reference_lesions(
     data = np.asarray(image, dtype=np.float64)
     if data.shape != r.shape:
         raise InputImageError(f"image shape {data.shape} does not match the reference mask's {r.shape}")
+    if cord is not None and np.shape(cord) != r.shape:
+        raise InputImageError(f"cord mask shape {np.shape(cord)} does not match the reference mask's {r.shape}")
     voxel = float(np.prod([float(z) for z in tuple(zooms)[:3]]))
     labels, _ = label_lesions(r, connectivity)
+    margin = max(SHELL_VOXELS, CORD_RING_VOXELS if cord is not None else 0)
     rows: list[dict[str, float]] = []
     structure = np.ones((3, 3, 3), dtype=bool)
     for number, box in enumerate(ndimage.find_objects(labels), 1):
         if box is None:
             continue
-        grown = tuple(
-            slice(max(b.start - SHELL_VOXELS, 0), min(b.stop + SHELL_VOXELS, n)) for b, n in zip(box, r.shape)
-        )
+        grown = tuple(slice(max(b.start - margin, 0), min(b.stop + margin, n)) for b, n in zip(box, r.shape))
         lesion = labels[grown] == number
         shell = ndimage.binary_dilation(lesion, structure, iterations=SHELL_VOXELS) & ~r[grown]
         values = data[grown]
         background = float(np.median(values[shell])) if shell.any() else math.nan
         size = int(lesion.sum())
         overlap = int(np.logical_and(lesion, p[grown]).sum()) / size
+        mean = float(values[lesion].mean())
+        cord_level = math.nan
+        if cord is not None:
+            ring = ndimage.binary_dilation(lesion, structure, iterations=CORD_RING_VOXELS) & cord[grown] & ~r[grown]
+            if int(ring.sum()) >= MIN_CORD_VOXELS:
+                cord_level = float(np.median(values[ring]))
         rows.append(
             {
                 "volume_mm3": size * voxel,
-                "shell_contrast": float(values[lesion].mean()) / background - 1.0 if background > 0 else math.nan,
+                "shell_contrast": mean / background - 1.0 if background > 0 else math.nan,
+                "cord_contrast": mean / cord_level - 1.0 if cord_level > 0 else math.nan,
                 "overlap": overlap,
                 "detected_any": float(overlap > 0),
                 "detected_10pct": float(overlap >= MIN_OVERLAP_FRACTION),

@@ -157,9 +157,10 @@ def lesions_markdown(lesion_rows: list[dict[str, Any]]) -> str:
         return ""
     contrasts = sorted({str(row.get("contrast") or "?") for row in rows})
     lines = [
-        "\nReference lesions found (any voxel) by volume and by contrast to a 2-voxel shell around them "
-        "(|lesion mean / shell median - 1|; a lesion on the cord's rim is measured against CSF too), found of "
-        "all (`lesions.tsv` has each lesion):\n",
+        "\nReference lesions found (any voxel) by volume, by contrast to a 2-voxel shell around them "
+        "(|lesion mean / shell median - 1|; a lesion on the cord's rim is measured against CSF too) and, where the "
+        "dataset has the cord's mask, by contrast to the lesion-free cord within 4 voxels (CSF left out: what a "
+        "reader compares it with), found of all (`lesions.tsv` has each lesion):\n",
         "| head | lesions by | band | " + " | ".join(contrasts) + " | all |",
         "|---|---|---|" + "---|" * (len(contrasts) + 1),
     ]
@@ -170,9 +171,10 @@ def lesions_markdown(lesion_rows: list[dict[str, Any]]) -> str:
         for column, bands, label in (
             ("volume_mm3", VOLUME_BANDS, "volume mm³"),
             ("shell_contrast", CONTRAST_BANDS, "shell contrast"),
+            ("cord_contrast", CONTRAST_BANDS, "contrast to the cord"),
         ):
             for low, high in bands:
-                members = [row for row in chosen if low <= abs(float(row[column])) < high]
+                members = [row for row in chosen if low <= abs(float(row.get(column, math.nan))) < high]
                 if not members:
                     continue
                 cells = []
