@@ -118,13 +118,14 @@ def test_f01_damaged_cached_asset_is_fetched_again_not_run(tiny_registry, tmp_pa
 
 
 def test_f01_the_reported_case_sub_ms01_with_4_kb_of_the_backbone_overwritten(bids_dir, tmp_path, capsys) -> None:
-    """The embedded release on sub-ms01, 4 KB of the cached backbone's weights overwritten (the protobuf still
-    loads): before, exit 0 with no lesion and no cord; now the same masks as before the damage."""
+    """The embedded release 1.1.3 (whose montreal head marks a lesion there; 2.0.0 marks none) on sub-ms01, 4 KB of
+    the cached backbone's weights overwritten (the protobuf still loads): before, exit 0 with no lesion and no cord;
+    now the same masks as before the damage."""
     image = bids_dir / "sub-ms01" / "anat" / "sub-ms01_T2w.nii.gz"
-    argv = ["-i", image, "-site", "montreal", "-v", "0"]
+    argv = ["-i", image, "-site", "montreal", "-model", "lesion@1.1.3", "-v", "0"]
     code, _, err = run_deepseg([*argv, "-ofolder", tmp_path / "first"], capsys)
     assert code == 0, err
-    release = Registry.load(None, cache=Cache(), offline=True).release()
+    release = Registry.load(None, cache=Cache(), offline=True).release("lesion", "1.1.3")
     backbone = Cache().asset_path(release.backbone.sha256)
     backbone.chmod(0o644)
     with backbone.open("r+b") as handle:  # 4 KB of NaN patterns in the weights

@@ -274,7 +274,8 @@ def test_save_like_round_trip_keeps_the_header(
     img.header.set_xyzt_units(*units)
     if scaled and np.dtype(dtype).kind in "iu":
         img.header.set_slope_inter(0.5, -3.0)
-    case = tmp_path / f"{codes}{dtype.__name__}{qform_code}{sform_code}{int(scaled)}"
+    # One folder per example (hypothesis reuses tmp_path): the suffix too, or a .nii example finds a .nii.gz one.
+    case = tmp_path / f"{codes}{dtype.__name__}{qform_code}{sform_code}{int(scaled)}{suffix}"
     case.mkdir(exist_ok=True)
     source = case / f"in{suffix}"
     nib.save(img, source)
