@@ -140,6 +140,26 @@ def test_a_blob_weighted_run_trains_and_does_not_resume_a_plain_state(dataset: P
     assert load_backbone(plain)[1]["rank_digests"] != meta["rank_digests"]
 
 
+def test_a_lesion_weight_makes_a_missed_lesion_voxel_cost_more_and_leaves_other_channels() -> None:
+    targets = torch.zeros(1, 2, 4, 4, 4)
+    targets[0, 0, 1, 1, 1] = 1.0
+    targets[0, 1, 2, 2, 2] = 1.0
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    grads = []
+    for weight in (None, loop.lesion_positive_weight([0], 2, 5.0)):
+        logits = torch.full((1, 2, 4, 4, 4), -3.0, requires_grad=True)
+        masked_dice_bce(logits, targets, mask, positive_weight=weight).backward()
+        grads.append(logits.grad[0])
+    plain, weighted = grads
+    assert float(weighted[0, 1, 1, 1]) < float(plain[0, 1, 1, 1]) < 0  # the missed lesion voxel pushed up harder
+    assert torch.equal(weighted[1], plain[1]) and torch.equal(weighted[0, 0], plain[0, 0])
+    assert loop.lesion_positive_weight([0], 2, 1.0) is None and loop.lesion_positive_weight([], 2, 5.0) is None
+    with pytest.raises(TrainingError, match="positive weights"):
+        masked_dice_bce(torch.zeros(1, 2, 4, 4, 4), targets, mask, positive_weight=torch.ones(3))
+    with pytest.raises(TrainingError, match="train.lesion_weight must be > 0"):
+        load_config({"train": {"lesion_weight": 0}})
+
+
 def test_learning_rate_warms_up_then_decays_to_zero() -> None:
     assert learning_rate(0, 100, 1.0, 10, "poly") == pytest.approx(0.1)
     assert learning_rate(9, 100, 1.0, 10, "poly") == pytest.approx(1.0)

@@ -64,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
         # Weight of the blob term (losses.blob_dice: each lesion's own Dice, averaged over lesions) added to Dice +
         # BCE on the lesion channels; 0 leaves the loss as it was.
         "blob_weight": 0.0,
+        # Weight of the lesion channels' positive voxels in the BCE (its pos_weight): above 1, a missed lesion voxel
+        # costs that many times a false one. 1 leaves the loss as it was.
+        "lesion_weight": 1.0,
         "seed": 0,
         "amp": True,
         "device": "auto",
@@ -235,6 +238,8 @@ def check_config(config: Mapping[str, Any]) -> None:
         raise TrainingError(f"train.lesion_fraction must be in [0, 1], got {train['lesion_fraction']!r}")
     if not float(train["blob_weight"]) >= 0.0:
         raise TrainingError(f"train.blob_weight must be >= 0, got {train['blob_weight']!r}")
+    if not float(train["lesion_weight"]) > 0.0:
+        raise TrainingError(f"train.lesion_weight must be > 0, got {train['lesion_weight']!r}")
     labels = config["labels"]
     if labels["mode"] not in LABEL_MODES:
         raise TrainingError(f"labels.mode {labels['mode']!r} is not one of {list(LABEL_MODES)}")

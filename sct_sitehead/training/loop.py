@@ -94,6 +94,16 @@ def _save_state(job: Job, optimizer: torch.optim.Optimizer, path: Path, step: in
     save_checkpoint(path, job.trainable.state_dict(), meta, optimizer.state_dict())
 
 
+def lesion_positive_weight(lesion_channels: Sequence[int], channels: int, weight: float) -> torch.Tensor | None:
+    """The BCE's positive weight per output channel: ``weight`` on the lesion channels, 1 elsewhere; None when
+    ``weight`` is 1 or there is no lesion channel (the plain loss)."""
+    if weight == 1.0 or not lesion_channels:
+        return None
+    weights = torch.ones(channels)
+    weights[list(lesion_channels)] = weight
+    return weights
+
+
 def fit(
     job: Job,
     cases: Sequence[Case],
@@ -124,6 +134,7 @@ def fit(
     seed, every, save_every = int(train["seed"]), int(train["log_every"]), int(train["checkpoint_every"])
     weights = case_weights(cases, site_weights or {})
     blob_weight = float(train["blob_weight"])
+    lesion_weight = float(train["lesion_weight"])
     synth = float(config["augment"].get("synth", 0.0)) > 0 and any(case.classes is not None for case in cases)
     window: list[float] = []
     last_loss = None
@@ -155,7 +166,8 @@ def fit(
             group["lr"] = learning_rate(step, job.steps, job.lr, job.warmup_steps, train["schedule"])
         with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
             logits = runner(image_t)
-        loss = masked_dice_bce(logits, label_t, mask_t)
+        positive_weight = lesion_positive_weight(job.lesion_channels, logits.shape[1], lesion_weight)
+        loss = masked_dice_bce(logits, label_t, mask_t, positive_weight=positive_weight)
         if blob_weight > 0:
             loss = loss + blob_weight * blob_dice(logits, label_t, mask_t, job.lesion_channels)
         if not torch.isfinite(loss):

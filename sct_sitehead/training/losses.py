@@ -35,6 +35,7 @@ def masked_dice_bce(
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
     smooth: float = DICE_SMOOTH,
+    positive_weight: Tensor | None = None,
 ) -> Tensor:
     """Soft Dice (over the batch, per channel) plus voxel-wise BCE, on annotated channels only.
 
@@ -45,6 +46,8 @@ def masked_dice_bce(
         dice_weight: weight of ``1 - mean Dice`` over channels annotated by at least one sample.
         bce_weight: weight of the BCE averaged over annotated (sample, channel) pairs.
         smooth: Dice smoothing term.
+        positive_weight: (K,) weight of each channel's positive voxels in the BCE (its ``pos_weight``); above 1 a
+            missed voxel of that channel costs more than a false one. None: 1 for every channel.
 
     Returns:
         Scalar loss; 0 (still attached to ``logits``) when nothing in the batch is annotated.
@@ -52,6 +55,10 @@ def masked_dice_bce(
     Raises:
         TrainingError: shapes do not match.
     """
+    if positive_weight is not None and positive_weight.shape != logits.shape[1:2]:
+        raise TrainingError(
+            f"positive weights {tuple(positive_weight.shape)} do not match the logits' {logits.shape[1]} channels"
+        )
     if logits.shape != targets.shape or channel_mask.shape != logits.shape[:2]:
         raise TrainingError(
             f"loss inputs do not match: logits {tuple(logits.shape)}, targets {tuple(targets.shape)}, channel mask "
@@ -63,7 +70,8 @@ def masked_dice_bce(
     annotated = weight.sum()
     if annotated == 0:
         return logits.sum() * 0.0
-    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean(dim=2)
+    pos_weight = None if positive_weight is None else positive_weight.float().to(logits.device)[:, None]
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none", pos_weight=pos_weight).mean(dim=2)
     bce_loss = (bce * weight).sum() / annotated
     probs = torch.sigmoid(logits)
     intersection = ((probs * targets).sum(dim=2) * weight).sum(dim=0)

@@ -270,7 +270,12 @@ def train_backbone(data: Path | Sequence[Any], out_dir: Path, config: Mapping[st
 def _loss_signature(train: Mapping[str, Any]) -> dict[str, Any]:
     """The loss settings a state file must match to be resumed; empty for the plain loss, so state files saved
     before the blob term existed still resume."""
-    return {"blob_weight": float(train["blob_weight"])} if float(train["blob_weight"]) > 0 else {}
+    signature: dict[str, Any] = {}
+    if float(train["blob_weight"]) > 0:
+        signature["blob_weight"] = float(train["blob_weight"])
+    if float(train["lesion_weight"]) != 1.0:
+        signature["lesion_weight"] = float(train["lesion_weight"])
+    return signature
 
 
 def _provenance(result: Result, n_cases: int) -> dict[str, Any]:
