@@ -192,6 +192,25 @@ def test_synthesised_images_vary_in_contrast_keep_the_lesion_visible_and_repeat_
     assert torch.equal(a, b)
 
 
+def test_a_csf_gap_keeps_the_csf_away_from_the_lesion_and_zero_draws_as_before():
+    from sct_sitehead.training.synth import class_means
+
+    plain, gapped = _options(), _options(lesion_csf_gap=0.2)
+    csf, lesion = plain["synth_classes"]["csf"], plain["synth_classes"]["lesion"]
+    assert LABEL_MAP[csf] == "csf"
+    near = 0
+    for seed in range(200):
+        before = class_means(torch.Generator().manual_seed(seed), plain)
+        after = class_means(torch.Generator().manual_seed(seed), gapped)
+        assert abs(float(after[csf] - after[lesion])) >= 0.2
+        near += abs(float(before[csf] - before[lesion])) < 0.2
+        keep = [k for k in range(len(before)) if k != csf]
+        assert torch.equal(before[keep], after[keep])  # only the CSF's mean is drawn again
+    assert near > 10  # without the gap the CSF often lies near the lesion
+    again = class_means(torch.Generator().manual_seed(3), _options(lesion_csf_gap=0.0))
+    assert torch.equal(again, class_means(torch.Generator().manual_seed(3), plain))
+
+
 def test_augment_synthesises_only_patches_with_a_label_map():
     from sct_sitehead.training.augment import augment_batch
     from sct_sitehead.training.data import NO_CLASSES

@@ -130,10 +130,13 @@ DEFAULTS: dict[str, Any] = {
         # lesion at +-lesion_contrast from the white matter, grey matter within +-grey_matter_contrast of it, a
         # texture of up to synth_texture, a blur of synth_blur voxels. 0 draws nothing. synth_classes.count null:
         # the number of classes in the dataset's label map table (simulation.json), so data simulated before the
-        # vertebra and disc classes draw as they always did.
+        # vertebra and disc classes draw as they always did. lesion_csf_gap: the CSF's mean is drawn again until it
+        # is at least this far from the lesion's, so a lesion on the cord's rim never blends into the CSF beside it;
+        # 0 draws nothing more.
         "synth": 0.0,
-        "synth_classes": {"count": None, "white_matter": 7, "grey_matter": 8, "lesion": 9},
+        "synth_classes": {"count": None, "white_matter": 7, "grey_matter": 8, "lesion": 9, "csf": 6},
         "lesion_contrast": [0.12, 0.9],
+        "lesion_csf_gap": 0.0,
         "grey_matter_contrast": 0.3,
         "synth_texture": 0.08,
         "synth_blur": [0.0, 1.2],

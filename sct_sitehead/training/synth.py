@@ -22,6 +22,9 @@ from torch import Tensor
 from sct_sitehead.errors import TrainingError
 from sct_sitehead.training.data import NO_CLASSES
 
+#: Draws of the CSF's mean before it is put at the far end of the range from the lesion (``lesion_csf_gap``).
+CSF_REDRAWS = 16
+
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand(1, generator=generator, dtype=torch.float64))
@@ -32,7 +35,8 @@ def class_means(generator: torch.Generator, options: Mapping[str, Any]) -> Tenso
 
     The lesion's mean is the white matter's plus or minus (either sign) a uniform draw in ``lesion_contrast``, so
     lesions darker than the cord and brighter than anything else both occur; grey matter is the white matter's plus
-    a uniform draw in +-``grey_matter_contrast`` (invisible to clearly visible).
+    a uniform draw in +-``grey_matter_contrast`` (invisible to clearly visible). With ``lesion_csf_gap`` above 0 the
+    CSF's mean is kept at least that far from the lesion's.
     """
     classes = options["synth_classes"]
     means = torch.rand(int(classes["count"]), generator=generator)
@@ -42,6 +46,16 @@ def class_means(generator: torch.Generator, options: Mapping[str, Any]) -> Tenso
     means[lesion] = means[white] + sign * _uniform(generator, float(low), float(high))
     limit = float(options["grey_matter_contrast"])
     means[grey] = means[white] + _uniform(generator, -limit, limit)
+    gap = float(options.get("lesion_csf_gap", 0.0))
+    if gap > 0:
+        csf = int(classes["csf"])
+        for _ in range(CSF_REDRAWS):
+            if abs(float(means[csf] - means[lesion])) >= gap:
+                break
+            means[csf] = torch.rand(1, generator=generator)[0]
+        else:
+            # Every draw fell near the lesion: put the CSF at the far end of [0, 1] from it.
+            means[csf] = 0.0 if float(means[lesion]) > 0.5 else 1.0
     return means
 
 
