@@ -134,7 +134,11 @@ def fit(
     seed, every, save_every = int(train["seed"]), int(train["log_every"]), int(train["checkpoint_every"])
     weights = case_weights(cases, site_weights or {})
     blob_weight = float(train["blob_weight"])
-    lesion_weight = float(train["lesion_weight"])
+    # Every case's channel mask has one entry per output channel: the weights are built once, not per step.
+    channels = int(targets[0][1].shape[0]) if targets else 0
+    positive_weight = lesion_positive_weight(job.lesion_channels, channels, float(train["lesion_weight"]))
+    if positive_weight is not None:
+        positive_weight = positive_weight.to(ctx.device)
     synth = float(config["augment"].get("synth", 0.0)) > 0 and any(case.classes is not None for case in cases)
     window: list[float] = []
     last_loss = None
@@ -166,7 +170,6 @@ def fit(
             group["lr"] = learning_rate(step, job.steps, job.lr, job.warmup_steps, train["schedule"])
         with torch.autocast(ctx.device.type, dtype=torch.float16, enabled=use_amp):
             logits = runner(image_t)
-        positive_weight = lesion_positive_weight(job.lesion_channels, logits.shape[1], lesion_weight)
         loss = masked_dice_bce(logits, label_t, mask_t, positive_weight=positive_weight)
         if blob_weight > 0:
             loss = loss + blob_weight * blob_dice(logits, label_t, mask_t, job.lesion_channels)
