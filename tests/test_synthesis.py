@@ -227,6 +227,42 @@ def test_augment_synthesises_only_patches_with_a_label_map():
     assert torch.equal(same, images)
 
 
+def test_synthesis_draws_the_lesions_the_target_marks_and_only_those():
+    from sct_sitehead.training.augment import augment_batch
+    from sct_sitehead.training.loop import lesion_targets
+    from sct_sitehead.training.synth import draw_lesions_as_labelled
+
+    classes = np.full((1, 16, 16, 16), 3, dtype=np.uint8)
+    classes[0, 4:12, 4:12, :] = WHITE_MATTER
+    classes[0, 5:7, 5:7, 2:6] = LESION  # placed by the simulator, left out by the site's annotation
+    target = np.zeros((1, 16, 16, 16), dtype=np.uint8)
+    target[0, 9:11, 9:11, 8:12] = 1  # annotated
+    options = _options()
+    drawn = draw_lesions_as_labelled(torch.from_numpy(classes), torch.from_numpy(target), options)
+    assert torch.equal(drawn == LESION, torch.from_numpy(target) > 0)
+    assert (drawn[0, 5:7, 5:7, 2:6] == WHITE_MATTER).all()
+    untouched = (classes != LESION) & (target == 0)
+    assert torch.equal(drawn[torch.from_numpy(untouched)], torch.from_numpy(classes[untouched]))
+
+    # Through the batch: the unannotated lesion is invisible in the synthesised image, the annotated one visible.
+    labels = np.stack([np.concatenate([np.zeros_like(target), target])])  # channel 1 is the lesion channel
+    masks = np.array([[True, True]])
+    lesions = lesion_targets(labels, masks, (1,), torch.device("cpu"))
+    assert lesions[0] is not None and torch.equal(lesions[0], torch.from_numpy(target))
+    assert lesion_targets(labels, np.array([[True, False]]), (1,), torch.device("cpu")) == [None]
+    off = {k: 0.0 for k in ("flip", "affine", "gamma", "noise", "bias", "resolution")}
+    flat = {"synth_texture": 0.0, "synth_blur": [0.0, 0.0]}
+    batch = torch.from_numpy(classes)[None]
+    images = torch.zeros(1, 1, 16, 16, 16)
+    for on in (True, False):
+        opts = _options(synth=1.0, synth_lesions_as_labelled=on, **off, **flat)
+        out, _ = augment_batch(images, torch.from_numpy(labels), torch.Generator().manual_seed(0), opts, batch, lesions)
+        image = out[0, 0].numpy()
+        white = image[4:12, 4:12, 12:16].mean()
+        assert (abs(image[5:7, 5:7, 2:6] - white) < 1e-5).all() == on  # left out: drawn as white matter
+        assert (abs(image[9:11, 9:11, 8:12] - white) > 1e-3).all() == on  # annotated: drawn as a lesion
+
+
 def test_training_reads_label_maps_into_the_cases_and_names_a_missing_one(bids_dir, tmp_path):
     from sct_sitehead.errors import TrainingError
     from sct_sitehead.evaluation.bids import read_bids

@@ -10,14 +10,14 @@ along one axis, like a thick-slice acquisition) too, since the annotation descri
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sct_sitehead.training.synth import has_classes, synthesize
+from sct_sitehead.training.synth import draw_lesions_as_labelled, has_classes, synthesize
 
 
 def _uniform(generator: torch.Generator, low: float, high: float, size: int = 1) -> Tensor:
@@ -176,6 +176,7 @@ def augment_batch(
     generator: torch.Generator,
     options: Mapping[str, Any],
     classes: Tensor | None = None,
+    lesions: Sequence[Tensor | None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Augment each sample of a batch independently.
 
@@ -186,6 +187,9 @@ def augment_batch(
         options: the config's ``augment`` section (probabilities and ranges).
         classes: optional (B, 1, X, Y, Z) label maps: with probability ``synth`` a sample whose label map is real
             gets an image synthesised from it (:func:`.synth.synthesize`) before the other augmentations.
+        lesions: optional, per sample, its (1, X, Y, Z) lesion target or None (no lesion label): with
+            ``synth_lesions_as_labelled``, a synthesised image draws its lesions there
+            (:func:`.synth.draw_lesions_as_labelled`).
 
     Returns:
         Augmented (B, 1, X, Y, Z) float32 images and (B, K, X, Y, Z) float32 binary targets.
@@ -194,7 +198,11 @@ def augment_batch(
     channels = images.shape[1]
     for number, (image, target) in enumerate(zip(images.float(), targets.float())):
         if classes is not None and has_classes(classes[number]) and _optional_happens(generator, options, "synth"):
-            image = synthesize(classes[number], generator, options)
+            drawn = classes[number]
+            lesion = lesions[number] if lesions is not None else None
+            if lesion is not None and options.get("synth_lesions_as_labelled", False):
+                drawn = draw_lesions_as_labelled(drawn, lesion, options)
+            image = synthesize(drawn, generator, options)
         flips = [axis + 1 for axis in range(3) if _happens(generator, float(options["flip"]))]
         if flips:
             image, target = image.flip(flips), target.flip(flips)

@@ -132,8 +132,11 @@ DEFAULTS: dict[str, Any] = {
         # the number of classes in the dataset's label map table (simulation.json), so data simulated before the
         # vertebra and disc classes draw as they always did. lesion_csf_gap: the CSF's mean is drawn again until it
         # is at least this far from the lesion's, so a lesion on the cord's rim never blends into the CSF beside it;
-        # 0 draws nothing more.
+        # 0 draws nothing more. synth_lesions_as_labelled: the synthesised image draws its lesions where the patch's
+        # lesion target marks one (training/synth.py draw_lesions_as_labelled), not where the simulator placed one
+        # that the site's grid or protocol left unannotated; false draws the label map's lesions as they are.
         "synth": 0.0,
+        "synth_lesions_as_labelled": False,
         "synth_classes": {"count": None, "white_matter": 7, "grey_matter": 8, "lesion": 9, "csf": 6},
         "lesion_contrast": [0.12, 0.9],
         "lesion_csf_gap": 0.0,

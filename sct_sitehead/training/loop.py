@@ -104,6 +104,18 @@ def lesion_positive_weight(lesion_channels: Sequence[int], channels: int, weight
     return weights
 
 
+def lesion_targets(
+    labels: np.ndarray, masks: np.ndarray, lesion_channels: Sequence[int], device: torch.device
+) -> list[torch.Tensor | None]:
+    """Per sample of a batch, its (1, X, Y, Z) lesion target (the union of the lesion channels its case labels), or
+    None where its case has no lesion label. ``labels``: (B, K, X, Y, Z); ``masks``: (B, K)."""
+    out: list[torch.Tensor | None] = []
+    for label, mask in zip(labels, masks):
+        known = [channel for channel in lesion_channels if mask[channel] > 0]
+        out.append(torch.from_numpy(label[known].max(axis=0, keepdims=True)).to(device) if known else None)
+    return out
+
+
 def fit(
     job: Job,
     cases: Sequence[Case],
@@ -164,6 +176,7 @@ def fit(
             generator,
             config["augment"],
             torch.from_numpy(np.stack(crops)).to(ctx.device) if crops else None,
+            lesion_targets(labels, masks, job.lesion_channels, ctx.device) if crops else None,
         )
         mask_t = torch.from_numpy(masks).to(ctx.device)
         for group in optimizer.param_groups:

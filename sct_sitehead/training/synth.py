@@ -108,6 +108,30 @@ def _blur(image: Tensor, sigma: float) -> Tensor:
     return out[0]
 
 
+def draw_lesions_as_labelled(classes: Tensor, lesion: Tensor, options: Mapping[str, Any]) -> Tensor:
+    """A label map whose lesion class is where the training target marks a lesion, and nowhere else.
+
+    The simulator's label map keeps every lesion it placed, on the working grid; the site's annotation keeps those
+    that survive the site's grid and protocol (partial-volume threshold, smallest volume, dilation). A synthesised
+    image draws the label map's lesions at a clearly visible contrast, so a placed lesion the annotation left out
+    would be a visible blob labelled "no lesion". Here such voxels become white matter, and every voxel the target
+    marks becomes lesion: the synthesised image shows exactly the lesions the network is asked to find.
+
+    Args:
+        classes: (1, X, Y, Z) tissue classes.
+        lesion: (1, X, Y, Z) the patch's lesion target (nonzero: lesion).
+        options: the config's ``augment`` section (``synth_classes``).
+
+    Returns:
+        (1, X, Y, Z) tissue classes, a new tensor.
+    """
+    names = options["synth_classes"]
+    white, mark = int(names["white_matter"]), int(names["lesion"])
+    marked = lesion > 0
+    out = torch.where((classes == mark) & ~marked, torch.full_like(classes, white), classes)
+    return torch.where(marked, torch.full_like(classes, mark), out)
+
+
 def has_classes(classes: Tensor) -> bool:
     """Whether a patch's label map is real (its case has one)."""
     return bool((classes != NO_CLASSES).all())
