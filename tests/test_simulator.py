@@ -432,6 +432,31 @@ def test_the_frozen_split_leaves_out_test_subjects_without_test_anatomy(phantom_
     assert len(tested) >= 4 and all(p.read_bytes() == (out / p.relative_to(plain)).read_bytes() for p in tested)
 
 
+def test_a_train_rotation_tilts_train_subjects_only(phantom_source: Path, tmp_path: Path):
+    splits = parse_splits(PHANTOM_SPLITS)
+    common = dict(n_per_site=5, seed=0, sites=["montreal"], test_per_site=2, splits=splits)
+    plain = simulate(phantom_source, tmp_path / "plain", **common)
+    tilted = simulate(phantom_source, tmp_path / "tilted", train_rotation_deg=40.0, **common)
+    before = json.loads((plain / "simulation.json").read_text())
+    after = json.loads((tilted / "simulation.json").read_text())
+    assert "train_rotation_deg" not in before and after["train_rotation_deg"] == 40.0
+    split = {r["participant_id"]: r["split"] for r in participants(tilted)}
+    assert {"train", "test"} <= set(split.values())
+    for participant, which in split.items():
+        files = sorted(p.relative_to(plain) for p in plain.rglob(f"{participant}_*.nii.gz"))
+        assert files
+        same = all((plain / f).read_bytes() == (tilted / f).read_bytes() for f in files)
+        angle = after["subjects"][participant]["deformation"]["rotation_deg"]
+        if which == "train":
+            assert not same
+            # the same uniform draw, stretched from the site's 5 degrees to 40
+            assert angle == pytest.approx(before["subjects"][participant]["deformation"]["rotation_deg"] * 8, abs=0.01)
+        else:
+            assert same and before["subjects"][participant] == after["subjects"][participant]
+    with pytest.raises(UsageError, match="needs the frozen split"):
+        simulate(phantom_source, tmp_path / "a", n_per_site=1, seed=0, train_rotation_deg=20.0)
+
+
 def test_the_frozen_split_refuses_unknown_sources_and_a_holdout_beside_it(phantom_source: Path, tmp_path: Path):
     with pytest.raises(UsageError, match=r"source subjects \['sub-ph1', 'sub-ph2'\] belong to no person"):
         simulate(phantom_source, tmp_path / "a", n_per_site=1, seed=0, splits=load_splits())

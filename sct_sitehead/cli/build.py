@@ -127,6 +127,14 @@ def phantom(
     "(default: every source equally likely)",
 )
 @click.option(
+    "-train-rotation",
+    "train_rotation_deg",
+    type=click.FloatRange(0.0, 90.0),
+    default=None,
+    help="with -splits: rotate the train subjects' anatomy by up to this many degrees instead of the site's "
+    "(tilted cords cut obliquely by thick slices; val and test unchanged)",
+)
+@click.option(
     "-pam50",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="the PAM50 template folder (template/, atlas/): grey matter and tract-weighted lesion placement "
@@ -147,6 +155,7 @@ def simulate(
     test_per_site: int | None,
     real_share: float | None,
     pam50: Path | None,
+    train_rotation_deg: float | None,
 ) -> None:
     """Simulate a labelled multi-site lesion BIDS dataset in OUT from real anatomy with cord masks in SOURCE."""
     from sct_sitehead.simulate import simulate as run_simulation
@@ -165,6 +174,7 @@ def simulate(
         real_share=real_share,
         pam50=pam50,
         splits=load_splits() if by_splits else None,
+        train_rotation_deg=train_rotation_deg,
     )
     click.echo(f"simulated dataset: {written}")
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +252,7 @@ def simulate(
     real_share: float | None = None,
     pam50: Path | None = None,
     splits: Splits | None = None,
+    train_rotation_deg: float | None = None,
 ) -> Path:
     """Write a simulated multi-site lesion dataset.
 
@@ -285,6 +286,11 @@ def simulate(
             split is planned first and its source drawn from that split's persons (:mod:`.selection`);
             ``participants.tsv`` gets a ``seen_anatomy`` column and ``simulation.json`` a ``splits`` record.
             None: the ``holdout`` scheme.
+        train_rotation_deg: with ``splits``, the train subjects' anatomy is rotated by up to this many degrees
+            (about a random axis) instead of the site's ``rotation_deg``, so the training cords lie at the tilts
+            real scans show (10 to 30 degrees off the scanner's axis near a lesion) and the site's thick slices cut
+            them obliquely. Val and test subjects are drawn as without it (the same random draws, the same
+            files). None: every subject the site's way.
 
     Returns:
         ``out``.
@@ -299,6 +305,11 @@ def simulate(
         raise UsageError(f"n_per_site is {n_per_site}; use 1 or more")
     if real_share is not None and not 0.0 <= float(real_share) <= 1.0:
         raise UsageError(f"real_share is {real_share}; give a share between 0 and 1")
+    if train_rotation_deg is not None:
+        if splits is None:
+            raise UsageError("train_rotation_deg needs the frozen split (-splits): it changes the train subjects only")
+        if not 0.0 <= float(train_rotation_deg) <= 90.0:
+            raise UsageError(f"train_rotation_deg is {train_rotation_deg}; give 0 to 90 degrees")
     profiles = _choose_sites(load_sites(sites_config), sites)
     samples = _sources(source)
     holdout = sorted(set(holdout or ()))
@@ -353,6 +364,7 @@ def simulate(
             phantom_subjects=phantom_subjects,
             sections=sections,
             plans=plans,
+            train_rotation_deg=train_rotation_deg,
         )
         _write_dataset_files(
             staging,
@@ -366,6 +378,7 @@ def simulate(
             split_fractions,
             real_share,
             split_record=None if splits is None else split_report(splits, plans or {}),
+            train_rotation_deg=train_rotation_deg,
         )
         move_into_place(staging, out)
     except BaseException:
@@ -433,6 +446,7 @@ def _simulate_all(
     phantom_subjects: set[str] | frozenset[str] = frozenset(),
     sections: CrossSections | None = None,
     plans: dict[str, SitePlan] | None = None,
+    train_rotation_deg: float | None = None,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     anatomies: dict[tuple[Path, Borrow | None], Anatomy] = {}
     rows: list[dict[str, str]] = []
@@ -454,7 +468,11 @@ def _simulate_all(
             if key not in anatomies:
                 anatomies[key] = load_anatomy(source.sample, source.borrow)
             started = time.perf_counter()
-            result = simulate_subject(anatomies[key], site, rng, sections)
+            profile = site
+            if train_rotation_deg is not None and plan is not None and plan.split_of[participant] == "train":
+                tilted = replace(site.deformation, rotation_deg=float(train_rotation_deg))
+                profile = replace(site, deformation=tilted)
+            result = simulate_subject(anatomies[key], profile, rng, sections)
             _write_subject(root, participant, source.sample, site, result)
             chosen.append((participant, source))
             subjects[participant] = {"site": site.name, "source": source.name, **result.params}
@@ -527,6 +545,7 @@ def _write_dataset_files(
     real_share: float | None = None,
     *,
     split_record: dict[str, Any] | None = None,
+    train_rotation_deg: float | None = None,
 ) -> None:
     header = ["participant_id", "site", "source", "split"] + (["seen_anatomy"] if split_record is not None else [])
     ordered = sorted(rows, key=lambda r: r["participant_id"])
@@ -568,6 +587,7 @@ def _write_dataset_files(
             "split_fractions": list(split_fractions),
             # Written only when set, so a default run writes the same file as before the option existed.
             **({"real_share": real_share} if real_share is not None else {}),
+            **({"train_rotation_deg": train_rotation_deg} if train_rotation_deg is not None else {}),
             **({"splits": split_record} if split_record is not None else {}),
             "sites": {site.name: site.as_dict() for site in profiles},
             "label_map": {"suffix": LABEL_MAP_SUFFIX, "classes": {str(k): v for k, v in LABEL_MAP.items()}},
