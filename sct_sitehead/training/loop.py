@@ -152,6 +152,7 @@ def fit(
     if positive_weight is not None:
         positive_weight = positive_weight.to(ctx.device)
     synth = float(config["augment"].get("synth", 0.0)) > 0 and any(case.classes is not None for case in cases)
+    drawn_as_labelled = synth and bool(config["augment"].get("synth_lesions_as_labelled", False))
     window: list[float] = []
     last_loss = None
     started = time.perf_counter()
@@ -176,7 +177,7 @@ def fit(
             generator,
             config["augment"],
             torch.from_numpy(np.stack(crops)).to(ctx.device) if crops else None,
-            lesion_targets(labels, masks, job.lesion_channels, ctx.device) if crops else None,
+            lesion_targets(labels, masks, job.lesion_channels, ctx.device) if crops and drawn_as_labelled else None,
         )
         mask_t = torch.from_numpy(masks).to(ctx.device)
         for group in optimizer.param_groups:
