@@ -174,3 +174,19 @@ def test_targets_table_scores_each_target_from_the_reports(tmp_path: Path):
     # Only sub-p1's montreal run counts (zurich scans no T2w; sub-p2 is in a dim band): found, at the edge too.
     panel = [v for k, v in rows.items() if k.startswith("insertion panel")]
     assert all("(1 runs)" in v and "| 1.00" in v and v.endswith("| met |") for v in panel)
+
+
+def test_source_images_come_from_the_asked_split_only(panel, bids_dir):
+    """`-split val` takes the val persons' scans with a cord mask, and none of the frozen test split's."""
+    from sct_sitehead.evaluation.splits import load_splits
+
+    splits = load_splits()
+    for split in ("val", "test"):
+        persons = {person.name for person in splits.in_split(split)}
+        sources = panel.source_images(bids_dir, split)
+        assert sources and {person for person, *_ in sources} <= persons
+        for _, _, image, mask in sources:
+            assert image.is_file() and mask.is_file()
+    val = {image.name for *_, image, _ in panel.source_images(bids_dir, "val")}
+    test = {image.name for *_, image, _ in panel.source_images(bids_dir, "test")}
+    assert not val & test
