@@ -177,6 +177,17 @@ def test_the_api_returns_the_contrast_in_its_facts_and_logs_the_warning(registry
     assert segmenter.segment(in_memory)["montreal"].facts["Contrast"] is None
 
 
+def test_the_warning_can_be_turned_off_where_every_head_runs_on_every_image(registry: Path, tmp_path: Path, caplog):
+    """`evaluate` and `tune-thresholds` run every head on every case by design: no warning per case, same facts."""
+    options = sct_sitehead.Options(warn_contrast=False)
+    source = sct_sitehead.ModelSource.resolve(str(registry))
+    segmenter = sct_sitehead.open_segmenter("montreal", options=options, source=source)
+    path = blob_image(tmp_path / "sub-01_T2star.nii.gz")
+    with caplog.at_level("WARNING", logger="sct_sitehead"):
+        facts = segmenter.segment(path)["montreal"].facts
+    assert facts["ContrastMatch"] is False and facts["Contrast"] == "T2star" and not caplog.records
+
+
 # --- publish ---------------------------------------------------------------------------------------------------------
 def test_publish_carries_each_heads_contrasts_into_the_registry(tmp_path: Path):
     folder = export_folder(tmp_path)

@@ -405,7 +405,7 @@ def evaluate(
     segmenter = open_segmenter(
         ALL_SITES,
         model=model,
-        options=Options(threads=threads, crop=not no_crop, mirror=tta),
+        options=Options(threads=threads, crop=not no_crop, mirror=tta, warn_contrast=False),
         source=ModelSource.resolve(registry, offline=offline),
     )
     release = segmenter.release
@@ -475,7 +475,10 @@ def tune_thresholds(
             "tuning on the test split would leak it into the results; use val", param_hint="-split"
         )
     segmenter = open_segmenter(
-        ALL_SITES, model=model, options=Options(threads=threads), source=ModelSource.resolve(registry, offline=offline)
+        ALL_SITES,
+        model=model,
+        options=Options(threads=threads, warn_contrast=False),
+        source=ModelSource.resolve(registry, offline=offline),
     )
     release = segmenter.release
     healthy: list[Path] = []

@@ -25,6 +25,8 @@ class Options:
             mirroring).
         max_memory: bytes one image's run may plan to use (:mod:`~sct_sitehead.deploy.budget`); None:
             ``$SCT_SITEHEAD_MAX_MEMORY``, else 2 GB.
+        warn_contrast: log a warning when a head was not trained on the image's contrast (off where every head
+            runs on every image by design: ``evaluate``, ``tune-thresholds``).
     """
 
     threshold: float | None = None
@@ -38,3 +40,4 @@ class Options:
     crop: bool = True
     mirror: bool = False
     max_memory: int | None = None
+    warn_contrast: bool = True

@@ -329,11 +329,11 @@ class Segmenter:
 
     def check_contrast(self, image: str | Path | nibabel.Nifti1Image, source: str) -> ImageContrast | None:
         """The image's contrast (from its file's name or sidecar; None when unknown or in memory), with a warning
-        logged when one of the heads was not trained on it."""
+        logged when one of the heads was not trained on it (unless ``Options.warn_contrast`` is off)."""
         path = image if isinstance(image, (str, Path)) else getattr(image, "get_filename", lambda: None)()
         contrast = image_contrast(path)
         warning = mismatch_warning(source, contrast, {site: self.heads[site].contrasts for site in self.sites})
-        if warning is not None:
+        if warning is not None and self.options.warn_contrast:
             logger.warning("%s", warning)
         return contrast
 
