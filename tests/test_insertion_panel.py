@@ -181,12 +181,12 @@ def test_source_images_come_from_the_asked_split_only(panel, bids_dir):
     from sct_sitehead.evaluation.splits import load_splits
 
     splits = load_splits()
+    names = {}
     for split in ("val", "test"):
         persons = {person.name for person in splits.in_split(split)}
         sources = panel.source_images(bids_dir, split)
         assert sources and {person for person, *_ in sources} <= persons
         for _, _, image, mask in sources:
             assert image.is_file() and mask.is_file()
-    val = {image.name for *_, image, _ in panel.source_images(bids_dir, "val")}
-    test = {image.name for *_, image, _ in panel.source_images(bids_dir, "test")}
-    assert not val & test
+        names[split] = {image.name for _, _, image, _ in sources}
+    assert not names["val"] & names["test"]
